@@ -1,0 +1,1 @@
+"""The ``deepcad-chunked`` command line, a thin layer over the library."""

@@ -1,0 +1,222 @@
+"""Entry point of the ``deepcad-chunked`` command.
+
+Each subcommand parses its options into the library's validated config objects and calls one
+library function. Errors caused by the user's input are printed as one line and exit non-zero;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from deepcad_chunked._version import __version__
+from deepcad_chunked.errors import DeepCADError
+
+log = logging.getLogger("deepcad_chunked.cli")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_BUG = 3
+EXIT_INTERRUPTED = 130
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T,Y,X integers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three sizes T,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a TIFF archive into a chunked OME-Zarr store",
+                       description="Convert TIFF file(s) — one file, several files, a glob or a "
+                       "directory, joined in natural sort order — into an OME-Zarr recording, "
+                       "losslessly and out of core. An interrupted run resumes when rerun.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
+    p.add_argument("--chunks", type=_triple, metavar="T,Y,X",
+                   help="storage chunk shape (default 32,128,128)")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
+                   help="3: Zarr v3 + NGFF 0.5 (default); 2: Zarr v2 + NGFF 0.4")
+    p.add_argument("--frame-rate", type=float, metavar="HZ",
+                   help="frames per second, overriding the files' metadata")
+    p.add_argument("--compression", default="zstd", metavar="CODEC",
+                   help="Blosc codec: zstd (default), lz4, lz4hc, zlib, blosclz")
+    p.add_argument("--clevel", type=int, default=1, help="compression level 0-9 (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_cluster_options(p)
+    p.set_defaults(run=_run_convert)
+
+
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", default="local", metavar="local|ADDRESS",
+                   help="'local' starts a LocalCluster (default); tcp://HOST:PORT or a "
+                   "scheduler file joins a running one")
+    p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import CompressionConfig, ConvertConfig
+    from deepcad_chunked.io.convert import convert
+
+    config = ConvertConfig.build(
+        chunks=args.chunks, zarr_format=args.zarr_format, frame_rate=args.frame_rate,
+        compression=CompressionConfig.build(cname=args.compression, clevel=args.clevel),
+        overwrite=args.overwrite)
+    if args.workers is not None and args.workers < 1:
+        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
+    rec = convert(args.sources, args.output, config=config, cluster=args.cluster,
+                  workers=args.workers, progress=False if args.no_progress else None)
+    stats = rec.statistics or {}
+    log.info("wrote %s: %s %s, mean %.4g, std %.4g", rec.path,
+             "×".join(map(str, rec.shape)), rec.dtype, stats.get("mean", float("nan")),
+             stats.get("std", float("nan")))
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a recording store",
+                       description="Shape, axes, dtype, chunks, compression ratio, frame rate, "
+                       "statistics, and whether the store is complete.")
+    p.add_argument("path", metavar="PATH", help="OME-Zarr store")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from deepcad_chunked.io.export import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    stats = info["statistics"] or {}
+    ratio = info["compression_ratio"]
+    rows = [
+        ("path", info["path"]),
+        ("complete", "yes" if info["complete"] else "NO (unfinished; rerun its command)"),
+        ("format", f"Zarr v{info['zarr_format']}, OME-NGFF {info['ngff_version']}"),
+        ("axes", "".join(info["axes"])),
+        ("shape", " × ".join(map(str, info["shape"]))),
+        ("dtype", info["dtype"]),
+        ("chunks", " × ".join(map(str, info["chunks"]))),
+        ("compressor", ", ".join(info["compressor"])),
+        ("size", f"{info['raw_bytes'] / 2**20:.1f} MiB raw, {info['stored_bytes'] / 2**20:.1f}"
+                 f" MiB stored" + (f" (ratio {ratio:.2f})" if ratio else "")),
+        ("frame rate", f"{info['frame_rate_hz']:.4g} Hz" if info["frame_rate_hz"]
+         else "unknown"),
+        ("pixel size", f"{info['pixel_size_um'][0]:.4g} × {info['pixel_size_um'][1]:.4g} µm"
+         if info["pixel_size_um"] else "unknown"),
+    ]
+    if stats:
+        pct = stats.get("percentiles", {})
+        rows += [
+            ("mean ± std", f"{stats['mean']:.6g} ± {stats['std']:.6g}"),
+            ("min … max", f"{stats['min']:.6g} … {stats['max']:.6g}"),
+            ("percentiles", ", ".join(f"{k} {v:.6g}" for k, v in pct.items())),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="stream a store back to a BigTIFF",
+                       description="Write a recording to an OME-TIFF (BigTIFF), one page per "
+                       "frame, dtype kept, out of core.")
+    p.add_argument("source", metavar="IN.zarr", help="recording store")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.tif", help="TIFF to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from deepcad_chunked.io.export import export
+
+    path = export(args.source, args.output, overwrite=args.overwrite,
+                  progress=False if args.no_progress else None)
+    log.info("wrote %s", path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``deepcad-chunked`` command."""
+    parser = argparse.ArgumentParser(
+        prog="deepcad-chunked",
+        description="Self-supervised denoising of fluorescence recordings larger than memory.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_convert(sub)
+    _add_info(sub)
+    _add_export(sub)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("deepcad-chunked: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("deepcad_chunked").setLevel(level)
+    for noisy in ("distributed", "tornado", "asyncio", "tifffile", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; default: ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, 1 for errors in the user's input or files, 3 for internal errors,
+        130 when interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.run(args))
+    except DeepCADError as exc:
+        if args.debug:
+            log.exception("error")
+        log.error("error: %s", exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume where it stopped")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if args.debug:
+            log.exception("error")
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        log.error("error:%s: %s", where, exc.strerror or exc)
+        return EXIT_ERROR
+    except Exception as exc:
+        if args.debug:
+            log.exception("internal error")
+        log.error("internal error: %s: %s (rerun with --debug for the traceback and please "
+                  "report it)", exc.__class__.__name__, exc)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Starting or joining the dask.distributed cluster that runs a job.
+
+``connect("local")`` starts a :class:`~distributed.LocalCluster` on this machine, bound to the
+loopback interface; an address (``tcp://host:port``) or a scheduler file joins a running
+cluster. Later launchers (HPC job queues, several GPUs) extend :func:`connect`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from distributed import Client, LocalCluster
+
+from deepcad_chunked.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a scheduler given by address before giving up.
+CONNECT_TIMEOUT_S = 10
+_SCHEMES = ("tcp://", "tls://", "ucx://", "ws://", "wss://", "inproc://")
+
+
+def _dashboard_address() -> str | None:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return None
+    return "127.0.0.1:0"
+
+
+@contextmanager
+def connect(cluster: str | Client | None = "local", *, workers: int | None = None,
+            threads_per_worker: int = 1) -> Iterator[Client]:
+    """Yield a client of the cluster a job should run on.
+
+    Parameters
+    ----------
+    cluster : str, Client or None
+        ``"local"`` (or None) starts a LocalCluster on loopback; ``tcp://host:port`` and other
+        dask addresses, or the path of a scheduler JSON file, join a running scheduler; a
+        :class:`~distributed.Client` is used as it is (and not closed).
+    workers : int, optional
+        Worker processes of a LocalCluster; default: one per CPU core.
+    threads_per_worker : int
+        Threads in each LocalCluster worker.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ConfigError
+        When ``cluster`` is none of the above or a scheduler cannot be reached in time.
+    """
+    if isinstance(cluster, Client):
+        with nullcontext(cluster) as client:
+            yield client
+        return
+    if cluster in (None, "local"):
+        n = workers or max(1, os.cpu_count() or 1)
+        dashboard = _dashboard_address()
+        with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=True,
+                          host="127.0.0.1", dashboard_address=dashboard) as lc, \
+                Client(lc) as client:
+            if dashboard:
+                log.info("dask dashboard: %s", client.dashboard_link)
+            yield client
+        return
+    if workers is not None:
+        log.warning("--workers applies to a local cluster only; ignored for %s", cluster)
+    try:
+        if cluster.startswith(_SCHEMES) or ":" in cluster and not Path(cluster).exists():
+            client = Client(cluster, timeout=CONNECT_TIMEOUT_S)
+        elif Path(cluster).is_file():
+            client = Client(scheduler_file=cluster, timeout=CONNECT_TIMEOUT_S)
+        else:
+            raise ConfigError(f"unknown cluster {cluster!r}: give 'local', a scheduler address "
+                              "such as tcp://127.0.0.1:8786, or a scheduler file")
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the dask scheduler at {cluster} within "
+                          f"{CONNECT_TIMEOUT_S} s ({exc.__class__.__name__})") from None
+    with client:
+        yield client

@@ -1,0 +1,32 @@
+"""Errors that are the user's to fix.
+
+Every problem with what the user gave us (paths, files, options) raises a subclass of
+:class:`DeepCADError` whose message is one self-contained line. The command line prints that
+line and exits non-zero; anything else is a bug and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class DeepCADError(Exception):
+    """Base class of all errors caused by user input or by the state of the user's files."""
+
+
+class SourceError(DeepCADError):
+    """A source file is missing, unreadable, not a TIFF, truncated, or inconsistent."""
+
+
+class StoreError(DeepCADError):
+    """A Zarr store is missing, not a deepcad-chunked recording, or incomplete."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store exists but its completion flag was never written."""
+
+
+class OutputExistsError(DeepCADError):
+    """The output exists and ``overwrite`` was not given."""
+
+
+class ConfigError(DeepCADError):
+    """An option value cannot work."""

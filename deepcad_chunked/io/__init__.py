@@ -1,0 +1,7 @@
+"""Reading and writing recordings: TIFF archives in, chunked OME-Zarr stores out."""
+
+from deepcad_chunked.io.convert import convert
+from deepcad_chunked.io.export import describe, export
+from deepcad_chunked.io.omezarr import Recording, open_recording
+
+__all__ = ["Recording", "convert", "describe", "export", "open_recording"]

@@ -1,0 +1,329 @@
+"""OME-Zarr image groups: creating them, describing them, and opening them for reading.
+
+One recording is one OME-Zarr image group with its full-resolution array at path ``0``. NGFF
+0.5 on Zarr v3 is the default; NGFF 0.4 on Zarr v2 is available for older viewers. Our own
+attributes live under the ``deepcad_chunked`` key of the group; their ``complete`` flag is set
+last, so a store without it is recognisably unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from deepcad_chunked.errors import IncompleteStoreError, OutputExistsError, StoreError
+
+ATTRS_KEY = "deepcad_chunked"
+ARRAY_PATH = "0"
+AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Blosc settings of the stored chunks.
+
+    Attributes
+    ----------
+    cname : str
+        Blosc's inner codec (``zstd``, ``lz4``, ``lz4hc``, ``zlib``).
+    clevel : int
+        Compression level, 0–9.
+    shuffle : str
+        ``bitshuffle``, ``shuffle`` or ``noshuffle``.
+    """
+
+    cname: str = "zstd"
+    clevel: int = 1
+    shuffle: str = "bitshuffle"
+
+    def codec(self, zarr_format: int) -> Any:
+        """The compressor object for a Zarr array of the given format."""
+        if zarr_format == 2:
+            shuffle = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+                       "shuffle": numcodecs.Blosc.SHUFFLE,
+                       "noshuffle": numcodecs.Blosc.NOSHUFFLE}[self.shuffle]
+            return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle)
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+
+
+def multiscales(axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
+                name: str, ngff_version: str) -> dict[str, Any]:
+    """The NGFF ``multiscales`` entry of a single-resolution image.
+
+    Parameters
+    ----------
+    axes : tuple of str
+        Axis names in array order (``t``, ``c``, ``z``, ``y``, ``x``).
+    scale : list of float
+        Physical size of one step along each axis.
+    units : dict
+        Unit of each axis; axes left out or mapped to None carry no unit.
+    name : str
+        Name of the image.
+    ngff_version : str
+        ``"0.4"`` or ``"0.5"``.
+
+    Returns
+    -------
+    dict
+        JSON-ready metadata.
+    """
+    axis_list = []
+    for ax in axes:
+        entry: dict[str, str] = {"name": ax, "type": AXIS_TYPES[ax]}
+        if units.get(ax):
+            entry["unit"] = str(units[ax])
+        axis_list.append(entry)
+    ms: dict[str, Any] = {
+        "name": name,
+        "axes": axis_list,
+        "datasets": [{"path": ARRAY_PATH,
+                      "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }
+    if ngff_version == "0.4":
+        ms = {"version": "0.4", **ms}
+    return ms
+
+
+def ome_attributes(ms: dict[str, Any], zarr_format: int) -> dict[str, Any]:
+    """Wrap a multiscales entry the way its NGFF version wants it."""
+    if zarr_format == 2:
+        return {"multiscales": [ms]}
+    return {"ome": {"version": "0.5", "multiscales": [ms]}}
+
+
+def is_zarr_store(path: Path) -> bool:
+    """True when ``path`` is a directory holding Zarr (v2 or v3) metadata at its root."""
+    return path.is_dir() and any(
+        (path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray", ".zattrs"))
+
+
+def read_group_attrs(path: Path) -> dict[str, Any] | None:
+    """The group attributes of a Zarr store, or None when ``path`` holds none that parse."""
+    try:
+        if (path / "zarr.json").is_file():
+            meta = json.loads((path / "zarr.json").read_text())
+            return dict(meta.get("attributes", {}))
+        if (path / ".zattrs").is_file():
+            return dict(json.loads((path / ".zattrs").read_text()))
+        if (path / ".zgroup").is_file():
+            return {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def prepare_output(path: Path, overwrite: bool) -> None:
+    """Make room for a new store at ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        Where the store will be written.
+    overwrite : bool
+        Whether an existing Zarr store there may be deleted.
+
+    Raises
+    ------
+    OutputExistsError
+        When something exists at ``path`` and ``overwrite`` is false, or when what exists is
+        not a Zarr store or an empty directory (never deleted, whatever ``overwrite`` says).
+    StoreError
+        When the parent directory does not exist or cannot be written.
+    """
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+        if path.is_dir() and not path.is_symlink() and (is_zarr_store(path)
+                                                       or not any(path.iterdir())):
+            shutil.rmtree(path)
+        else:
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store; "
+                                    "refusing to delete it, even with --overwrite")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StoreError(f"cannot write {path}: folder {parent} does not exist")
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+                 axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
+                 zarr_format: Literal[2, 3], compression: Compression,
+                 attrs: dict[str, Any]) -> zarr.Array:
+    """Create an empty OME-Zarr image group at ``path`` (an existing empty directory).
+
+    Parameters
+    ----------
+    path : Path
+        The store's directory.
+    shape, dtype, chunks : tuple, dtype, tuple
+        The full-resolution array's layout.
+    axes, scale, units
+        NGFF axes in array order, their step sizes and units.
+    zarr_format : {2, 3}
+        Zarr v3 with NGFF 0.5, or Zarr v2 with NGFF 0.4.
+    compression : Compression
+        The chunks' compressor.
+    attrs : dict
+        Our own attributes, stored under ``deepcad_chunked``.
+
+    Returns
+    -------
+    zarr.Array
+        The array at path ``0``, open for writing.
+    """
+    ngff = "0.4" if zarr_format == 2 else "0.5"
+    ms = multiscales(axes, scale, units, name=path.stem, ngff_version=ngff)
+    group_attrs = {**ome_attributes(ms, zarr_format), ATTRS_KEY: attrs}
+    group = zarr.create_group(store=str(path), zarr_format=zarr_format, overwrite=True,
+                              attributes=group_attrs)
+    kwargs: dict[str, Any] = {
+        "shape": shape, "chunks": chunks, "dtype": np.dtype(dtype),
+        "compressors": compression.codec(zarr_format), "fill_value": 0,
+        "config": {"write_empty_chunks": True},
+    }
+    if zarr_format == 2:
+        kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+        kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
+    else:
+        kwargs["dimension_names"] = list(axes)
+    return group.create_array(ARRAY_PATH, **kwargs)
+
+
+def update_attrs(path: Path, **changes: Any) -> dict[str, Any]:
+    """Merge ``changes`` into the store's ``deepcad_chunked`` attributes and return them."""
+    group = zarr.open_group(str(path), mode="r+")
+    ours = dict(group.attrs.get(ATTRS_KEY, {}))
+    ours.update(changes)
+    group.attrs[ATTRS_KEY] = ours
+    return ours
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A recording stored as an OME-Zarr image group.
+
+    Attributes
+    ----------
+    path : Path
+        The store.
+    array : zarr.Array
+        Its full-resolution array (read-only).
+    axes : tuple of str
+        Axis names of ``array``.
+    attrs : dict
+        Our attributes (statistics, provenance, scales, completion).
+    ome : dict
+        The NGFF multiscales entry.
+    """
+
+    path: Path
+    array: zarr.Array
+    axes: tuple[str, ...]
+    attrs: dict[str, Any]
+    ome: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape."""
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Sample type."""
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """Storage chunk shape."""
+        return tuple(self.array.chunks)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the completion flag was written."""
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def statistics(self) -> dict[str, Any] | None:
+        """Whole-recording statistics, when complete."""
+        return self.attrs.get("statistics")
+
+    @property
+    def frame_interval_s(self) -> float | None:
+        """Seconds between time points, when known."""
+        return self.attrs.get("frame_interval_s")
+
+    @property
+    def zarr_format(self) -> int:
+        """2 or 3."""
+        return int(self.array.metadata.zarr_format)
+
+    def to_dask(self) -> Any:
+        """The array as a dask array, one dask chunk per storage chunk."""
+        import dask.array as da
+
+        return da.from_zarr(self.array)
+
+
+def open_recording(path: str | Path, *, require_complete: bool = True) -> Recording:
+    """Open a recording written by this package.
+
+    Parameters
+    ----------
+    path : str or Path
+        The OME-Zarr store.
+    require_complete : bool
+        Refuse stores whose completion flag is missing (the default).
+
+    Returns
+    -------
+    Recording
+
+    Raises
+    ------
+    StoreError
+        When ``path`` is missing or is not a recording written by deepcad-chunked.
+    IncompleteStoreError
+        When the store was never finished and ``require_complete`` is true.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise StoreError(f"store {path} does not exist")
+    if not is_zarr_store(path):
+        raise StoreError(f"{path} is not a Zarr store")
+    attrs = read_group_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{path} has damaged Zarr metadata")
+    ours = attrs.get(ATTRS_KEY)
+    if not isinstance(ours, dict):
+        raise StoreError(f"{path} is a Zarr store but not a deepcad-chunked recording")
+    if require_complete and not ours.get("complete"):
+        job = ours.get("job", {}).get("command", "the command that wrote it")
+        raise IncompleteStoreError(
+            f"{path} is incomplete: {job} did not finish; rerun it to resume, "
+            "or pass --overwrite to start again")
+    ome = attrs.get("ome", attrs)
+    ms = (ome.get("multiscales") or [{}])[0]
+    axes = tuple(a["name"] for a in ms.get("axes", []))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            array = zarr.open_array(str(path / ARRAY_PATH), mode="r")
+    except Exception as exc:
+        raise StoreError(f"{path}: its array {ARRAY_PATH!r} cannot be opened ({exc})") from None
+    if len(axes) != array.ndim:
+        raise StoreError(f"{path}: axes {axes} do not match the array's {array.ndim} dimensions")
+    return Recording(path=path, array=array, axes=axes, attrs=ours, ome=ms)

@@ -1,0 +1,535 @@
+"""Inspecting TIFF files and reading ranges of frames from them, with tifffile.
+
+A recording's frames are addressed by output axes ``t`` (and ``c``, ``z`` where the source
+has them). :func:`inspect_tiff` maps those axes onto the pages of the file's image series once,
+in the driver; :func:`read_frames` then reads any range of frames in a worker, opening the file
+itself (one handle per thread, cached) so that nothing but the small :class:`TiffSource` is ever
+sent over the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from deepcad_chunked.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+#: Output axes that may sit between ``t`` and ``y, x``, in NGFF order.
+EXTRA_AXES = ("c", "z")
+
+_UNIT_TO_UM = {
+    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "nm": 1e-3, "pm": 1e-6, "å": 1e-4,
+}
+_UNIT_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
+              "min": 60.0, "h": 3600.0, "ns": 1e-9}
+
+
+@dataclass(frozen=True)
+class PhysicalMetadata:
+    """Physical scales found in a file's metadata; ``None`` where unknown."""
+
+    frame_interval_s: float | None = None
+    pixel_size_um: tuple[float, float] | None = None  # (y, x)
+    z_spacing_um: float | None = None
+
+
+@dataclass(frozen=True)
+class TiffSource:
+    """How the frames of one TIFF file map onto its pages.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the file.
+    size, mtime_ns : int
+        File size and modification time when inspected; reads check them.
+    series : int
+        Index of the tifffile image series read.
+    kind : str
+        tifffile's name for the series' flavour (``imagej``, ``ome``, ``scanimage``, …).
+    dtype : str
+        Native-byte-order dtype of the samples.
+    frames : int
+        Number of time points.
+    extra : dict
+        Sizes of the extra output axes present (``c``, ``z``), in NGFF order.
+    height, width : int
+        Frame size in pixels.
+    strides : dict
+        Page-index stride of each output axis (``t``, ``c``, ``z``).
+    contiguous_offset : int or None
+        File offset of the series' uncompressed, contiguous data, if it is stored so.
+    file_byteorder : str
+        ``<`` or ``>``: byte order of the samples in the file.
+    metadata : PhysicalMetadata
+        Scales read from the file's metadata.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    series: int
+    kind: str
+    dtype: str
+    frames: int
+    extra: dict[str, int]
+    height: int
+    width: int
+    strides: dict[str, int]
+    contiguous_offset: int | None
+    file_byteorder: str
+    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one time point: ``([c], [z], y, x)``."""
+        return (*self.extra.values(), self.height, self.width)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Output axes, e.g. ``('t', 'y', 'x')`` or ``('t', 'c', 'z', 'y', 'x')``."""
+        return ("t", *self.extra, "y", "x")
+
+
+def _open_tiff(path: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(path)
+    except tifffile.TiffFileError as exc:
+        raise SourceError(f"{path} is not a readable TIFF file ({exc})") from None
+    except (OSError, ValueError, EOFError, IndexError, KeyError, struct_error()) as exc:
+        raise SourceError(f"{path} could not be opened as TIFF: {exc}") from None
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error
+
+
+class _WarningCatcher(logging.Handler):
+    """Collects tifffile's warnings while a file is inspected: they flag damaged files."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def inspect_tiff(path: str | Path) -> TiffSource:
+    """Map the frames of a TIFF file onto its pages and check that all of them are present.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF, BigTIFF, OME-TIFF, ImageJ hyperstack or ScanImage file.
+
+    Returns
+    -------
+    TiffSource
+        A small, picklable description from which :func:`read_frames` reads.
+
+    Raises
+    ------
+    SourceError
+        When the file is missing, not a TIFF, truncated, holds RGB samples or has axes that
+        cannot be read as a time series.
+    """
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    catcher = _WarningCatcher()
+    tlog = logging.getLogger("tifffile")
+    tlog.addHandler(catcher)
+    try:
+        with _open_tiff(path) as tif:
+            source = _describe(tif, path, stat)
+            _check_complete(tif, source, stat.st_size)
+    except SourceError:
+        raise
+    except Exception as exc:  # tifffile raises many types on damaged files
+        raise SourceError(f"{path} is damaged or not a supported TIFF: {exc}") from None
+    finally:
+        tlog.removeHandler(catcher)
+    damage = [m for m in catcher.messages if "offset" in m or "truncat" in m or "corrupt" in m]
+    if damage:
+        raise SourceError(f"{path} is truncated or damaged: {damage[0]}")
+    return source
+
+
+def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result) -> TiffSource:
+    if not tif.series:
+        raise SourceError(f"{path} holds no images")
+    series = tif.series[0]
+    if len(tif.series) > 1:
+        log.warning("%s holds %d image series; reading the first", path.name, len(tif.series))
+    axes = series.axes.upper()
+    shape = tuple(int(s) for s in series.shape)
+    if len(axes) < 2 or axes[-2:] != "YX":
+        if "S" in axes[-3:]:
+            raise SourceError(f"{path} holds RGB/multi-sample pixels ({axes}); "
+                              "only single-sample (grayscale) frames are supported")
+        raise SourceError(f"{path} has axes {axes!r}; expected frames of Y×X pixels")
+    page_axes, page_shape = axes[:-2], shape[:-2]
+    height, width = shape[-2:]
+    if "S" in page_axes and page_shape[page_axes.index("S")] > 1:
+        raise SourceError(f"{path} holds RGB/multi-sample pixels ({axes}); "
+                          "only single-sample (grayscale) frames are supported")
+    if tif.is_scanimage and series.kind == "scanimage":
+        npages = math.prod(page_shape)
+        sizes, strides, meta = _scanimage_layout(tif, npages, path)
+    else:
+        sizes, strides = _generic_layout(page_axes, page_shape, path)
+        meta = _metadata(tif, series)
+    frames = sizes.pop("t")
+    if frames < 1:
+        raise SourceError(f"{path} holds no frames")
+    extra = {ax: sizes[ax] for ax in EXTRA_AXES if sizes.get(ax, 1) > 1}
+    strides = {ax: strides[ax] for ax in ("t", *extra)}
+    dtype = np.dtype(series.dtype)
+    contiguous = series.dataoffset
+    if contiguous is not None and int(series.nbytes) != math.prod(shape) * dtype.itemsize:
+        contiguous = None
+    return TiffSource(
+        path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, series=0,
+        kind=str(series.kind), dtype=dtype.newbyteorder("=").str, frames=frames, extra=extra,
+        height=int(height), width=int(width), strides=strides,
+        contiguous_offset=None if contiguous is None else int(contiguous),
+        file_byteorder=">" if dtype.byteorder == ">" else "<", metadata=meta,
+    )
+
+
+def _generic_layout(page_axes: str, page_shape: tuple[int, ...],
+                    path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Output axis sizes and page strides for a series whose page axes tifffile named."""
+    names: list[str] = []
+    for ax, n in zip(page_axes, page_shape, strict=True):
+        if ax == "T":
+            names.append("t")
+        elif ax == "C":
+            names.append("c")
+        elif ax == "Z":
+            names.append("z")
+        elif n == 1:
+            names.append("_")  # a singleton axis of any other kind carries no data
+        else:
+            names.append("?")
+    unknown = [i for i, nm in enumerate(names) if nm == "?"]
+    if "t" not in names:
+        # No explicit time axis: a lone stack axis (ImageJ "slices", a plain page sequence)
+        # is the time axis of a time-lapse recording.
+        candidates = unknown or [i for i, nm in enumerate(names) if nm == "z"]
+        if len(candidates) == 1:
+            names[candidates[0]] = "t"
+            unknown = [i for i in unknown if i != candidates[0]]
+        elif not candidates:
+            names.insert(0, "t")
+            page_shape = (1, *page_shape)
+    if unknown or len(set(n for n in names if n != "_")) != len([n for n in names if n != "_"]):
+        raise SourceError(f"{path}: cannot tell which of its axes {page_axes!r} {page_shape} "
+                          "is time")
+    sizes: dict[str, int] = {}
+    strides: dict[str, int] = {}
+    stride = 1
+    for nm, n in zip(reversed(names), reversed(page_shape), strict=True):
+        if nm != "_":
+            sizes[nm], strides[nm] = int(n), stride
+        stride *= int(n)
+    for ax in EXTRA_AXES:
+        sizes.setdefault(ax, 1)
+        strides.setdefault(ax, 0)
+    return sizes, strides
+
+
+def scanimage_framedata(tif: tifffile.TiffFile) -> dict[str, Any]:
+    """ScanImage's non-varying frame data, from the file header or the first page.
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        An open ScanImage file.
+
+    Returns
+    -------
+    dict
+        ``SI.*`` keys to values; empty when nothing could be parsed.
+    """
+    meta = tif.scanimage_metadata or {}
+    framedata = dict(meta.get("FrameData") or {})
+    if not framedata:
+        software = tif.pages.first.software or ""
+        if software.startswith("SI."):
+            try:
+                framedata = dict(tifffile.tifffile.matlabstr2py(software))
+            except Exception:  # malformed metadata: fall back to a plain page sequence
+                framedata = {}
+    return framedata
+
+
+def _scanimage_layout(tif: tifffile.TiffFile, npages: int,
+                      path: Path) -> tuple[dict[str, int], dict[str, int], PhysicalMetadata]:
+    """De-interleave ScanImage pages: channels fastest, then slices, then volumes."""
+    fd = scanimage_framedata(tif)
+    saved = fd.get("SI.hChannels.channelSave", 1)
+    channels = len(saved) if isinstance(saved, (list, tuple)) else 1
+    fastz = bool(fd.get("SI.hFastZ.enable", False))
+    slices = 1
+    if fastz or int(_finite(fd.get("SI.hStackManager.framesPerSlice"), 1)) == 1:
+        slices = int(_finite(fd.get("SI.hStackManager.actualNumSlices",
+                                    fd.get("SI.hStackManager.numSlices")), 1))
+        if fastz and not fd.get("SI.hFastZ.discardFlybackFrames", True):
+            slices += int(_finite(fd.get("SI.hFastZ.numDiscardFlybackFrames"), 0))
+    per_frame = channels * slices
+    frames = npages // per_frame
+    if frames * per_frame != npages:
+        log.warning("%s: %d pages are not a whole number of %d-page volumes; "
+                    "the last %d pages are dropped", path.name, npages, per_frame,
+                    npages - frames * per_frame)
+    sizes = {"t": frames, "c": channels, "z": slices}
+    strides = {"t": per_frame, "z": channels, "c": 1}
+    rate = _finite(fd.get("SI.hRoiManager.scanVolumeRate") if slices > 1 else None, None)
+    if rate is None:
+        frame_rate = _finite(fd.get("SI.hRoiManager.scanFrameRate"), None)
+        rate = None if frame_rate is None else frame_rate / slices
+    step = _finite(fd.get("SI.hStackManager.actualStackZStepSize",
+                          fd.get("SI.hStackManager.stackZStepSize")), None)
+    meta = PhysicalMetadata(
+        frame_interval_s=None if not rate else 1.0 / float(rate),
+        z_spacing_um=None if step is None or slices == 1 else abs(float(step)),
+    )
+    return sizes, strides, meta
+
+
+def _finite(value: Any, default: Any) -> Any:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+def _metadata(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> PhysicalMetadata:
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            return _ome_metadata(tif.ome_metadata, 0)
+        except ET.ParseError:
+            log.warning("%s: OME-XML could not be parsed; no physical scales read", tif.filename)
+    if tif.is_imagej and tif.imagej_metadata:
+        return _imagej_metadata(tif)
+    return PhysicalMetadata(pixel_size_um=_resolution_um(tif.pages.first, None))
+
+
+def _resolution_um(page: tifffile.TiffPage, unit_name: str | None) -> tuple[float, float] | None:
+    """Pixel size (y, x) in µm from the resolution tags, or None when they carry no unit."""
+    try:
+        xres = page.tags["XResolution"].value
+        yres = page.tags["YResolution"].value
+        unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
+    except KeyError:
+        return None
+    per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
+    if unit_name is not None:
+        per_unit = _UNIT_TO_UM.get(unit_name.strip().lower())
+    if per_unit is None:
+        return None
+    try:
+        x = per_unit * xres[1] / xres[0]
+        y = per_unit * yres[1] / yres[0]
+    except (ZeroDivisionError, TypeError, IndexError):
+        return None
+    if unit_name is None and unit == 2 and x == 25400.0:
+        return None  # 1 pixel per inch: the writer's default, not a measurement
+    return (y, x)
+
+
+def _imagej_metadata(tif: tifffile.TiffFile) -> PhysicalMetadata:
+    meta = tif.imagej_metadata or {}
+    interval = _finite(meta.get("finterval"), None)
+    if interval is None and _finite(meta.get("fps"), None):
+        interval = 1.0 / float(meta["fps"])
+    unit = str(meta.get("unit", "")) or None
+    size = _resolution_um(tif.pages.first, unit) if unit else None
+    spacing = _finite(meta.get("spacing"), None)
+    scale = _UNIT_TO_UM.get(unit.lower(), None) if unit else None
+    return PhysicalMetadata(
+        frame_interval_s=interval or None,
+        pixel_size_um=size,
+        z_spacing_um=None if spacing is None or scale is None else spacing * scale,
+    )
+
+
+def _ome_metadata(xml: str, index: int) -> PhysicalMetadata:
+    root = ET.fromstring(xml)
+    ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
+    images = root.findall("ome:Image", ns) if ns else root.findall("Image")
+    if not images:
+        return PhysicalMetadata()
+    pixels = images[min(index, len(images) - 1)].find("ome:Pixels" if ns else "Pixels", ns)
+    if pixels is None:
+        return PhysicalMetadata()
+
+    def length(name: str) -> float | None:
+        value = _finite(pixels.get(f"PhysicalSize{name}"), None)
+        unit = pixels.get(f"PhysicalSize{name}Unit", "µm")
+        scale = _UNIT_TO_UM.get(unit.lower())
+        return None if value is None or scale is None else value * scale
+
+    interval = _finite(pixels.get("TimeIncrement"), None)
+    tscale = _UNIT_TO_S.get(pixels.get("TimeIncrementUnit", "s").lower())
+    x, y = length("X"), length("Y")
+    return PhysicalMetadata(
+        frame_interval_s=None if interval is None or tscale is None else interval * tscale,
+        pixel_size_um=None if x is None else (y if y is not None else x, x),
+        z_spacing_um=length("Z"),
+    )
+
+
+def _check_complete(tif: tifffile.TiffFile, source: TiffSource, file_size: int) -> None:
+    """Refuse files whose image data runs past their end (truncated downloads/copies)."""
+    path = source.path
+    itemsize = np.dtype(source.dtype).itemsize
+    if source.contiguous_offset is not None:
+        pages = source.frames * source.strides["t"]
+        end = source.contiguous_offset + pages * source.height * source.width * itemsize
+        if end > file_size:
+            raise SourceError(f"{path} is truncated: its image data needs {end} bytes, "
+                              f"the file has {file_size}")
+        return
+    needed = source.frames * source.strides["t"]
+    pages = tif.series[source.series].pages
+    if len(pages) < needed:
+        raise SourceError(f"{path} is truncated: {len(pages)} of {needed} pages present")
+    for i in range(needed):
+        page = pages[i]
+        if page is None:
+            raise SourceError(f"{path} is missing page {i}")
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if not offsets or not any(counts):
+            raise SourceError(f"{path} is truncated or damaged: page {i} has no image data")
+        end = max(o + c for o, c in zip(offsets, counts, strict=True))
+        if end > file_size:
+            raise SourceError(f"{path} is truncated: page {i} ends at byte {end}, "
+                              f"the file has {file_size}")
+
+
+# --------------------------------------------------------------------------- reading
+
+class _HandleCache(threading.local):
+    """Open TiffFile handles of one thread, least recently used closed first."""
+
+    limit = 8
+
+    def __init__(self) -> None:
+        self.files: OrderedDict[tuple[str, int, int], tifffile.TiffFile] = OrderedDict()
+
+    def get(self, source: TiffSource) -> tifffile.TiffFile:
+        key = (source.path, source.size, source.mtime_ns)
+        tif = self.files.get(key)
+        if tif is None:
+            stat = os.stat(source.path)
+            if (stat.st_size, stat.st_mtime_ns) != (source.size, source.mtime_ns):
+                raise SourceError(f"{source.path} changed while it was being read")
+            tif = _open_tiff(Path(source.path))
+            self.files[key] = tif
+            while len(self.files) > self.limit:
+                _, old = self.files.popitem(last=False)
+                old.close()
+        else:
+            self.files.move_to_end(key)
+        return tif
+
+
+_handles = _HandleCache()
+
+
+def page_indices(source: TiffSource, start: int, stop: int) -> np.ndarray:
+    """Page numbers of frames ``start:stop`` in output order ``(t, [c], [z])``.
+
+    Parameters
+    ----------
+    source : TiffSource
+        The file's layout.
+    start, stop : int
+        Frame range, ``0 <= start < stop <= source.frames``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer page indices, shape ``(stop - start, *extra sizes)``.
+    """
+    grids = [np.arange(start, stop) * source.strides["t"]]
+    grids += [np.arange(n) * source.strides[ax] for ax, n in source.extra.items()]
+    index = grids[0].reshape(-1, *([1] * len(source.extra)))
+    for k, g in enumerate(grids[1:], start=1):
+        shape = [1] * (len(grids))
+        shape[k] = -1
+        index = index + g.reshape(shape)
+    return index
+
+
+def read_frames(source: TiffSource, start: int, stop: int) -> np.ndarray:
+    """Read frames ``start:stop`` of a TIFF file.
+
+    Parameters
+    ----------
+    source : TiffSource
+        Layout from :func:`inspect_tiff`.
+    start, stop : int
+        Frame range within this file.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(stop - start, [c], [z], y, x)``, native byte order, dtype ``source.dtype``.
+    """
+    index = page_indices(source, start, stop)
+    flat = index.ravel()
+    tif = _handles.get(source)
+    consecutive = bool(np.all(np.diff(flat) == 1)) if flat.size > 1 else True
+    if source.contiguous_offset is not None:
+        data = _read_contiguous(tif, source, flat, consecutive)
+    else:
+        key = range(int(flat[0]), int(flat[-1]) + 1) if consecutive else [int(i) for i in flat]
+        data = tif.asarray(key=key, series=source.series, maxworkers=1)
+    data = np.asarray(data).reshape(*index.shape, source.height, source.width)
+    return data.astype(source.dtype, copy=False)
+
+
+def _read_contiguous(tif: tifffile.TiffFile, source: TiffSource, flat: np.ndarray,
+                     consecutive: bool) -> np.ndarray:
+    page_bytes = source.height * source.width * np.dtype(source.dtype).itemsize
+    file_dtype = np.dtype(source.dtype).newbyteorder(source.file_byteorder)
+    out = np.empty((flat.size, source.height, source.width), dtype=file_dtype)
+    fh = tif.filehandle
+    with fh.lock:
+        if consecutive:
+            fh.seek(source.contiguous_offset + int(flat[0]) * page_bytes)
+            _readinto(fh, out, source.path)
+        else:
+            for k, page in enumerate(flat):
+                fh.seek(source.contiguous_offset + int(page) * page_bytes)
+                _readinto(fh, out[k], source.path)
+    return out
+
+
+def _readinto(fh: tifffile.FileHandle, out: np.ndarray, path: str) -> None:
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = fh.readinto(view)
+    if got != view.nbytes:
+        raise SourceError(f"{path} is truncated: a read of {view.nbytes} bytes got {got}")
