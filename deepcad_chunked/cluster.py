@@ -74,7 +74,7 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     if workers is not None:
         log.warning("--workers applies to a local cluster only; ignored for %s", cluster)
     try:
-        if cluster.startswith(_SCHEMES) or ":" in cluster and not Path(cluster).exists():
+        if cluster.startswith(_SCHEMES) or (":" in cluster and not Path(cluster).exists()):
             client = Client(cluster, timeout=CONNECT_TIMEOUT_S)
         elif Path(cluster).is_file():
             client = Client(scheduler_file=cluster, timeout=CONNECT_TIMEOUT_S)

@@ -18,7 +18,7 @@ import math
 import shutil
 import socket
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
+    ATTRS_KEY,
     Compression,
     Recording,
     create_image,
@@ -41,7 +42,6 @@ from deepcad_chunked.io.omezarr import (
     prepare_output,
     read_group_attrs,
     update_attrs,
-    ATTRS_KEY,
 )
 from deepcad_chunked.io.sources import discover_sources
 from deepcad_chunked.io.stats import BlockStats
@@ -226,51 +226,55 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
     chunks = _resolve_chunks(config.chunks, shape)
     fingerprint = _fingerprint(plan, shape, chunks, config)
     progress_dir = output / PROGRESS_DIR / "convert"
-    if not _can_resume(output, fingerprint, config.overwrite):
-        prepare_output(output, config.overwrite)
-        scales = _scales(plan, config.frame_rate)
-        scale, units = _ngff_scale(first.axes, scales)
-        attrs = {
-            "format": 1, "kind": "recording", "complete": False,
-            "job": {"command": "convert", "fingerprint": fingerprint},
-            **scales,
-            "provenance": {
-                "tool": "deepcad-chunked", "version": __version__, "started": _now(),
-                "host": socket.gethostname(),
-                "sources": [{"path": s.path, "bytes": s.size, "frames": s.frames,
-                             "kind": s.kind} for s in plan.sources],
-            },
-        }
-        create_image(output, shape=shape, dtype=np.dtype(first.dtype), chunks=chunks,
-                     axes=first.axes, scale=scale, units=units,
-                     zarr_format=config.zarr_format,
-                     compression=Compression(**config.compression.model_dump()), attrs=attrs)
-        progress_dir.mkdir(parents=True)
-    else:
-        log.info("resuming the unfinished conversion in %s", output)
-
-    n_slabs = math.ceil(plan.frames / chunks[0])
-    stats = BlockStats()
-    done = set()
-    for marker in progress_dir.glob("*.npz"):
-        slab = int(marker.stem)
-        stats.merge(BlockStats.load(marker))
-        done.add(slab)
-    todo = [s for s in range(n_slabs) if s not in done]
-    log.info("converting %d frames %s %s from %d file(s) into %s (chunks %s): %d of %d slabs "
-             "to do", plan.frames, first.frame_shape, np.dtype(first.dtype), len(plan.sources),
-             output, chunks, len(todo), n_slabs)
-    if todo:
-        job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
-                       progress=str(progress_dir))
-        with connect(cluster, workers=workers) as client:
-            _run_slabs(client, job, todo, stats, n_slabs, progress)
+    resume = _can_resume(output, fingerprint, config.overwrite)
+    # Join or start the cluster before touching the output: a bad --cluster leaves nothing.
+    with connect(cluster, workers=workers) as client:
+        if resume:
+            log.info("resuming the unfinished conversion in %s", output)
+        else:
+            _create_store(output, plan, shape, chunks, fingerprint, config)
+            progress_dir.mkdir(parents=True)
+        n_slabs = math.ceil(plan.frames / chunks[0])
+        stats = BlockStats()
+        done = set()
+        for marker in progress_dir.glob("*.npz"):
+            stats.merge(BlockStats.load(marker))
+            done.add(int(marker.stem))
+        todo = [s for s in range(n_slabs) if s not in done]
+        log.info("converting %d frames %s %s from %d file(s) into %s (chunks %s): %d of %d "
+                 "slabs to do", plan.frames, first.frame_shape, np.dtype(first.dtype),
+                 len(plan.sources), output, chunks, len(todo), n_slabs)
+        if todo:
+            job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
+                           progress=str(progress_dir))
+            _run_slabs(client, job, todo, stats, progress)
     summary = stats.summary(np.dtype(first.dtype))
     attrs = read_group_attrs(output)[ATTRS_KEY]
     provenance = {**attrs["provenance"], "completed": _now()}
     update_attrs(output, statistics=summary, provenance=provenance, complete=True)
     shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
     return open_recording(output)
+
+
+def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
+                  chunks: tuple[int, ...], fingerprint: str, config: ConvertConfig) -> None:
+    prepare_output(output, config.overwrite)
+    scales = _scales(plan, config.frame_rate)
+    scale, units = _ngff_scale(plan.first.axes, scales)
+    attrs = {
+        "format": 1, "kind": "recording", "complete": False,
+        "job": {"command": "convert", "fingerprint": fingerprint},
+        **scales,
+        "provenance": {
+            "tool": "deepcad-chunked", "version": __version__, "started": _now(),
+            "host": socket.gethostname(),
+            "sources": [{"path": s.path, "bytes": s.size, "frames": s.frames, "kind": s.kind}
+                        for s in plan.sources],
+        },
+    }
+    create_image(output, shape=shape, dtype=np.dtype(plan.first.dtype), chunks=chunks,
+                 axes=plan.first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
+                 compression=Compression(**config.compression.model_dump()), attrs=attrs)
 
 
 def _can_resume(output: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -288,7 +292,7 @@ def _can_resume(output: Path, fingerprint: str, overwrite: bool) -> bool:
 
 
 def _run_slabs(client: Client, job: _SlabJob, todo: list[int], stats: BlockStats,
-               n_slabs: int, progress: bool | None) -> None:
+               progress: bool | None) -> None:
     [job_future] = client.scatter([job], broadcast=True, hash=False)
     frame_bytes = math.prod(job.plan.first.frame_shape) * np.dtype(job.plan.first.dtype).itemsize
     futures = client.map(_convert_slab, todo, job=job_future, pure=False)

@@ -31,7 +31,7 @@ EXTRA_AXES = ("c", "z")
 
 _UNIT_TO_UM = {
     "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-    "micrometer": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "nm": 1e-3, "pm": 1e-6, "å": 1e-4,
+    "micrometer": 1.0, "\\u00b5m": 1.0, "nm": 1e-3, "pm": 1e-6, "å": 1e-4,
 }
 _UNIT_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
               "min": 60.0, "h": 3600.0, "ns": 1e-9}
@@ -211,7 +211,7 @@ def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result) -> TiffS
         kind=str(series.kind), dtype=dtype.newbyteorder("=").str, frames=frames, extra=extra,
         height=int(height), width=int(width), strides=strides,
         contiguous_offset=None if contiguous is None else int(contiguous),
-        file_byteorder=">" if dtype.byteorder == ">" else "<", metadata=meta,
+        file_byteorder=">" if tif.byteorder == ">" else "<", metadata=meta,
     )
 
 
@@ -366,7 +366,7 @@ def _imagej_metadata(tif: tifffile.TiffFile) -> PhysicalMetadata:
     unit = str(meta.get("unit", "")) or None
     size = _resolution_um(tif.pages.first, unit) if unit else None
     spacing = _finite(meta.get("spacing"), None)
-    scale = _UNIT_TO_UM.get(unit.lower(), None) if unit else None
+    scale = _UNIT_TO_UM.get(unit.lower()) if unit else None
     return PhysicalMetadata(
         frame_interval_s=interval or None,
         pixel_size_um=size,

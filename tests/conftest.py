@@ -1,0 +1,75 @@
+"""Shared fixtures: a real dask.distributed LocalCluster, and helpers for running the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    """Two single-threaded worker processes on loopback, shared by the library-level tests."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+            **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run ``deepcad-chunked ARGS`` in a real subprocess and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "deepcad_chunked.cli.main", *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+                          **kwargs)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """A failed command: non-zero exit, one line on stderr, no traceback, the words wanted."""
+    assert result.returncode != 0, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [ln for ln in lines if "error" in ln]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), errors[0]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a real filesystem that fills up. Skips where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                        capture_output=True).returncode == 0
+    if not ok:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory no one can write to: a read-only tmpfs as root, chmod 555 otherwise."""
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                        capture_output=True).returncode == 0
+    if not ok:
+        pytest.skip("cannot make a read-only directory here (root, and mounting not allowed)")
+    try:
+        yield ro
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
