@@ -121,12 +121,30 @@ class BlockStats:
             values = self._quantiles(np.asarray(points) / 100.0)
         return {_label(p): float(v) for p, v in zip(points, values, strict=True)}
 
+    def _exact_moments(self, dtype: np.dtype) -> tuple[float, float]:
+        """Mean and standard deviation from the histogram in integer arithmetic.
+
+        Unlike the running moments, these do not depend on the order blocks were merged in,
+        so a resumed conversion stores exactly the statistics of an uninterrupted one.
+        """
+        assert self.histogram is not None
+        offset = int(np.iinfo(dtype).min) if dtype.kind == "i" else 0
+        nz = np.flatnonzero(self.histogram)
+        values = [int(v) + offset for v in nz]
+        counts = [int(c) for c in self.histogram[nz]]
+        n = sum(counts)
+        s1 = sum(v * c for v, c in zip(values, counts, strict=True))
+        s2 = sum(v * v * c for v, c in zip(values, counts, strict=True))
+        return s1 / n, float(np.sqrt((n * s2 - s1 * s1) / (n * n)))
+
     def summary(self, dtype: np.dtype) -> dict[str, Any]:
         """JSON-ready statistics of the whole recording."""
-        std = float(np.sqrt(self.m2 / self.count)) if self.count else float("nan")
+        mean, std = self.mean, float(np.sqrt(self.m2 / self.count)) if self.count else float("nan")
+        if self.count and self.histogram is not None:
+            mean, std = self._exact_moments(dtype)
         return {
             "count": self.count,
-            "mean": self.mean,
+            "mean": mean,
             "std": std,
             "min": self.minimum,
             "max": self.maximum,
