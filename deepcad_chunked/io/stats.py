@@ -57,6 +57,8 @@ class BlockStats:
         """Summarise one block of samples."""
         dtype = block.dtype
         flat = block.reshape(-1)
+        if _exact_histogram(dtype):
+            return cls._of_histogram(flat)
         stats = cls()
         if dtype.kind == "f":
             finite = np.isfinite(flat)
@@ -67,16 +69,36 @@ class BlockStats:
             return stats
         stats.count = int(flat.size)
         stats.mean = float(np.mean(flat, dtype=np.float64))
-        stats.m2 = float(np.sum((flat.astype(np.float64) - stats.mean) ** 2))
+        stats.m2 = float(np.var(flat, dtype=np.float64)) * stats.count
         stats.minimum = float(flat.min())
         stats.maximum = float(flat.max())
-        if _exact_histogram(dtype):
-            offset = int(np.iinfo(dtype).min) if dtype.kind == "i" else 0
-            values = flat.astype(np.int64) - offset if offset else flat
-            stats.histogram = np.bincount(values, minlength=1 << (8 * dtype.itemsize))
-        else:
-            q = np.linspace(0.0, 1.0, _SKETCH_POINTS)
-            stats.sketches = [(np.quantile(flat.astype(np.float64), q), stats.count)]
+        q = np.linspace(0.0, 1.0, _SKETCH_POINTS)
+        stats.sketches = [(np.quantile(flat.astype(np.float64), q), stats.count)]
+        return stats
+
+    @classmethod
+    def _of_histogram(cls, flat: np.ndarray) -> BlockStats:
+        """Exact summary of small integers: one histogram, everything else derived from it."""
+        dtype = flat.dtype
+        offset = int(np.iinfo(dtype).min) if dtype.kind == "i" else 0
+        bins = 1 << (8 * dtype.itemsize)
+        hist = np.zeros(bins, dtype=np.int64)
+        step = 1 << 18  # pieces that stay in cache while bincount widens them to intp
+        for i in range(0, flat.size, step):
+            piece = flat[i:i + step]
+            if offset:
+                piece = piece.view(np.uint8 if dtype.itemsize == 1 else np.uint16) ^ (
+                    np.uint8(0x80) if dtype.itemsize == 1 else np.uint16(0x8000))
+            hist += np.bincount(piece, minlength=bins)
+        stats = cls(histogram=hist)
+        nz = np.flatnonzero(hist)
+        if nz.size:
+            stats.count = int(flat.size)
+            stats.minimum = float(nz[0] + offset)
+            stats.maximum = float(nz[-1] + offset)
+            values = np.arange(bins, dtype=np.float64) + offset
+            stats.mean = float(np.dot(values, hist) / stats.count)
+            stats.m2 = float(np.dot((values - stats.mean) ** 2, hist))
         return stats
 
     def merge(self, other: BlockStats) -> BlockStats:

@@ -1,0 +1,115 @@
+"""Helpers shared by the benchmarks: test data, cold caches, timing and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import tifffile
+
+
+def machine() -> str:
+    """One line describing this machine."""
+    mem = psutil.virtual_memory().total / 2**30
+    return (f"{platform.node()}: {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+            f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+
+
+def noisy_frames(pool: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A pool of photon-limited two-photon-like frames (uint16): dim background, bright cells,
+    Poisson noise plus a detector offset — compressible like real recordings, not more."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    clean = np.full((height, width), 8.0)
+    for _ in range(height * width // 600):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(3, 8)
+        clean += rng.uniform(5, 40) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    gain = rng.uniform(0.6, 1.8, size=(pool, 1, 1))
+    photons = rng.poisson(clean[None] * gain)
+    return (100 + 4 * photons + rng.normal(0, 3, photons.shape)).clip(0).astype(np.uint16)
+
+
+def write_big_tiff(path: Path, frames: int, height: int, width: int, pool: int = 256) -> Path:
+    """Write a BigTIFF of ``frames`` pages, one page per frame, cycling a pool of frames."""
+    stack = noisy_frames(pool, height, width)
+
+    def pages() -> Iterator[np.ndarray]:
+        for t in range(frames):
+            yield stack[t % pool]
+
+    tifffile.imwrite(path, pages(), shape=(frames, height, width), dtype=np.uint16,
+                     bigtiff=True, photometric="minisblack", metadata={"axes": "TYX"})
+    return path
+
+
+def drop_caches(paths: Sequence[Path]) -> str:
+    """Evict files from the page cache; returns how (or that it could not)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "dropped (echo 3 > /proc/sys/vm/drop_caches)"
+    except OSError:
+        pass
+    done = 0
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                done += 1
+            finally:
+                os.close(fd)
+    return f"evicted per file (posix_fadvise DONTNEED, {done} files)" if done else "NOT dropped"
+
+
+@dataclass
+class Measured:
+    """Wall time and peak resident memory of a command and all its child processes."""
+
+    seconds: float
+    peak_rss_bytes: int
+    returncode: int
+
+
+def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -> Measured:
+    """Run ``cmd`` and sample the summed RSS of its process tree until it exits."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), **kwargs)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not stop.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        total += p.memory_info().rss
+                peak = max(peak, total)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    return Measured(seconds, peak, code)
