@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,19 +41,27 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) 
         assert needle.lower() in errors[0].lower(), errors[0]
 
 
+@contextmanager
+def _tmpfs(mountpoint: Path, options: str) -> Iterator[bool]:
+    """Mount a tmpfs at ``mountpoint`` for the duration; yields False where that is refused."""
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)],
+                        capture_output=True).returncode == 0
+    try:
+        yield ok
+    finally:
+        if ok:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: a real filesystem that fills up. Skips where mounting is not allowed."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                        capture_output=True).returncode == 0
-    if not ok:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with _tmpfs(mnt, "size=256k") as ok:
+        if not ok:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.fixture
@@ -65,11 +74,7 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
         yield ro
         ro.chmod(0o755)
         return
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                        capture_output=True).returncode == 0
-    if not ok:
-        pytest.skip("cannot make a read-only directory here (root, and mounting not allowed)")
-    try:
+    with _tmpfs(ro, "ro,size=64k") as ok:
+        if not ok:
+            pytest.skip("cannot make a read-only directory here (root, and mounting refused)")
         yield ro
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
