@@ -82,6 +82,52 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the denoiser on recordings (self-supervised)",
+                       description="Train DeepCAD-RT's 3D U-Net on one or more recordings, "
+                       "streaming tile pairs (even frames → odd frames) from their stores. "
+                       "Writes epoch_NNNN.pt, last.pt, best.pt, log.csv and log.json.")
+    p.add_argument("data", nargs="+", metavar="DATA.zarr", help="recording store(s)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
+                   help="folder for checkpoints and logs")
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N",
+                   help="optimiser steps per epoch (default: cover the training frames once)")
+    p.add_argument("--patch", type=_triple, default=(32, 64, 64), metavar="T,Y,X",
+                   help="input volume pt,py,px, multiples of 8; a tile reads 2·pt frames "
+                   "(default 32,64,64)")
+    p.add_argument("--batch-size", type=int, default=2, help="tiles per step (default 2)")
+    p.add_argument("--features", type=int, default=16,
+                   help="feature maps of the first level (default 16, DeepCAD-RT's network)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tile-loading worker processes (default 2; 0 reads in-process)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and tiles")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of the last frames held out for validation (default 0.05)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import TrainConfig
+    from deepcad_chunked.training import train
+
+    config = TrainConfig.build(
+        patch=args.patch, batch_size=args.batch_size, epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, features=args.features, lr=args.lr,
+        workers=args.workers, seed=args.seed, device=args.device,
+        val_fraction=args.val_fraction)
+    result = train(args.data, args.output, config=config, resume=args.resume,
+                   progress=False if args.no_progress else None)
+    best = min(result.history, key=lambda h: h["val_loss"])
+    log.info("done: best validation loss %.5g at epoch %d -> %s", best["val_loss"],
+             best["epoch"], result.best)
+    return 0
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a recording store",
                        description="Shape, axes, dtype, chunks, compression ratio, frame rate, "
@@ -160,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert(sub)
+    _add_train(sub)
     _add_info(sub)
     _add_export(sub)
     return parser

@@ -63,3 +63,76 @@ class ConvertConfig(_Config):
         if value is not None and min(value) < 1:
             raise ValueError(f"chunk sizes must be positive, got {value}")
         return value
+
+
+def _multiple_of_8(value: tuple[int, int, int], what: str) -> tuple[int, int, int]:
+    if min(value) < 8 or any(v % 8 for v in value):
+        raise ValueError(f"{what} sizes must be positive multiples of 8, got {value}; "
+                         f"e.g. {tuple(max(8, (v + 7) // 8 * 8) for v in value)}")
+    return value
+
+
+class TrainConfig(_Config):
+    """Options of :func:`deepcad_chunked.train` (defaults: benchmarks/RESULTS.md, "Training").
+
+    Attributes
+    ----------
+    patch : (pt, py, px)
+        Input volume of one training sample; a tile reads ``2·pt`` frames. Multiples of 8.
+    batch_size : int
+        Tiles per optimiser step.
+    epochs : int
+        Epochs to train (a checkpoint and a validation loss after each).
+    steps_per_epoch : int or None
+        Optimiser steps per epoch; None: enough tiles to cover the training frames once.
+    features : int
+        Feature maps of the network's first level (16: DeepCAD-RT's network).
+    lr : float
+        Adam learning rate.
+    betas : (float, float)
+        Adam betas.
+    workers : int
+        DataLoader worker processes reading tiles (0: read in the training process).
+    seed : int
+        Seeds the weights and every tile drawn: a run is reproducible and resumable.
+    device : {"auto", "cpu", "cuda"}
+        ``auto`` uses CUDA when available.
+    amp : bool
+        Mixed precision (bfloat16 autocast) on CUDA; ignored on the CPU.
+    val_fraction : float
+        Fraction of each recording's last frames held out for validation (at least one tile).
+    val_tiles : int
+        Number of fixed validation tiles.
+    """
+
+    patch: tuple[int, int, int] = (32, 64, 64)
+    batch_size: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    features: int = Field(16, ge=1, le=128)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    betas: tuple[float, float] = (0.5, 0.999)
+    workers: int = Field(2, ge=0, le=64)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    val_tiles: int = Field(8, ge=1)
+
+    @field_validator("patch")
+    @classmethod
+    def _patch_grid(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        return _multiple_of_8(value, "patch")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        """Frames × rows × columns read for one sample: ``(2·pt, py, px)``."""
+        pt, py, px = self.patch
+        return (2 * pt, py, px)

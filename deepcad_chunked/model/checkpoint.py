@@ -1,0 +1,176 @@
+"""Checkpoints: one file with everything needed to resume training or to denoise.
+
+A checkpoint is a ``torch.save`` of plain containers, tensors and strings only, so it loads
+with ``torch.load(..., weights_only=True)`` and no pickled code is ever executed. The training
+configuration and normalisation travel as JSON text. Files are written to a temporary name in
+the same folder and renamed, so a kill never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepcad_chunked.errors import DeepCADError
+from deepcad_chunked.model.unet3d import UNet3D
+
+FORMAT = "deepcad-chunked/checkpoint/1"
+
+
+class CheckpointError(DeepCADError):
+    """A checkpoint is missing, damaged, unsafe, or for another model."""
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, shapes, dtypes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds.
+
+    Attributes
+    ----------
+    model_state : dict
+        The network's weights.
+    features : int
+        ``f`` of the network.
+    normalization : dict
+        ``{"mean": m, "std": s}``: inputs are ``(x - m) / s``; outputs are mapped back.
+    config : dict
+        The full training configuration.
+    epoch, step : int
+        Epochs and optimiser steps completed.
+    optimizer_state, scaler_state : dict
+        For resuming; empty in exported models.
+    history : list of dict
+        Per-epoch losses so far.
+    digest : str
+        :func:`weights_digest` of ``model_state``.
+    """
+
+    model_state: dict[str, torch.Tensor]
+    features: int
+    normalization: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    optimizer_state: dict[str, Any] = field(default_factory=dict)
+    scaler_state: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    digest: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to ``path`` and return it."""
+        path = Path(path)
+        self.digest = weights_digest(self.model_state)
+        payload = {
+            "format": FORMAT,
+            "model_state": {k: v.detach().to("cpu") for k, v in self.model_state.items()},
+            "features": self.features,
+            "normalization": json.dumps(self.normalization),
+            "config": json.dumps(self.config),
+            "epoch": self.epoch,
+            "step": self.step,
+            "optimizer_state": self.optimizer_state,
+            "scaler_state": self.scaler_state,
+            "history": json.dumps(self.history),
+            "digest": self.digest,
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Read a checkpoint safely (``weights_only=True``).
+
+        Raises
+        ------
+        CheckpointError
+            When the file is missing, truncated, contains pickled code, or is not ours.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"model file {path} does not exist")
+        try:
+            raw = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+            raise CheckpointError(f"{path} was refused: it is not a plain weights file "
+                                  f"({first[:160]})") from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable model file (truncated or damaged: "
+                                  f"{str(exc).splitlines()[0][:160]})") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a deepcad-chunked checkpoint")
+        try:
+            ckpt = cls(
+                model_state=dict(raw["model_state"]),
+                features=int(raw["features"]),
+                normalization=json.loads(raw["normalization"]),
+                config=json.loads(raw["config"]),
+                epoch=int(raw["epoch"]),
+                step=int(raw["step"]),
+                optimizer_state=raw.get("optimizer_state") or {},
+                scaler_state=raw.get("scaler_state") or {},
+                history=json.loads(raw.get("history", "[]")),
+                digest=str(raw.get("digest", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is a damaged checkpoint (missing {exc})") from None
+        if ckpt.digest and weights_digest(ckpt.model_state) != ckpt.digest:
+            raise CheckpointError(f"{path} is damaged: its weights do not match their digest")
+        return ckpt
+
+    def build_model(self) -> UNet3D:
+        """The network with these weights, in evaluation mode."""
+        model = UNet3D(features=self.features)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint weights do not fit a {self.features}-feature "
+                                  f"network: {str(exc).splitlines()[0]}") from None
+        return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> UNet3D:
+    """Load a trained denoiser, ready for inference.
+
+    Parameters
+    ----------
+    path : str or Path
+        A checkpoint written by training (``best.pt``, ``last.pt``, …).
+    device : str or torch.device
+        Where to put the network.
+
+    Returns
+    -------
+    UNet3D
+        In evaluation mode, with ``normalization`` (mean/std), ``digest`` and ``config``
+        attributes taken from the checkpoint.
+    """
+    ckpt = Checkpoint.load(path)
+    model = ckpt.build_model().to(device)
+    model.normalization = dict(ckpt.normalization)
+    model.digest = ckpt.digest
+    model.config = dict(ckpt.config)
+    return model

@@ -1,0 +1,263 @@
+"""The training loop: Adam on 0.5·L1 + 0.5·L2 between denoised input frames and target frames.
+
+Checkpoints after every epoch (``epoch_NNNN.pt``, ``last.pt``, and ``best.pt`` for the lowest
+validation loss), losses logged to ``log.csv`` and ``log.json``. ``resume=True`` continues
+from ``last.pt``: weights, optimiser, epoch, and the sample counter that drives the stateless
+tile sampler, so a killed and resumed run ends with the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from deepcad_chunked.config import TrainConfig
+from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError
+from deepcad_chunked.io.omezarr import Recording, open_recording
+from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.training.dataset import Normalization, TilePairDataset
+from deepcad_chunked.training.tiles import draw, split_regions
+
+log = logging.getLogger(__name__)
+
+#: Options that must match for ``resume`` to continue a run.
+_RESUME_KEYS = ("patch", "features", "batch_size", "seed", "val_fraction", "val_tiles",
+                "steps_per_epoch")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run put its files, and its per-epoch losses."""
+
+    run_dir: Path
+    best: Path
+    last: Path
+    history: list[dict[str, float]]
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DeepCAD's loss: the mean of the L1 and the L2 (mean squared) errors."""
+    return 0.5 * torch.nn.functional.l1_loss(output, target) + \
+        0.5 * torch.nn.functional.mse_loss(output, target)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pooled_normalization(recordings: Sequence[Recording]) -> Normalization:
+    """Mean and standard deviation over all samples of all recordings."""
+    counts = np.array([r.statistics["count"] for r in recordings], dtype=np.float64)
+    means = np.array([r.statistics["mean"] for r in recordings])
+    stds = np.array([r.statistics["std"] for r in recordings])
+    mean = float(np.sum(counts * means) / counts.sum())
+    var = float(np.sum(counts * (stds**2 + (means - mean) ** 2)) / counts.sum())
+    return Normalization(mean=mean, std=math.sqrt(var) if var > 0 else 1.0)
+
+
+def _check_sizes(recordings: Sequence[Recording], config: TrainConfig) -> None:
+    tt, ty, tx = config.tile
+    for rec in recordings:
+        frames, height, width = rec.shape[0], rec.shape[-2], rec.shape[-1]
+        if frames < tt or height < ty or width < tx:
+            fit = (frames // 2 // 8 * 8, height // 8 * 8, width // 8 * 8)
+            hint = (f"use --patch {','.join(map(str, fit))} or smaller"
+                    if min(fit) >= 8 else "it is too small to train on")
+            raise ConfigError(
+                f"{rec.path} has {frames} frames of {height}×{width} pixels, but --patch "
+                f"{','.join(map(str, config.patch))} needs tiles of {tt} frames of {ty}×{tx}; "
+                + hint)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DeepCADError(f"cannot write the run directory {run_dir}: "
+                           f"{exc.strerror or exc}") from None
+    if not resume and (run_dir / "last.pt").exists():
+        raise DeepCADError(f"{run_dir} already holds a training run; pass --resume to continue "
+                           "it or choose another output directory")
+
+
+def _write_logs(run_dir: Path, history: list[dict[str, float]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    for name, content in (("log.csv", text.getvalue()), ("log.json", json.dumps(history,
+                                                                                  indent=1))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, run_dir / name)
+
+
+def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torch.device,
+              amp: bool) -> float:
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for d in draws:
+            inp, tgt = val_set.pair(d)
+            out = model(inp[None].to(device))
+            losses.append(float(loss_fn(out.float(), tgt[None].to(device))))
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
+          config: TrainConfig | None = None, resume: bool = False,
+          progress: bool | None = None) -> TrainResult:
+    """Train the denoiser on one or more recordings, streaming tiles from their stores.
+
+    Parameters
+    ----------
+    data : path or sequence of paths
+        Complete recording stores written by :func:`deepcad_chunked.convert`.
+    run_dir : str or Path
+        Folder for checkpoints and logs (created if needed).
+    config : TrainConfig, optional
+        Tile size, batch, epochs, optimiser, loader workers, seed, device.
+    resume : bool
+        Continue the run in ``run_dir`` from its ``last.pt``.
+    progress : bool, optional
+        Progress bar; default: when standard error is a terminal.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    StoreError, ConfigError, DeepCADError
+        Incomplete or foreign stores, recordings smaller than a tile, an unwritable run
+        directory, or a ``resume`` whose checkpoint was made with other options or data.
+    """
+    config = config or TrainConfig()
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if not paths:
+        raise StoreError("no training data given")
+    recordings = [open_recording(p) for p in paths]
+    _check_sizes(recordings, config)
+    run_dir = Path(run_dir).expanduser().absolute()
+    _prepare_run_dir(run_dir, resume)
+    stores = [str(r.path.absolute()) for r in recordings]
+    norm = pooled_normalization(recordings)
+    tile = config.tile
+    train_regions, val_regions = split_regions([r.shape for r in recordings], tile,
+                                               config.val_fraction)
+    if config.steps_per_epoch:
+        steps = config.steps_per_epoch
+    else:
+        frames = sum(reg.t[1] - reg.t[0] for reg in train_regions)
+        area = sum((reg.y[1] - reg.y[0]) * (reg.x[1] - reg.x[0]) for reg in train_regions)
+        steps = max(1, math.ceil(frames * area / len(train_regions)
+                                 / math.prod(tile) / config.batch_size))
+    record = {**config.model_dump(mode="json"), "steps_per_epoch": steps, "data": stores,
+              "normalization": norm.as_dict()}
+
+    device = pick_device(config.device)
+    amp = config.amp and device.type == "cuda"
+    torch.manual_seed(config.seed)
+    model = UNet3D(features=config.features).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
+    start_epoch, history, best = 0, [], math.inf
+    if resume and (run_dir / "last.pt").exists():
+        ckpt = Checkpoint.load(run_dir / "last.pt", map_location=device)
+        changed = [k for k in (*_RESUME_KEYS, "data", "normalization")
+                   if ckpt.config.get(k) != record[k]]
+        if changed:
+            raise DeepCADError(f"cannot resume {run_dir}: its checkpoint was trained with "
+                               f"other {', '.join(changed)}")
+        model.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        start_epoch, history = ckpt.epoch, ckpt.history
+        best = min((h["val_loss"] for h in history), default=math.inf)
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    elif resume:
+        log.info("nothing to resume in %s; starting a new run", run_dir)
+
+    train_set = TilePairDataset(stores, train_regions, tile, config.seed, norm)
+    val_set = TilePairDataset(stores, val_regions, tile, config.seed, norm, augment=False)
+    val_draws = [draw(config.seed + 1, i, val_regions, tile, augment=False)
+                 for i in range(config.val_tiles)]
+    per_epoch = steps * config.batch_size
+    loader = DataLoader(train_set, batch_size=config.batch_size,
+                        sampler=range(start_epoch * per_epoch, config.epochs * per_epoch),
+                        num_workers=config.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if config.workers else None)
+    log.info("training %d-feature network on %d recording(s), tiles %s, %d steps × %d epochs "
+             "on %s", config.features, len(stores), tile, steps, config.epochs, device)
+    bar = tqdm(total=(config.epochs - start_epoch) * steps, unit="step", desc="train",
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    batches = iter(loader)
+    model.train()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            started, total = time.perf_counter(), 0.0
+            for step in range(steps):
+                inp, tgt = next(batches)
+                inp, tgt = inp.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = loss_fn(model(inp).float(), tgt)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += float(loss.detach())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
+            val = _validate(model, val_set, val_draws, device, amp)
+            history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val,
+                            "seconds": time.perf_counter() - started})
+            ckpt = Checkpoint(model_state=model.state_dict(), features=config.features,
+                              normalization=norm.as_dict(), config=record, epoch=epoch + 1,
+                              step=(epoch + 1) * steps, optimizer_state=optimizer.state_dict(),
+                              scaler_state=scaler.state_dict(), history=history)
+            ckpt.save(run_dir / f"epoch_{epoch + 1:04d}.pt")
+            if val < best:
+                best = val
+                shutil.copyfile(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / ".best.tmp")
+                os.replace(run_dir / ".best.tmp", run_dir / "best.pt")
+            shutil.copyfile(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / ".last.tmp")
+            os.replace(run_dir / ".last.tmp", run_dir / "last.pt")
+            _write_logs(run_dir, history)
+            log.info("epoch %d/%d: train loss %.5g, validation loss %.5g%s", epoch + 1,
+                     config.epochs, total / steps, val, " (best)" if val == best else "")
+    finally:
+        bar.close()
+        del batches
+    return TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", history)
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Epoch, losses, options and digest of a checkpoint (for ``info``-like listings)."""
+    ckpt = Checkpoint.load(path)
+    return {"epoch": ckpt.epoch, "step": ckpt.step, "features": ckpt.features,
+            "digest": ckpt.digest, "normalization": ckpt.normalization,
+            "history": ckpt.history, "config": ckpt.config}

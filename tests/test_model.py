@@ -1,0 +1,102 @@
+"""The network's shapes and size, and checkpoints that load safely."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepcad_chunked.model import Checkpoint, CheckpointError, UNet3D, load_model, parameter_count
+
+
+def test_default_network_has_deepcad_rt_parameter_count() -> None:
+    assert parameter_count(UNet3D(features=16)) == 1_020_337
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 8), (8, 24, 40), (16, 8, 56), (24, 40, 16)])
+def test_output_has_input_shape_for_odd_multiples_of_8(shape: tuple[int, int, int]) -> None:
+    model = UNet3D(features=2)
+    x = torch.randn(2, 1, *shape)
+    assert model(x).shape == x.shape
+
+
+def test_sizes_off_the_grid_are_refused() -> None:
+    with pytest.raises(ValueError, match="multiples of 8"):
+        UNet3D(features=2)(torch.zeros(1, 1, 8, 12, 16))
+
+
+def test_translation_equivariant_on_the_8_grid() -> None:
+    torch.manual_seed(0)
+    model = UNet3D(features=2).eval()
+    x = torch.randn(1, 1, 48, 48, 48)
+    with torch.no_grad():
+        whole = model(x)
+        shifted = model(x[..., 8:, 16:, 8:])
+    # far from the borders (beyond the receptive radius) the two agree
+    torch.testing.assert_close(whole[..., 8 + 16:40, 16 + 8:40, 8 + 16:40],
+                               shifted[..., 16:32, 8:24, 16:32], rtol=1e-4, atol=1e-5)
+
+
+def _checkpoint(features: int = 2) -> Checkpoint:
+    torch.manual_seed(1)
+    model = UNet3D(features=features)
+    return Checkpoint(model_state=model.state_dict(), features=features,
+                      normalization={"mean": 10.0, "std": 2.0}, config={"patch": [8, 16, 16]},
+                      epoch=3, step=30)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path: Path) -> None:
+    path = _checkpoint().save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 3
+    model = load_model(path)
+    assert not model.training
+    assert model.normalization == {"mean": 10.0, "std": 2.0}
+    assert len(model.digest) == 64
+    for name, tensor in _checkpoint().model_state.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = _checkpoint().save(tmp_path / "m.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated|damaged"):
+        load_model(path)
+
+
+class _Payload:
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+
+def test_pickle_with_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "x", "payload": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+    plain = tmp_path / "evil.pkl"
+    plain.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_model(plain)
+    assert not marker.exists()
+
+
+def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a deepcad-chunked checkpoint"):
+        load_model(tmp_path / "other.pt")
+    ckpt = _checkpoint(features=2)
+    ckpt.features = 4  # weights of a 2-feature network declared as 4
+    ckpt.save(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")

@@ -1,0 +1,176 @@
+"""Training on tiny recordings: it learns, it is reproducible, it resumes, it refuses bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+
+from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
+from deepcad_chunked.errors import ConfigError, DeepCADError, IncompleteStoreError
+from deepcad_chunked.io.omezarr import update_attrs
+from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.training.dataset import Normalization, TilePairDataset
+from deepcad_chunked.training.tiles import split_regions
+from tests.conftest import assert_clean_error, run_cli
+from tests.tiffs import write_plain
+
+TINY = {"patch": (8, 16, 16), "features": 4, "batch_size": 4, "lr": 1e-3, "workers": 0,
+        "device": "cpu"}
+
+
+def blinking_cells(frames: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth blobs whose brightness drifts, under strong Poisson noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    clean = np.full((frames, size, size), 5.0)
+    t = np.arange(frames)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, size, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+        clean += (20 + 15 * np.sin(t / rng.uniform(5, 15)))[:, None, None] * blob
+    return rng.poisson(clean).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    tif = write_plain(folder / "cells.tif", blinking_cells(160, 32))
+    convert(tif, folder / "cells.zarr", config=ConvertConfig(chunks=(16, 16, 16)), cluster=client,
+            progress=False)
+    return folder / "cells.zarr"
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return Checkpoint.load(path).model_state
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints_and_logs(tmp_path: Path,
+                                                                  store: Path) -> None:
+    result = train(store, tmp_path / "run", config=TrainConfig(**TINY, epochs=4,
+                                                               steps_per_epoch=15),
+                   progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt",
+                     "epoch_0004.pt", "last.pt", "log.csv", "log.json"]
+    best_epoch = min(result.history, key=lambda h: h["val_loss"])["epoch"]
+    assert Checkpoint.load(result.best).epoch == best_epoch
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run" / "log.json").read_text())[3]["val_loss"] == \
+        pytest.approx(result.history[3]["val_loss"])
+    ckpt = Checkpoint.load(result.last)
+    assert ckpt.config["patch"] == [8, 16, 16] and ckpt.step == 60
+    assert ckpt.optimizer_state["state"]  # Adam moments are saved for resuming
+    assert ckpt.normalization["mean"] == pytest.approx(
+        float(blinking_cells(160, 32).mean()), rel=1e-9)
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path: Path, store: Path) -> None:
+    config = {**TINY, "epochs": 1, "steps_per_epoch": 6}
+    a = train(store, tmp_path / "w0", config=TrainConfig(**config), progress=False)
+    b = train(store, tmp_path / "w2", config=TrainConfig(**{**config, "workers": 2}),
+              progress=False)
+    for name, tensor in _weights(a.last).items():
+        assert torch.equal(tensor, _weights(b.last)[name]), name
+
+
+def test_dataset_ships_only_paths_to_workers(store: Path) -> None:
+    regions, _ = split_regions([(160, 32, 32)], (16, 16, 16), 0.1)
+    ds = TilePairDataset([str(store)], regions, (16, 16, 16), 0, Normalization(0.0, 1.0))
+    ds[0]  # opens the store in this process
+    assert ds._arrays
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096
+    assert not pickle.loads(blob)._arrays
+    inp, tgt = ds[5]
+    assert inp.shape == tgt.shape == (1, 8, 16, 16) and inp.dtype == torch.float32
+
+
+def _train_args(store: Path, run: Path) -> list[str]:
+    return ["train", str(store), "-o", str(run), "--patch", "8,16,16", "--features", "4",
+            "--batch-size", "4", "--lr", "1e-3", "--epochs", "4", "--steps-per-epoch", "40",
+            "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+def test_sigkill_and_resume_give_bit_identical_weights(tmp_path: Path, store: Path) -> None:
+    reference = tmp_path / "reference"
+    assert run_cli(*_train_args(store, reference)).returncode == 0
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "deepcad_chunked.cli.main",
+                             *_train_args(store, run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not (run / "epoch_0001.pt").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "epoch_0004.pt").exists()
+
+    result = run_cli(*_train_args(store, run), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    want, got = _weights(reference / "last.pt"), _weights(run / "last.pt")
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert Checkpoint.load(run / "last.pt").epoch == 4
+
+
+def test_resume_with_other_options_is_refused(tmp_path: Path, store: Path) -> None:
+    train(store, tmp_path / "run", config=TrainConfig(**TINY, epochs=1, steps_per_epoch=2),
+          progress=False)
+    with pytest.raises(DeepCADError, match="features"):
+        train(store, tmp_path / "run", config=TrainConfig(**{**TINY, "features": 8}, epochs=2,
+                                                           steps_per_epoch=2), resume=True)
+    with pytest.raises(DeepCADError, match="--resume"):
+        train(store, tmp_path / "run", config=TrainConfig(**TINY, epochs=1, steps_per_epoch=2))
+
+
+def test_recording_smaller_than_a_tile_names_sizes_that_work(tmp_path: Path,
+                                                             store: Path) -> None:
+    with pytest.raises(ConfigError, match=r"160 frames of 32×32.*--patch 80,32,32"):
+        train(store, tmp_path / "r", config=TrainConfig(**{**TINY, "patch": (96, 16, 16)}))
+    assert not (tmp_path / "r").exists()
+
+
+def test_patch_off_the_grid_is_refused() -> None:
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        TrainConfig.build(patch=(8, 12, 16))
+
+
+def test_incomplete_store_is_refused(tmp_path: Path, store: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    update_attrs(copy, complete=False)
+    with pytest.raises(IncompleteStoreError):
+        train(copy, tmp_path / "run", config=TrainConfig(**TINY))
+
+
+def test_cli_errors(tmp_path: Path, store: Path, readonly_dir: Path) -> None:
+    assert_clean_error(run_cli("train", str(store), "-o", str(readonly_dir / "run"),
+                               "--patch", "8,16,16"), "cannot write the run directory")
+    assert_clean_error(run_cli("train", str(store), "-o", str(tmp_path / "r"), "--patch",
+                               "8,12,16"), "multiples of 8")
+    assert_clean_error(run_cli("train", str(tmp_path / "none.zarr"), "-o", str(tmp_path / "r")),
+                       "does not exist")
+    assert_clean_error(run_cli("train", str(store), "-o", str(tmp_path / "r"), "--lr", "-1"),
+                       "lr")
