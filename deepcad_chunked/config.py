@@ -103,6 +103,9 @@ class TrainConfig(_Config):
         Fraction of each recording's last frames held out for validation (at least one tile).
     val_tiles : int
         Number of fixed validation tiles.
+    tiles_per_window : int
+        Consecutive samples cut from one chunk-aligned window of the store, which a loader
+        worker reads once (1: every tile read on its own; see benchmarks/RESULTS.md).
     """
 
     patch: tuple[int, int, int] = (32, 64, 64)
@@ -118,6 +121,7 @@ class TrainConfig(_Config):
     amp: bool = True
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     val_tiles: int = Field(8, ge=1)
+    tiles_per_window: int = Field(16, ge=1)
 
     @field_validator("patch")
     @classmethod

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from deepcad_chunked.training.tiles import Region, draw, make_pair, split_regions
+from deepcad_chunked.training.tiles import Region, draw, draw_window, make_pair, split_regions
 
 TILE = (16, 8, 8)
 
@@ -95,3 +95,16 @@ def test_short_recording_falls_back_to_spatial_hold_out(caplog) -> None:
 def test_planes_of_a_volume_are_separate_series() -> None:
     train, _ = split_regions([(100, 2, 3, 16, 16)], TILE, 0.1)
     assert sorted(r.plane for r in train) == [(c, z) for c in range(2) for z in range(3)]
+
+
+def test_windows_are_aligned_contain_a_tile_and_reach_both_ends() -> None:
+    region = [Region(0, (), (0, 1000), (0, 300), (0, 300))]
+    windows = [draw_window(5, k, region, TILE, [(32, 128, 128)]) for k in range(3000)]
+    for w in windows[:200]:
+        assert w.shape == (48, 136, 136)
+        assert w.start[0] % 32 == 0 or w.start[0] + 48 == 1000
+        assert w.start[1] % 128 == 0 or w.start[1] + 136 == 300
+        d = draw(5, 7, region, TILE, window=w)
+        assert w.start[0] <= d.t0 <= w.start[0] + 48 - 16
+    assert min(w.start[0] for w in windows) == 0
+    assert max(w.start[0] + w.shape[0] for w in windows) == 1000

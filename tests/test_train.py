@@ -21,8 +21,8 @@ from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
 from deepcad_chunked.errors import ConfigError, DeepCADError, IncompleteStoreError
 from deepcad_chunked.io.omezarr import update_attrs
 from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.training.dataset import Normalization, TilePairDataset
-from deepcad_chunked.training.tiles import split_regions
+from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
+from deepcad_chunked.training.tiles import draw, make_pair, split_regions
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
 
@@ -97,8 +97,29 @@ def test_dataset_ships_only_paths_to_workers(store: Path) -> None:
     blob = pickle.dumps(ds)
     assert len(blob) < 4096
     assert not pickle.loads(blob)._arrays
-    inp, tgt = ds[5]
-    assert inp.shape == tgt.shape == (1, 8, 16, 16) and inp.dtype == torch.float32
+    pair = ds[5]
+    assert pair.shape == (2, 8, 16, 16) and pair.dtype == torch.uint16  # raw: half the bytes
+    inp, tgt = make_pairs(pair[None], ds.normalization)
+    want_inp, want_tgt = ds.pair(draw(0, 5, regions, (16, 16, 16)))
+    torch.testing.assert_close(inp[0], want_inp)
+    torch.testing.assert_close(tgt[0], want_tgt)
+
+
+def test_windows_are_read_once_and_cover_the_recording(store: Path) -> None:
+    regions, _ = split_regions([(160, 32, 32)], (16, 16, 16), 0.1)
+    ds = TilePairDataset([str(store)], regions, (16, 16, 16), 3, Normalization(0.0, 1.0),
+                         tiles_per_window=8, chunks=[(16, 16, 16)])
+    plain = TilePairDataset([str(store)], regions, (16, 16, 16), 3, Normalization(0.0, 1.0))
+    starts = set()
+    for i in range(400):
+        pair = ds[i]
+        assert len(ds._windows) <= 2
+        d = draw(3, i, regions, (16, 16, 16), window=ds._window(i // 8)[0])
+        starts.add(d.t0)
+        raw = plain.read(d)
+        first, second = make_pair(raw, d.swap, d.transform)
+        assert torch.equal(pair, torch.from_numpy(np.stack([first, second])))
+    assert min(starts) == 0 and max(starts) == 144 - 16
 
 
 def _train_args(store: Path, run: Path) -> list[str]:

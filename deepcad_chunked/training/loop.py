@@ -31,14 +31,14 @@ from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError
 from deepcad_chunked.io.omezarr import Recording, open_recording
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
-from deepcad_chunked.training.dataset import Normalization, TilePairDataset
+from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
 from deepcad_chunked.training.tiles import draw, split_regions
 
 log = logging.getLogger(__name__)
 
 #: Options that must match for ``resume`` to continue a run.
 _RESUME_KEYS = ("patch", "features", "batch_size", "seed", "val_fraction", "val_tiles",
-                "steps_per_epoch")
+                "steps_per_epoch", "tiles_per_window")
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,9 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
 
-    train_set = TilePairDataset(stores, train_regions, tile, config.seed, norm)
+    chunks = [(r.chunks[0], r.chunks[-2], r.chunks[-1]) for r in recordings]
+    train_set = TilePairDataset(stores, train_regions, tile, config.seed, norm,
+                                tiles_per_window=config.tiles_per_window, chunks=chunks)
     val_set = TilePairDataset(stores, val_regions, tile, config.seed, norm, augment=False)
     val_draws = [draw(config.seed + 1, i, val_regions, tile, augment=False)
                  for i in range(config.val_tiles)]
@@ -221,8 +223,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         for epoch in range(start_epoch, config.epochs):
             started, total = time.perf_counter(), 0.0
             for step in range(steps):
-                inp, tgt = next(batches)
-                inp, tgt = inp.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+                inp, tgt = make_pairs(next(batches).to(device, non_blocking=True), norm)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = loss_fn(model(inp).float(), tgt)

@@ -3,6 +3,12 @@
 Sample ``i`` of a run is a pure function of ``(seed, i)``: it does not depend on how many
 loader workers there are or on what came before, so resuming at step ``s`` replays exactly the
 tiles an uninterrupted run would have drawn.
+
+Reading a random tile from a chunked store decompresses every chunk it touches — about twelve
+times the tile's own bytes. So consecutive samples share a *window*: a chunk-aligned box of
+tile + one chunk per axis, drawn uniformly like a tile; the samples of one window are drawn
+uniformly inside it. A loader worker decompresses a window once and cuts many tiles from it
+(benchmarks/RESULTS.md, "Training loader"); ``tiles_per_window=1`` gives independent tiles.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ class Region:
         for (lo, hi), w in zip((self.t, self.y, self.x), tile, strict=True):
             n *= max(0, hi - lo - w + 1)
         return n
+
+
+@dataclass(frozen=True)
+class Window:
+    """A box of one region from which the tiles of consecutive samples are cut."""
+
+    recording: int
+    plane: tuple[int, ...]
+    start: tuple[int, int, int]
+    shape: tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -114,9 +130,49 @@ def split_regions(shapes: list[tuple[int, ...]], tile: tuple[int, int, int],
     return train, val
 
 
+def _pick_region(rng: np.random.Generator, regions: list[Region],
+                 tile: tuple[int, int, int]) -> Region:
+    weights = np.array([reg.positions(tile) for reg in regions], dtype=np.float64)
+    return regions[int(rng.choice(len(regions), p=weights / weights.sum()))]
+
+
+def draw_window(seed: int, index: int, regions: list[Region], tile: tuple[int, int, int],
+                chunks: list[tuple[int, int, int]]) -> Window:
+    """Window ``index`` of a run: tile + one chunk per axis, aligned to the chunk grid.
+
+    Parameters
+    ----------
+    seed : int
+        The run's seed.
+    index : int
+        The window's number (sample number // tiles per window).
+    regions : list of Region
+        Where tiles may come from; chosen in proportion to their tile positions.
+    tile : (frames, rows, columns)
+        Size of one tile.
+    chunks : list of (t, y, x)
+        Each recording's storage chunk shape; windows start on chunk boundaries (or at a
+        region's edge).
+
+    Returns
+    -------
+    Window
+    """
+    rng = np.random.default_rng([seed, index, 1])
+    reg = _pick_region(rng, regions, tile)
+    start, shape = [], []
+    for (lo, hi), w, c in zip((reg.t, reg.y, reg.x), tile, chunks[reg.recording], strict=True):
+        span = min(hi - lo, w + c)
+        aligned = range(-(-lo // c) * c, hi - span + 1, c)
+        candidates = sorted({lo, hi - span, *aligned})
+        start.append(int(candidates[int(rng.integers(len(candidates)))]))
+        shape.append(span)
+    return Window(reg.recording, reg.plane, tuple(start), tuple(shape))  # type: ignore[arg-type]
+
+
 def draw(seed: int, index: int, regions: list[Region], tile: tuple[int, int, int],
-         augment: bool = True) -> TileDraw:
-    """Sample ``index`` of a run: uniform over every tile position of every region.
+         augment: bool = True, window: Window | None = None) -> TileDraw:
+    """Sample ``index`` of a run: uniform over every tile position (of ``window`` if given).
 
     Parameters
     ----------
@@ -132,21 +188,28 @@ def draw(seed: int, index: int, regions: list[Region], tile: tuple[int, int, int
     augment : bool
         Draw the input/target swap and the y–x transform (training); off for validation.
         Tiles that are not square in y–x get only half turns and flips.
+    window : Window, optional
+        Cut the tile from this window (see :func:`draw_window`).
 
     Returns
     -------
     TileDraw
     """
     rng = np.random.default_rng([seed, index])
-    weights = np.array([reg.positions(tile) for reg in regions], dtype=np.float64)
-    reg = regions[int(rng.choice(len(regions), p=weights / weights.sum()))]
+    if window is None:
+        reg = _pick_region(rng, regions, tile)
+        recording, plane = reg.recording, reg.plane
+        bounds = (reg.t, reg.y, reg.x)
+    else:
+        recording, plane = window.recording, window.plane
+        bounds = tuple((a, a + n) for a, n in zip(window.start, window.shape, strict=True))
     starts = [int(rng.integers(lo, hi - w + 1)) for (lo, hi), w in
-              zip((reg.t, reg.y, reg.x), tile, strict=True)]
+              zip(bounds, tile, strict=True)]
     swap = bool(rng.integers(2)) if augment else False
     # Quarter turns swap y and x: only for square tiles, else half turns and flips only.
     choices = TRANSFORMS if tile[1] == tile[2] else (0, 2, 4, 6)
     transform = int(rng.choice(choices)) if augment else 0
-    return TileDraw(reg.recording, reg.plane, *starts, swap=swap, transform=transform)
+    return TileDraw(recording, plane, *starts, swap=swap, transform=transform)
 
 
 def make_pair(tile: np.ndarray, swap: bool, transform: int) -> tuple[np.ndarray, np.ndarray]:
