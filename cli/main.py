@@ -47,9 +47,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="3: Zarr v3 + NGFF 0.5 (default); 2: Zarr v2 + NGFF 0.4")
     p.add_argument("--frame-rate", type=float, metavar="HZ",
                    help="frames per second, overriding the files' metadata")
-    p.add_argument("--compression", default="zstd", metavar="CODEC",
+    p.add_argument("--compression", metavar="CODEC",
                    help="Blosc codec: zstd (default), lz4, lz4hc, zlib, blosclz")
-    p.add_argument("--clevel", type=int, default=1, help="compression level 0-9 (default 1)")
+    p.add_argument("--clevel", type=int, help="compression level 0-9 (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_cluster_options(p)
     p.set_defaults(run=_run_convert)
@@ -69,7 +69,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     config = ConvertConfig.build(
         chunks=args.chunks, zarr_format=args.zarr_format, frame_rate=args.frame_rate,
-        compression=CompressionConfig.build(cname=args.compression, clevel=args.clevel),
+        compression=CompressionConfig.build(**{k: v for k, v in (
+            ("cname", args.compression), ("clevel", args.clevel)) if v is not None}),
         overwrite=args.overwrite)
     if args.workers is not None and args.workers < 1:
         raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
@@ -82,7 +83,14 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default(model: type, name: str) -> str:
+    value = model.model_fields[name].default
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from deepcad_chunked.config import TrainConfig as C
+
     p = sub.add_parser("train", help="train the denoiser on recordings (self-supervised)",
                        description="Train DeepCAD-RT's 3D U-Net on one or more recordings, "
                        "streaming tile pairs (even frames → odd frames) from their stores. "
@@ -90,22 +98,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", nargs="+", metavar="DATA.zarr", help="recording store(s)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
                    help="folder for checkpoints and logs")
-    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {_default(C, 'epochs')})")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimiser steps per epoch (default: cover the training frames once)")
-    p.add_argument("--patch", type=_triple, default=(32, 64, 64), metavar="T,Y,X",
+    p.add_argument("--patch", type=_triple, metavar="T,Y,X",
                    help="input volume pt,py,px, multiples of 8; a tile reads 2·pt frames "
-                   "(default 32,64,64)")
-    p.add_argument("--batch-size", type=int, default=2, help="tiles per step (default 2)")
-    p.add_argument("--features", type=int, default=16,
-                   help="feature maps of the first level (default 16, DeepCAD-RT's network)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="tile-loading worker processes (default 2; 0 reads in-process)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and tiles")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of the last frames held out for validation (default 0.05)")
+                   f"(default {_default(C, 'patch')})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"tiles per step (default {_default(C, 'batch_size')})")
+    p.add_argument("--features", type=int, help="feature maps of the first level (default "
+                   f"{_default(C, 'features')}: DeepCAD-RT's network)")
+    p.add_argument("--lr", type=float,
+                   help=f"Adam learning rate (default {_default(C, 'lr')})")
+    p.add_argument("--workers", type=int, help="tile-loading worker processes (default "
+                   f"{_default(C, 'workers')}; 0 reads in the training process)")
+    p.add_argument("--seed", type=int, help="seed for weights and tiles")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    p.add_argument("--val-fraction", type=float, help="fraction of the last frames held out "
+                   f"for validation (default {_default(C, 'val_fraction')})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_run_train)
@@ -115,11 +125,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import TrainConfig
     from deepcad_chunked.training import train
 
-    config = TrainConfig.build(
-        patch=args.patch, batch_size=args.batch_size, epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch, features=args.features, lr=args.lr,
-        workers=args.workers, seed=args.seed, device=args.device,
-        val_fraction=args.val_fraction)
+    given = {name: getattr(args, name) for name in (
+        "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "workers",
+        "seed", "device", "val_fraction")}
+    config = TrainConfig.build(**{k: v for k, v in given.items() if v is not None})
     result = train(args.data, args.output, config=config, resume=args.resume,
                    progress=False if args.no_progress else None)
     best = min(result.history, key=lambda h: h["val_loss"])
