@@ -147,7 +147,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.export import describe
+    from deepcad_chunked.io.info import describe
 
     info = describe(args.path)
     if args.json:

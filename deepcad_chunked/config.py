@@ -121,7 +121,7 @@ class TrainConfig(_Config):
     amp: bool = True
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     val_tiles: int = Field(8, ge=1)
-    tiles_per_window: int = Field(16, ge=1)
+    tiles_per_window: int = Field(64, ge=1)
 
     @field_validator("patch")
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,58 +101,3 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
     log.info("exported %s frames to %s (%.1f MiB)", rec.shape[0], output,
              output.stat().st_size / 2**20)
     return output
-
-
-def _codec_name(codec: object) -> str:
-    cname = getattr(codec, "cname", None)
-    if cname is None:
-        return str(codec)
-    shuffle = getattr(codec, "shuffle", "")
-    shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, shuffle)
-    value = lambda v: getattr(v, "value", v)  # noqa: E731
-    return f"blosc/{value(cname)} level {getattr(codec, 'clevel', '?')} {value(shuffle)}"
-
-
-def stored_bytes(path: Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def describe(path: str | Path) -> dict[str, object]:
-    """A JSON-ready description of a recording store, complete or not.
-
-    Parameters
-    ----------
-    path : str or Path
-        The store.
-
-    Returns
-    -------
-    dict
-        Shape, axes, dtype, chunks, compressor, sizes and compression ratio, scales,
-        statistics, provenance, and whether it is complete.
-    """
-    rec = open_recording(path, require_complete=False)
-    raw = math.prod(rec.shape) * rec.dtype.itemsize
-    stored = stored_bytes(rec.path / "0")
-    compressors = getattr(rec.array, "compressors", ())
-    return {
-        "path": str(rec.path),
-        "complete": rec.complete,
-        "zarr_format": rec.zarr_format,
-        "ngff_version": "0.4" if rec.zarr_format == 2 else "0.5",
-        "axes": list(rec.axes),
-        "shape": list(rec.shape),
-        "dtype": str(rec.dtype),
-        "chunks": list(rec.chunks),
-        "compressor": [_codec_name(c) for c in compressors],
-        "raw_bytes": raw,
-        "stored_bytes": stored,
-        "compression_ratio": raw / stored if stored else None,
-        "frame_rate_hz": rec.attrs.get("frame_rate_hz"),
-        "frame_interval_s": rec.frame_interval_s,
-        "pixel_size_um": rec.attrs.get("pixel_size_um"),
-        "z_spacing_um": rec.attrs.get("z_spacing_um"),
-        "statistics": rec.statistics,
-        "provenance": rec.attrs.get("provenance"),
-    }
