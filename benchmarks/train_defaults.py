@@ -35,6 +35,8 @@ SETTINGS = [
     ("lr 1e-4, batch 1", {"lr": 1e-4, "batch_size": 1}),
     ("lr 1e-4, batch 4", {"lr": 1e-4, "batch_size": 4}),
     ("lr 1e-4, patch 8,64,64", {"lr": 1e-4, "patch": (8, 64, 64)}),
+    ("lr 3e-4, patch 32,64,64", {"lr": 3e-4, "patch": (32, 64, 64)}),
+    ("lr 3e-4, patch 16,96,96", {"lr": 3e-4, "patch": (16, 96, 96)}),
     ("lr 1e-4, independent tiles (1 per window)", {"lr": 1e-4, "tiles_per_window": 1}),
     ("lr 1e-4, 16 tiles per window", {"lr": 1e-4, "tiles_per_window": 16}),
 ]

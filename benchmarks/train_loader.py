@@ -126,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2048)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--patch", type=_triple, default=(32, 64, 64))
+    parser.add_argument("--patch", type=_triple, default=(16, 64, 64))
     parser.add_argument("--chunks", type=_triple, default=None)
     parser.add_argument("--compression", default="zstd")
     parser.add_argument("--batches", type=int, default=60)

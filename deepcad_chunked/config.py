@@ -108,12 +108,12 @@ class TrainConfig(_Config):
         worker reads once (1: every tile read on its own; see benchmarks/RESULTS.md).
     """
 
-    patch: tuple[int, int, int] = (32, 64, 64)
+    patch: tuple[int, int, int] = (16, 64, 64)
     batch_size: int = Field(2, ge=1)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     features: int = Field(16, ge=1, le=128)
-    lr: float = Field(1e-4, gt=0, lt=1)
+    lr: float = Field(3e-4, gt=0, lt=1)
     betas: tuple[float, float] = (0.5, 0.999)
     workers: int = Field(2, ge=0, le=64)
     seed: int = Field(0, ge=0)
