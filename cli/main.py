@@ -35,6 +35,8 @@ def _triple(text: str) -> tuple[int, int, int]:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from deepcad_chunked.config import DEFAULT_CHUNKS, CompressionConfig
+
     p = sub.add_parser("convert", help="convert a TIFF archive into a chunked OME-Zarr store",
                        description="Convert TIFF file(s) — one file, several files, a glob or a "
                        "directory, joined in natural sort order — into an OME-Zarr recording, "
@@ -42,14 +44,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
     p.add_argument("--chunks", type=_triple, metavar="T,Y,X",
-                   help="storage chunk shape (default 32,128,128)")
+                   help=f"storage chunk shape (default {','.join(map(str, DEFAULT_CHUNKS))})")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                    help="3: Zarr v3 + NGFF 0.5 (default); 2: Zarr v2 + NGFF 0.4")
     p.add_argument("--frame-rate", type=float, metavar="HZ",
                    help="frames per second, overriding the files' metadata")
-    p.add_argument("--compression", metavar="CODEC",
-                   help="Blosc codec: zstd (default), lz4, lz4hc, zlib, blosclz")
-    p.add_argument("--clevel", type=int, help="compression level 0-9 (default 1)")
+    p.add_argument("--compression", metavar="CODEC", help="Blosc codec: zstd, lz4, lz4hc, "
+                   f"zlib, blosclz (default {_default(CompressionConfig, 'cname')})")
+    p.add_argument("--clevel", type=int, help="compression level 0-9 (default "
+                   f"{_default(CompressionConfig, 'clevel')})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_cluster_options(p)
     p.set_defaults(run=_run_convert)
