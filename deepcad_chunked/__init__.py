@@ -25,6 +25,7 @@ __all__ = [
     "info",
     "load_model",
     "open_recording",
+    "predict_array",
     "train",
 ]
 
@@ -38,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from deepcad_chunked.model import load_model
 
         return load_model
+    if name == "predict_array":
+        from deepcad_chunked.infer import predict_array
+
+        return predict_array
     raise AttributeError(f"module 'deepcad_chunked' has no attribute {name!r}")

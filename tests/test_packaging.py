@@ -20,7 +20,8 @@ def test_wheel_maps_cli_into_the_package(tmp_path: Path) -> None:
     tops = {n.split("/")[0] for n in names}
     assert "cli" not in tops and "tests" not in tops
     assert "deepcad_chunked/cli/main.py" in names
-    assert "deepcad_chunked/io/convert.py" in names
+    for init in (ROOT / "deepcad_chunked").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, f"{init.parent.name} not packaged"
     [entry] = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry).decode()
     assert "deepcad-chunked = deepcad_chunked.cli.main:main" in text
