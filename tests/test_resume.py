@@ -99,7 +99,7 @@ def test_rerun_with_other_options_does_not_touch_the_unfinished_store(tmp_path: 
     before = _chunk_files(out)
     args = _convert_args(recording, out)
     args[args.index("--chunks") + 1] = "4,48,48"
-    assert_clean_error(run_cli(*args), "unfinished conversion", "--overwrite")
+    assert_clean_error(run_cli(*args), "unfinished 'convert' run", "--overwrite")
     assert _chunk_files(out) == before
     result = run_cli(*args, "--overwrite")
     assert result.returncode == 0, result.stderr

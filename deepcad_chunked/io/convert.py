@@ -9,10 +9,7 @@ skips slabs that have a marker; the statistics and completion flag are written l
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -30,27 +27,31 @@ from tqdm.auto import tqdm
 from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
-from deepcad_chunked.errors import OutputExistsError, SourceError
+from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     ATTRS_KEY,
     Compression,
     Recording,
     create_image,
-    is_zarr_store,
     open_recording,
     prepare_output,
     read_group_attrs,
     update_attrs,
+)
+from deepcad_chunked.io.resumable import (
+    PROGRESS_DIR,
+    can_resume,
+    fingerprint,
+    now,
+    progress_dir,
+    remove_partial_writes,
 )
 from deepcad_chunked.io.sources import discover_sources
 from deepcad_chunked.io.stats import BlockStats
 from deepcad_chunked.io.tiff import TiffSource, inspect_tiff, read_frames
 
 log = logging.getLogger(__name__)
-
-PROGRESS_DIR = ".progress"
-
 
 @dataclass(frozen=True)
 class SourcePlan:
@@ -156,12 +157,11 @@ def _resolve_chunks(chunks: tuple[int, int, int] | None, shape: tuple[int, ...]
 
 def _fingerprint(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
                  config: ConvertConfig) -> str:
-    identity = {
+    return fingerprint({
         "sources": [(s.path, s.size, s.mtime_ns) for s in plan.sources],
         "shape": shape, "chunks": chunks, "dtype": plan.first.dtype,
         "zarr_format": config.zarr_format, "compression": config.compression.model_dump(),
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    })
 
 
 def _scales(plan: SourcePlan, frame_rate: float | None) -> dict[str, Any]:
@@ -183,10 +183,6 @@ def _ngff_scale(axes: tuple[str, ...], scales: dict[str, Any]
     units = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
     return ([float(steps[a]) if steps[a] else 1.0 for a in axes],
             {a: units.get(a) if steps[a] else None for a in axes})
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
@@ -228,21 +224,21 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
                           "at least 2")
     shape = (plan.frames, *first.frame_shape)
     chunks = _resolve_chunks(config.chunks, shape)
-    fingerprint = _fingerprint(plan, shape, chunks, config)
-    progress_dir = output / PROGRESS_DIR / "convert"
-    resume = _can_resume(output, fingerprint, config.overwrite)
+    job_id = _fingerprint(plan, shape, chunks, config)
+    markers = progress_dir(output, "convert")
+    resume = can_resume(output, "convert", job_id, config.overwrite)
     # Join or start the cluster before touching the output: a bad --cluster leaves nothing.
     with connect(cluster, workers=workers) as client:
         if resume:
             log.info("resuming the unfinished conversion in %s", output)
-            _remove_partial_writes(output / ARRAY_PATH)
+            remove_partial_writes(output / ARRAY_PATH)
         else:
-            _create_store(output, plan, shape, chunks, fingerprint, config)
-            progress_dir.mkdir(parents=True)
+            _create_store(output, plan, shape, chunks, job_id, config)
+            markers.mkdir(parents=True)
         n_slabs = math.ceil(plan.frames / chunks[0])
         stats = BlockStats()
         done = set()
-        for marker in progress_dir.glob("*.npz"):
+        for marker in markers.glob("*.npz"):
             stats.merge(BlockStats.load(marker))
             done.add(int(marker.stem))
         todo = [s for s in range(n_slabs) if s not in done]
@@ -251,27 +247,27 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
                  len(plan.sources), output, chunks, len(todo), n_slabs)
         if todo:
             job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
-                           progress=str(progress_dir))
+                           progress=str(markers))
             _run_slabs(client, job, todo, stats, progress)
     summary = stats.summary(np.dtype(first.dtype))
     attrs = read_group_attrs(output)[ATTRS_KEY]
-    provenance = {**attrs["provenance"], "completed": _now()}
+    provenance = {**attrs["provenance"], "completed": now()}
     update_attrs(output, statistics=summary, provenance=provenance, complete=True)
     shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
     return open_recording(output)
 
 
 def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
-                  chunks: tuple[int, ...], fingerprint: str, config: ConvertConfig) -> None:
+                  chunks: tuple[int, ...], job_id: str, config: ConvertConfig) -> None:
     prepare_output(output, config.overwrite)
     scales = _scales(plan, config.frame_rate)
     scale, units = _ngff_scale(plan.first.axes, scales)
     attrs = {
         "format": 1, "kind": "recording", "complete": False,
-        "job": {"command": "convert", "fingerprint": fingerprint},
+        "job": {"command": "convert", "fingerprint": job_id},
         **scales,
         "provenance": {
-            "tool": "deepcad-chunked", "version": __version__, "started": _now(),
+            "tool": "deepcad-chunked", "version": __version__, "started": now(),
             "host": socket.gethostname(),
             "sources": [{"path": s.path, "bytes": s.size, "frames": s.frames, "kind": s.kind}
                         for s in plan.sources],
@@ -280,27 +276,6 @@ def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
     create_image(output, shape=shape, dtype=np.dtype(plan.first.dtype), chunks=chunks,
                  axes=plan.first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
                  compression=Compression(**config.compression.model_dump()), attrs=attrs)
-
-
-def _remove_partial_writes(array_dir: Path) -> None:
-    """Delete temporary files of chunk writes that a kill interrupted (zarr writes a chunk to
-    ``KEY.<uuid>.partial`` and renames it)."""
-    for stray in array_dir.rglob("*.partial"):
-        stray.unlink(missing_ok=True)
-
-
-def _can_resume(output: Path, fingerprint: str, overwrite: bool) -> bool:
-    """True when ``output`` is an unfinished conversion of exactly the same job."""
-    if overwrite or not is_zarr_store(output):
-        return False
-    ours = (read_group_attrs(output) or {}).get(ATTRS_KEY)
-    if not isinstance(ours, dict) or ours.get("complete"):
-        return False
-    if ours.get("job", {}).get("fingerprint") != fingerprint:
-        raise OutputExistsError(
-            f"output {output} holds an unfinished conversion of other sources or options; "
-            "rerun that command to resume it, or pass --overwrite to replace it")
-    return (output / PROGRESS_DIR / "convert").is_dir()
 
 
 def _run_slabs(client: Client, job: _SlabJob, todo: list[int], stats: BlockStats,
