@@ -140,6 +140,45 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_denoise(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("denoise", help="denoise a recording with a trained model",
+                       description="Denoise a recording block by block (dask map_overlap with "
+                       "halos) on a dask cluster; the result equals one monolithic pass and is "
+                       "written to OME-Zarr as it goes. An interrupted run resumes when rerun.")
+    p.add_argument("data", metavar="DATA.zarr", help="recording store")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL.pt", help="checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
+    p.add_argument("--block", type=_triple, metavar="T,Y,X",
+                   help="core block per task, multiples of 8 (default: from the device, "
+                   "rounded to whole storage chunks)")
+    p.add_argument("--halo", type=int, metavar="N",
+                   help="overlap per side, a multiple of 8 (default: the receptive radius "
+                   "rounded up, exact; smaller is faster and inexact)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
+    p.add_argument("--dtype", choices=("same", "float32"),
+                   help="output samples: the input's dtype (default) or float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_cluster_options(p)
+    p.set_defaults(run=_run_denoise)
+
+
+def _run_denoise(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import DenoiseConfig
+    from deepcad_chunked.infer import denoise
+
+    given = {name: getattr(args, name) for name in ("block", "halo", "device", "precision",
+                                                    "dtype")}
+    config = DenoiseConfig.build(overwrite=args.overwrite,
+                                 **{k: v for k, v in given.items() if v is not None})
+    if args.workers is not None and args.workers < 1:
+        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
+    rec = denoise(args.data, args.model, args.output, config=config, cluster=args.cluster,
+                  workers=args.workers, progress=False if args.no_progress else None)
+    log.info("wrote %s: %s %s", rec.path, "×".join(map(str, rec.shape)), rec.dtype)
+    return 0
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a recording store",
                        description="Shape, axes, dtype, chunks, compression ratio, frame rate, "
@@ -219,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_convert(sub)
     _add_train(sub)
+    _add_denoise(sub)
     _add_info(sub)
     _add_export(sub)
     return parser

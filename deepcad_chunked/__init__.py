@@ -8,7 +8,12 @@ The Python API mirrors the command line: :func:`convert` a TIFF archive into OME
 from typing import Any
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.config import CompressionConfig, ConvertConfig, TrainConfig
+from deepcad_chunked.config import (
+    CompressionConfig,
+    ConvertConfig,
+    DenoiseConfig,
+    TrainConfig,
+)
 from deepcad_chunked.errors import DeepCADError
 from deepcad_chunked.io import Recording, convert, export, open_recording
 from deepcad_chunked.io import describe as info
@@ -17,10 +22,12 @@ __all__ = [
     "CompressionConfig",
     "ConvertConfig",
     "DeepCADError",
+    "DenoiseConfig",
     "Recording",
     "TrainConfig",
     "__version__",
     "convert",
+    "denoise",
     "export",
     "info",
     "load_model",
@@ -39,8 +46,8 @@ def __getattr__(name: str) -> Any:
         from deepcad_chunked.model import load_model
 
         return load_model
-    if name == "predict_array":
-        from deepcad_chunked.infer import predict_array
+    if name in ("predict_array", "denoise"):
+        from deepcad_chunked import infer
 
-        return predict_array
+        return getattr(infer, name)
     raise AttributeError(f"module 'deepcad_chunked' has no attribute {name!r}")

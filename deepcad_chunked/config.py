@@ -140,3 +140,37 @@ class TrainConfig(_Config):
         """Frames × rows × columns read for one sample: ``(2·pt, py, px)``."""
         pt, py, px = self.patch
         return (2 * pt, py, px)
+
+
+class DenoiseConfig(_Config):
+    """Options of :func:`deepcad_chunked.denoise`.
+
+    Attributes
+    ----------
+    block : (t, y, x) or None
+        Core block of one task, multiples of 8 (and by default of the storage chunks);
+        None picks one from the device (see :func:`deepcad_chunked.infer.denoise.default_block`).
+    halo : int or None
+        Overlap on every side of a block; None: the network's receptive radius rounded up to
+        a multiple of 8 (exact).
+    device : {"auto", "cpu", "cuda"}
+        Where each worker runs the network; ``auto`` uses the worker's GPU when it has one.
+    precision : {"fp32", "bf16", "fp16"}
+        Arithmetic of the forward pass.
+    dtype : {"same", "float32"}
+        Output samples: the input's dtype (rounded, clipped to its range) or float32.
+    overwrite : bool
+        Replace an existing output store.
+    """
+
+    block: tuple[int, int, int] | None = None
+    halo: int | None = Field(None, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["same", "float32"] = "same"
+    overwrite: bool = False
+
+    @field_validator("block")
+    @classmethod
+    def _block_grid(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        return None if value is None else _multiple_of_8(value, "block")

@@ -120,8 +120,36 @@ def denoise_block(block: np.ndarray, *, model_path: str, digest: str, device: st
     The network is loaded by path in the worker and cached by digest: it is never part of the
     task graph.
     """
+    device = resolve_device(device)
     model = _cached_model(model_path, digest, device)
     return _forward(model, block, torch.device(device), precision)
+
+
+def check_blocks(block: tuple[int, ...], halo: int, shape: tuple[int, ...]) -> None:
+    """Refuse blocks and halos that cannot work, saying which would.
+
+    Blocks must be positive multiples of 8, halos non-negative multiples of 8, and blocks at
+    least the halo along every axis the recording spans more than one block of.
+    """
+    check_halo(halo)
+    if any(b < GRID or b % GRID for b in block):
+        fit = tuple(max(GRID, -(-b // GRID) * GRID) for b in block)
+        raise ConfigError(f"block {tuple(block)} must be positive multiples of {GRID} "
+                          f"(e.g. {fit})")
+    for b, n in zip(block, shape, strict=True):
+        if b < halo and n + (-n % GRID) > b:
+            raise ConfigError(f"block {tuple(block)} is smaller than the halo ({halo}); use "
+                              f"blocks of at least {halo} (e.g. {max(halo, 64)} per axis) or "
+                              "a smaller halo")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → this process's GPU when it has one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but this worker has no CUDA device")
+    return device
 
 
 def mirror_indices(n: int, halo: int) -> np.ndarray:
@@ -187,16 +215,8 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
     ConfigError
         For blocks off the 8-grid or smaller than the halo.
     """
-    halo = default_halo() if halo is None else check_halo(halo)
-    if any(b < GRID or b % GRID for b in block):
-        fit = tuple(max(GRID, -(-b // GRID) * GRID) for b in block)
-        raise ConfigError(f"block {tuple(block)} must be positive multiples of {GRID} "
-                          f"(e.g. {fit})")
-    for b, n in zip(block, array.shape, strict=True):
-        if b < halo and n + (-n % GRID) > b:
-            raise ConfigError(f"block {tuple(block)} is smaller than the halo ({halo}); use "
-                              f"blocks of at least {halo} (e.g. {max(halo, 64)} per axis) or "
-                              "a smaller halo")
+    halo = default_halo() if halo is None else halo
+    check_blocks(block, halo, array.shape)
     ckpt = Checkpoint.load(model_path)
     mean, std = np.float32(ckpt.normalization["mean"]), np.float32(ckpt.normalization["std"])
     x = (array.astype(np.float32) - mean) / std

@@ -111,6 +111,9 @@ class Checkpoint:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"model file {path} does not exist")
+        if not zipfile.is_zipfile(path):  # torch.save's format; never unpickle anything else
+            raise CheckpointError(f"{path} is not a readable model file (not a PyTorch "
+                                  "checkpoint, or truncated)")
         try:
             raw = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:

@@ -1,0 +1,177 @@
+"""Store-to-store denoising on a real LocalCluster: exact, resumable, survives a dead worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client, LocalCluster
+
+from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
+from deepcad_chunked.io.omezarr import open_recording, update_attrs
+from deepcad_chunked.model import Checkpoint, load_model
+from deepcad_chunked.model.unet3d import UNet3D
+from tests.conftest import assert_clean_error, run_cli
+from tests.tiffs import write_imagej, write_plain
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
+                      normalization={"mean": 100.0, "std": 20.0}).save(path)
+
+
+def _store(folder: Path, raw: np.ndarray, client: Client, name: str = "rec") -> Path:
+    tif = write_plain(folder / f"{name}.tif", raw)
+    convert(tif, folder / f"{name}.zarr", config=ConvertConfig(chunks=(16, 16, 16)),
+            cluster=client, progress=False)
+    return folder / f"{name}.zarr"
+
+
+def _poisson(shape: tuple[int, ...], dtype: str = "uint16", seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(100.0, size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("shape, block", [((37, 45, 53), (48, 48, 48)),
+                                          ((70, 50, 40), (56, 48, 64))])  # off the chunk grid
+def test_store_to_store_equals_monolithic(tmp_path: Path, client: Client, model_path: Path,
+                                          shape, block) -> None:
+    raw = _poisson(shape)
+    out = denoise(_store(tmp_path, raw, client), model_path, tmp_path / "out.zarr",
+                  config=DenoiseConfig(block=block, dtype="float32"), cluster=client,
+                  progress=False)
+    want = predict_array(load_model(model_path), raw)
+    assert out.dtype == np.float32 and out.shape == raw.shape and out.chunks == (16, 16, 16)
+    assert np.abs(out.array[:] - want).max() <= 1e-4 * float(raw.max() - raw.min())
+    assert out.attrs["kind"] == "denoised" and out.complete
+    assert out.attrs["model"]["digest"] == Checkpoint.load(model_path).digest
+    assert out.attrs["parameters"]["halo"] == 48
+
+
+def test_same_dtype_is_rounded_and_clipped(tmp_path: Path, client: Client,
+                                           model_path: Path) -> None:
+    raw = _poisson((40, 24, 24), "int16")
+    raw[:5] = -30000  # far below what the network will output: clipping shows
+    out = denoise(_store(tmp_path, raw, client), model_path, tmp_path / "o.zarr",
+                  config=DenoiseConfig(block=(48, 48, 48)), cluster=client, progress=False)
+    want = np.clip(np.round(predict_array(load_model(model_path), raw)), -32768, 32767)
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out.array[:], want.astype(np.int16))
+
+
+def test_planes_and_channels_are_separate_series(tmp_path: Path, client: Client,
+                                                 model_path: Path) -> None:
+    raw = _poisson((24, 2, 2, 20, 20))  # ImageJ TZCYX
+    tif = write_imagej(tmp_path / "h.tif", raw)
+    rec = convert(tif, tmp_path / "h.zarr", cluster=client, progress=False)
+    out = denoise(rec.path, model_path, tmp_path / "o.zarr",
+                  config=DenoiseConfig(dtype="float32"), cluster=client, progress=False)
+    model = load_model(model_path)
+    assert out.axes == ("t", "c", "z", "y", "x")
+    for c in range(2):
+        for z in range(2):
+            np.testing.assert_allclose(out.array[:, c, z], predict_array(model, raw[:, z, c]),
+                                       atol=1e-3)
+
+
+def _denoise_args(store: Path, model: Path, out: Path) -> list[str]:
+    return ["denoise", str(store), "-m", str(model), "-o", str(out), "--block", "48,48,48",
+            "--workers", "2", "--device", "cpu", "--no-progress"]
+
+
+def test_sigkill_of_the_driver_then_rerun_is_byte_identical(tmp_path: Path, client: Client,
+                                                            model_path: Path) -> None:
+    store = _store(tmp_path, _poisson((192, 96, 96)), client)
+    reference = tmp_path / "reference.zarr"
+    assert run_cli(*_denoise_args(store, model_path, reference)).returncode == 0
+
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "deepcad_chunked.cli.main",
+                             *_denoise_args(store, model_path, out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    markers = out / ".progress" / "denoise"
+    deadline = time.monotonic() + 240
+    while not (markers.is_dir() and len(list(markers.glob("*.done"))) >= 3):
+        assert proc.poll() is None, "denoise ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(markers.glob("*.done")))
+    assert done < 16
+    result = run_cli(*_denoise_args(store, model_path, out))
+    assert result.returncode == 0, result.stderr
+    assert f"{16 - done} of 16 blocks to do" in result.stderr
+
+    def chunks(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes()
+                for p in sorted((root / "0").rglob("*")) if p.is_file()}
+
+    assert chunks(out) == chunks(reference)
+
+
+def test_a_worker_killed_mid_run_does_not_fail_the_job(tmp_path: Path, client: Client,
+                                                       model_path: Path) -> None:
+    raw = _poisson((192, 96, 96), seed=3)
+    store = _store(tmp_path, raw, client)
+    out = tmp_path / "o.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as own:
+        pids = list(own.run(os.getpid).values())
+        markers = out / ".progress" / "denoise"
+
+        def kill_one() -> None:
+            while not (markers.is_dir() and list(markers.glob("*.done"))):
+                time.sleep(0.02)
+            os.kill(pids[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one, daemon=True)
+        killer.start()
+        rec = denoise(store, model_path, out, config=DenoiseConfig(block=(48, 48, 48),
+                                                                   dtype="float32"),
+                      cluster=own, progress=False)
+        killer.join(timeout=5)
+    assert not killer.is_alive()
+    want = predict_array(load_model(model_path), raw)
+    assert np.abs(rec.array[:] - want).max() <= 1e-4 * float(raw.max() - raw.min())
+
+
+def test_bad_input(tmp_path: Path, client: Client, model_path: Path) -> None:
+    store = _store(tmp_path, _poisson((40, 24, 24)), client)
+    out = str(tmp_path / "o.zarr")
+    (tmp_path / "notes.pt").write_text("not a model")
+    other = Checkpoint.load(model_path)
+    other.features = 4  # a checkpoint whose weights are for another network
+    other.save(tmp_path / "other.pt")
+    incomplete = _store(tmp_path, _poisson((40, 24, 24)), client, name="inc")
+    update_attrs(incomplete, complete=False)
+    cases = [
+        (["-m", str(tmp_path / "none.pt")], "does not exist"),
+        (["-m", str(tmp_path / "notes.pt")], "not a readable model"),
+        (["-m", str(tmp_path / "other.pt")], "do not fit"),
+        (["-m", str(model_path), "--block", "16,48,48"], "smaller than the halo"),
+        (["-m", str(model_path), "--block", "48,44,48"], "multiples of 8"),
+        (["-m", str(model_path), "--halo", "12"], "multiple of 8"),
+        (["-m", str(model_path), "--cluster", "tcp://127.0.0.1:9"], "cannot reach"),
+    ]
+    for extra, needle in cases:
+        assert_clean_error(run_cli("denoise", str(store), "-o", out, *extra, timeout=120),
+                           needle)
+        assert not Path(out).exists(), extra
+    assert_clean_error(run_cli("denoise", str(incomplete), "-m", str(model_path), "-o", out),
+                       "incomplete")
+    Path(out).mkdir()
+    (Path(out) / "zarr.json").write_text("{}")
+    assert_clean_error(run_cli("denoise", str(store), "-m", str(model_path), "-o", out),
+                       "already exists")
+    assert open_recording(store).complete
