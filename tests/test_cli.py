@@ -34,6 +34,7 @@ def test_convert_info_export(tmp_path: Path) -> None:
     result = run_cli("convert", str(src), "-o", str(out), "--workers", "2", "--frame-rate",
                      "30", "--chunks", "16,32,32", "--no-progress")
     assert result.returncode == 0, result.stderr
+    assert "dask dashboard: http://127.0.0.1:" in result.stderr  # on loopback, link printed
     np.testing.assert_array_equal(zarr.open_array(str(out / "0"))[:], data)
 
     result = run_cli("info", str(out), "--json")
