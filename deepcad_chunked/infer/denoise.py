@@ -9,7 +9,6 @@ that dies. Planes and channels are denoised as independent ``t, y, x`` series.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import shutil
@@ -22,7 +21,6 @@ from typing import Any
 
 import dask
 import numpy as np
-import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
@@ -36,6 +34,7 @@ from deepcad_chunked.io.omezarr import (
     Compression,
     Recording,
     create_image,
+    open_for_writing,
     open_recording,
     prepare_output,
     read_group_attrs,
@@ -74,16 +73,10 @@ def _gpu_here() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=4)
-def _output_array(store: str) -> zarr.Array:
-    return zarr.open_array(f"{store}/{ARRAY_PATH}", mode="r+").with_config(
-        {"write_empty_chunks": True})
-
-
 def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...],
                  marker: str) -> int:
     """Write one finished block to the output store, then leave its marker."""
-    _output_array(store)[region] = data
+    open_for_writing(store)[region] = data
     tmp = Path(marker + ".tmp")
     tmp.write_bytes(b"")
     tmp.replace(marker)

@@ -9,7 +9,6 @@ skips slabs that have a marker; the statistics and completion flag are written l
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import shutil
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
@@ -34,6 +32,7 @@ from deepcad_chunked.io.omezarr import (
     Compression,
     Recording,
     create_image,
+    open_for_writing,
     open_recording,
     prepare_output,
     read_group_attrs,
@@ -128,21 +127,13 @@ class _SlabJob:
     progress: str
 
 
-@functools.lru_cache(maxsize=4)
-def _open_output(store: str) -> zarr.Array:
-    # Every chunk is written, even all-zero ones: a finished slab is whole on disk, and zarr
-    # skips comparing each chunk with the fill value (12% of the conversion's CPU time).
-    array = zarr.open_array(f"{store}/{ARRAY_PATH}", mode="r+")
-    return array.with_config({"write_empty_chunks": True})
-
-
 def _convert_slab(slab: int, job: _SlabJob) -> tuple[int, int, BlockStats]:
     """Copy one slab into the store; returns (slab, frames, statistics)."""
     t0 = slab * job.slab_frames
     t1 = min(job.plan.frames, t0 + job.slab_frames)
     data = job.plan.read(t0, t1)
     stats = BlockStats.of(data)
-    _open_output(job.store)[t0:t1] = data
+    open_for_writing(job.store)[t0:t1] = data
     stats.save(Path(job.progress) / f"{slab:08d}.npz")
     return slab, t1 - t0, stats
 
