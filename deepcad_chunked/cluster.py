@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster, as_completed
 
 from deepcad_chunked.errors import ConfigError
 
@@ -98,3 +99,19 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
                           f"{CONNECT_TIMEOUT_S} s ({exc.__class__.__name__})") from None
     with client:
         yield client
+
+
+def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:
+    """Yield the results of ``futures`` as they finish, releasing each one.
+
+    On an error, an interrupt or an abandoned loop the futures still running are cancelled, so
+    the cluster stops working for a job that is over.
+    """
+    try:
+        for future in as_completed(futures):
+            result = future.result()
+            future.release()
+            yield result
+    except BaseException:
+        client.cancel(list(futures))
+        raise

@@ -21,11 +21,11 @@ from typing import Any
 
 import dask
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client
 from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import connect
+from deepcad_chunked.cluster import connect, results_as_completed
 from deepcad_chunked.config import DenoiseConfig
 from deepcad_chunked.infer.predict import check_blocks, default_halo, denoise_dask
 from deepcad_chunked.io.omezarr import (
@@ -220,14 +220,9 @@ def _run(client: Client, tasks: list[Any], total: int, progress: bool | None) ->
     bar = tqdm(total=total, initial=total - len(tasks), unit="block", desc="denoise",
                disable=None if progress is None else not progress, dynamic_ncols=True)
     try:
-        for future in as_completed(futures):
-            voxels = future.result()
+        for voxels in results_as_completed(client, futures):
             bar.update(1)
             rate = (bar.format_dict.get("rate") or 0.0) * voxels
             bar.set_postfix_str(f"{rate / 1e6:.1f} Mvoxel/s", refresh=False)
-            future.release()
-    except BaseException:
-        client.cancel(futures)
-        raise
     finally:
         bar.close()

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client, as_completed
+from distributed import Client
 from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import connect
+from deepcad_chunked.cluster import connect, results_as_completed
 from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.omezarr import (
@@ -280,15 +280,10 @@ def _run_slabs(client: Client, job: _SlabJob, todo: list[int], stats: BlockStats
     bar = tqdm(total=total, initial=already, unit="frame", desc="convert",
                disable=None if progress is None else not progress, dynamic_ncols=True)
     try:
-        for future in as_completed(futures):
-            _, frames, slab_stats = future.result()
+        for _, frames, slab_stats in results_as_completed(client, futures):
             stats.merge(slab_stats)
             bar.update(frames)
             rate = bar.format_dict.get("rate") or 0.0
             bar.set_postfix_str(f"{rate * frame_bytes / 2**20:.0f} MiB/s", refresh=False)
-            future.release()
-    except BaseException:
-        client.cancel(futures)
-        raise
     finally:
         bar.close()
