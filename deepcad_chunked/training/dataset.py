@@ -118,20 +118,10 @@ class TilePairDataset(Dataset):
                 self._windows.popitem(last=False)
         return cached
 
-    def pair(self, d: TileDraw, source: np.ndarray | None = None,
-             origin: tuple[int, int, int] = (0, 0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised (input, target) tensors ``(1, pt, py, px)`` of a draw.
-
-        ``source`` is a window's samples starting at ``origin``; without it the tile is read
-        from the store.
-        """
-        if source is None:
-            raw = self.read(d)
-        else:
-            t, y, x = (a - o for a, o in zip((d.t0, d.y0, d.x0), origin, strict=True))
-            tt, ty, tx = self.tile
-            raw = source[t:t + tt, y:y + ty, x:x + tx]
-        tile = raw.astype(np.float32)
+    def pair(self, d: TileDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (input, target) tensors ``(1, pt, py, px)`` of a draw, read from the store
+        (validation; training batches go through :func:`make_pairs`)."""
+        tile = self.read(d).astype(np.float32)
         tile -= np.float32(self.normalization.mean)
         tile /= np.float32(self.normalization.std)
         first, second = make_pair(tile, d.swap, d.transform)

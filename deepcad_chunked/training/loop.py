@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -255,10 +254,3 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         del batches
     return TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", history)
 
-
-def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Epoch, losses, options and digest of a checkpoint (for ``info``-like listings)."""
-    ckpt = Checkpoint.load(path)
-    return {"epoch": ckpt.epoch, "step": ckpt.step, "features": ckpt.features,
-            "digest": ckpt.digest, "normalization": ckpt.normalization,
-            "history": ckpt.history, "config": ckpt.config}
