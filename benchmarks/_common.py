@@ -74,11 +74,17 @@ def drop_caches(paths: Sequence[Path]) -> str:
 
 @dataclass
 class Measured:
-    """Wall time and peak resident memory of a command and all its child processes."""
+    """Wall time and peak resident memory of a command and all its child processes.
+
+    ``peak_rss_bytes`` is the largest summed RSS seen at one sample; ``peak_sum_bytes`` adds
+    up each process's own peak, a bound that does not depend on whether the processes peak
+    at the same moment (which a longer run makes more likely).
+    """
 
     seconds: float
     peak_rss_bytes: int
     returncode: int
+    peak_sum_bytes: int = 0
 
 
 def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -> Measured:
@@ -86,6 +92,7 @@ def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -
     start = time.perf_counter()
     proc = subprocess.Popen(list(cmd), **kwargs)
     peak = 0
+    own: dict[int, int] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -100,7 +107,9 @@ def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -
                 total = 0
                 for p in procs:
                     with contextlib.suppress(psutil.NoSuchProcess):
-                        total += p.memory_info().rss
+                        rss = p.memory_info().rss
+                        total += rss
+                        own[p.pid] = max(own.get(p.pid, 0), rss)
                 peak = max(peak, total)
             except psutil.NoSuchProcess:
                 return
@@ -112,4 +121,4 @@ def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
-    return Measured(seconds, peak, code)
+    return Measured(seconds, peak, code, sum(own.values()))

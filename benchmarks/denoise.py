@@ -37,6 +37,7 @@ from distributed import Client, LocalCluster
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
 from deepcad_chunked.infer.denoise import DEFAULT_BLOCKS
+from deepcad_chunked.infer.memory import network_voxels
 from deepcad_chunked.infer.predict import denoise_dask
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
@@ -44,10 +45,7 @@ from deepcad_chunked.model.unet3d import UNet3D
 
 def redundancy(shape: tuple[int, ...], block: tuple[int, ...], halo: int) -> float:
     """Network input voxels ÷ output voxels for our block layout."""
-    inputs = 1
-    for n, b in zip(shape, block, strict=True):
-        inputs *= sum(c + 2 * halo for c in _cores(n, b))
-    return inputs / math.prod(shape)
+    return network_voxels(shape, block, halo) / math.prod(shape)
 
 
 def _cores(n: int, b: int) -> list[int]:
@@ -122,7 +120,7 @@ def part2(store: Path, model_path: Path, work: Path, block: tuple[int, int, int]
     """Print end-to-end ÷ bare forward time."""
     torch.set_num_threads(1)
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         denoise(store, model_path, work / "warm.zarr", config=DenoiseConfig(block=block),
                 cluster=client, progress=False)  # workers import torch and load the model
         t0 = time.perf_counter()
@@ -153,9 +151,10 @@ def _task_inputs(shape: tuple[int, ...], block: tuple[int, ...], halo: int):
 
 def part3(work: Path, frames: int, model_path: Path) -> None:
     """Print peak RSS for 1× and 8× recordings."""
-    print("\n| recording | frames | peak RSS MiB (denoise, 2 workers) |")
-    print("|---|---|---|")
-    peaks = []
+    print("\n| recording | frames | wall s | peak RSS MiB, all processes at once | "
+          "sum of each process's peak MiB |")
+    print("|---|---|---|---|---|")
+    peaks, sums = [], []
     for factor in (1, 8):
         tif = work / f"r{factor}.tif"
         pool = noisy_frames(64, 96, 96)
@@ -168,9 +167,11 @@ def part3(work: Path, frames: int, model_path: Path) -> None:
                "64,96,96", "--workers", "2", "--device", "cpu", "--no-progress"]
         m = run_measured(cmd)
         peaks.append(m.peak_rss_bytes)
-        print(f"| {factor}× | {n} | {m.peak_rss_bytes / 2**20:.0f} (exit {m.returncode}) |",
-              flush=True)
-    print(f"\npeak RSS ratio 8× / 1×: {peaks[1] / peaks[0]:.3f}")
+        sums.append(m.peak_sum_bytes)
+        print(f"| {factor}× | {n} | {m.seconds:.0f} | {m.peak_rss_bytes / 2**20:.0f} | "
+              f"{m.peak_sum_bytes / 2**20:.0f} (exit {m.returncode}) |", flush=True)
+    print(f"\npeak RSS ratio 8× / 1×: {peaks[1] / peaks[0]:.3f} (at once), "
+          f"{sums[1] / sums[0]:.3f} (sum of peaks)")
 
 
 def main() -> None:
@@ -194,7 +195,8 @@ def main() -> None:
         print(f"# recording {raw.shape} uint16, f = {args.features} (random weights)")
         if not args.skip_seams:
             with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                              dashboard_address=None) as cluster, Client(cluster) as client:
+                              dashboard_address="127.0.0.1:0") as cluster, \
+                    Client(cluster) as client:
                 part1(raw, model_path, client)
         tifffile.imwrite(work / "raw.tif", raw, photometric="minisblack")
         store = convert(work / "raw.tif", work / "raw.zarr", workers=1, progress=False).path

@@ -34,6 +34,25 @@ def _triple(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def _size(text: str) -> int:
+    """``4GiB``, ``500MB``, ``2g`` or a number of bytes."""
+    number = text.strip().rstrip("bBiI").rstrip("kKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB or 500MB, got {text!r}"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return int(value)
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from deepcad_chunked.config import DEFAULT_CHUNKS, CompressionConfig
 
@@ -158,6 +177,9 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
     p.add_argument("--dtype", choices=("same", "float32"),
                    help="output samples: the input's dtype (default) or float32")
+    p.add_argument("--tile-memory", type=_size, metavar="SIZE",
+                   help="memory one forward pass may use, e.g. 8GiB; larger blocks are tiled "
+                   "inside their task (default: from each worker's GPU or memory limit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_cluster_options(p)
     p.set_defaults(run=_run_denoise)
@@ -168,7 +190,7 @@ def _run_denoise(args: argparse.Namespace) -> int:
     from deepcad_chunked.infer import denoise
 
     given = {name: getattr(args, name) for name in ("block", "halo", "device", "precision",
-                                                    "dtype")}
+                                                    "dtype", "tile_memory")}
     config = DenoiseConfig.build(overwrite=args.overwrite,
                                  **{k: v for k, v in given.items() if v is not None})
     if args.workers is not None and args.workers < 1:

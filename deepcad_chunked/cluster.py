@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -114,4 +114,47 @@ def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[
             yield result
     except BaseException:
         client.cancel(list(futures))
+        raise
+
+
+def compute_in_batches(client: Client, batches: Iterable[Sequence[Any]], *,
+                       in_flight: int) -> Iterator[Any]:
+    """Compute batches of dask collections a few at a time; yield results as they finish.
+
+    The next batch is built and submitted whenever fewer than ``in_flight`` of the submitted
+    results are unfinished, so the scheduler (and the driver, if ``batches`` builds its graphs
+    lazily) holds a bounded part of an arbitrarily long job while the workers never run dry.
+    On an error, an interrupt or an abandoned loop the unfinished work is cancelled.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    batches : iterable of sequences of dask collections
+        Consumed lazily.
+    in_flight : int
+        Unfinished results below which another batch is submitted.
+    """
+    source = iter(batches)
+    pending: as_completed = as_completed()
+    live: set[Future] = set()
+
+    def top_up() -> None:
+        while len(live) < in_flight:
+            batch = next(source, None)
+            if batch is None:
+                return
+            futures = client.compute(list(batch))
+            live.update(futures)
+            pending.update(futures)
+
+    try:
+        top_up()
+        for future in pending:
+            result = future.result()
+            live.discard(future)
+            future.release()
+            top_up()
+            yield result
+    except BaseException:
+        client.cancel(list(live))
         raise

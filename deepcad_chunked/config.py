@@ -149,7 +149,7 @@ class DenoiseConfig(_Config):
     ----------
     block : (t, y, x) or None
         Core block of one task, multiples of 8 (and by default of the storage chunks);
-        None picks one from the device (see :func:`deepcad_chunked.infer.denoise.default_block`).
+        None picks one from the device (see :func:`deepcad_chunked.infer.denoise.plan_layout`).
     halo : int or None
         Overlap on every side of a block; None: the network's receptive radius rounded up to
         a multiple of 8 (exact).
@@ -159,6 +159,9 @@ class DenoiseConfig(_Config):
         Arithmetic of the forward pass.
     dtype : {"same", "float32"}
         Output samples: the input's dtype (rounded, clipped to its range) or float32.
+    tile_memory : int or None
+        Bytes one forward pass may use; blocks that need more are cut into tiles inside
+        their task. None: from each worker's GPU or memory limit.
     overwrite : bool
         Replace an existing output store.
     """
@@ -168,6 +171,7 @@ class DenoiseConfig(_Config):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     dtype: Literal["same", "float32"] = "same"
+    tile_memory: int | None = Field(None, gt=0)
     overwrite: bool = False
 
     @field_validator("block")

@@ -10,13 +10,15 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import torch
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
-from deepcad_chunked.io.omezarr import open_recording, update_attrs
+from deepcad_chunked.infer.denoise import Layout, _Job
+from deepcad_chunked.io.omezarr import Compression, create_image, open_recording, update_attrs
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
 from tests.conftest import assert_clean_error, run_cli
@@ -56,6 +58,22 @@ def test_store_to_store_equals_monolithic(tmp_path: Path, client: Client, model_
     assert out.attrs["kind"] == "denoised" and out.complete
     assert out.attrs["model"]["digest"] == Checkpoint.load(model_path).digest
     assert out.attrs["parameters"]["halo"] == 48
+
+
+def test_default_blocks_tiled_to_a_small_memory_equal_monolithic(tmp_path: Path,
+                                                                 client: Client,
+                                                                 model_path: Path) -> None:
+    raw = _poisson((100, 60, 50), seed=4)
+    store = _store(tmp_path, raw, client)
+    out = tmp_path / "o.zarr"
+    result = run_cli("denoise", str(store), "-m", str(model_path), "-o", str(out),
+                     "--dtype", "float32", "--tile-memory", "300MB", "--workers", "2",
+                     "--device", "cpu", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "tiles inside its task" in result.stderr
+    got = open_recording(out).array[:]
+    want = predict_array(load_model(model_path), raw)
+    assert np.abs(got - want).max() <= 1e-4 * float(raw.max() - raw.min())
 
 
 def test_same_dtype_is_rounded_and_clipped(tmp_path: Path, client: Client,
@@ -126,7 +144,7 @@ def test_a_worker_killed_mid_run_does_not_fail_the_job(tmp_path: Path, client: C
     store = _store(tmp_path, raw, client)
     out = tmp_path / "o.zarr"
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as own:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as own:
         pids = list(own.run(os.getpid).values())
         markers = out / ".progress" / "denoise"
 
@@ -162,6 +180,8 @@ def test_bad_input(tmp_path: Path, client: Client, model_path: Path) -> None:
         (["-m", str(model_path), "--block", "16,48,48"], "smaller than the halo"),
         (["-m", str(model_path), "--block", "48,44,48"], "multiples of 8"),
         (["-m", str(model_path), "--halo", "12"], "multiple of 8"),
+        (["-m", str(model_path), "--tile-memory", "1MB"], "not even an 8-voxel tile"),
+        (["-m", str(model_path), "--device", "cuda", "--workers", "1"], "no CUDA device"),
         (["-m", str(model_path), "--cluster", "tcp://127.0.0.1:9"], "cannot reach"),
     ]
     for extra, needle in cases:
@@ -175,3 +195,26 @@ def test_bad_input(tmp_path: Path, client: Client, model_path: Path) -> None:
     assert_clean_error(run_cli("denoise", str(store), "-m", str(model_path), "-o", out),
                        "already exists")
     assert open_recording(store).complete
+
+
+def test_the_graph_of_a_segment_does_not_grow_with_the_recording(tmp_path: Path,
+                                                                 model_path: Path) -> None:
+    tasks = {}
+    for frames in (960, 96_000):  # 100× longer; unwritten chunks read as zeros
+        path = tmp_path / f"r{frames}.zarr"
+        path.mkdir()
+        create_image(path, shape=(frames, 64, 64), dtype=np.dtype(np.uint16),
+                     chunks=(16, 64, 64), axes=("t", "y", "x"), scale=[1.0, 1.0, 1.0],
+                     units={}, zarr_format=3, compression=Compression(),
+                     attrs={"format": 1, "kind": "recording", "complete": True})
+        layout = Layout(block=(48, 64, 64), halo=48, device="cpu", max_voxels=10**9,
+                        pieces=(48, 64, 64), segment=96)
+        job = _Job(open_recording(path), model_path, tmp_path / "out.zarr", tmp_path / "m",
+                   layout, np.dtype(np.uint16), DenoiseConfig(), gpu=False)
+        assert job.count() == (frames // 48, frames // 48)
+        segments = job.segments()
+        first, second = next(segments), next(segments)
+        assert len(first) == len(second) == 2
+        tasks[frames] = [len(dict(dask.optimize(dask.delayed(s))[0].__dask_graph__()))
+                         for s in (first, second)]
+    assert tasks[960] == tasks[96_000]

@@ -12,6 +12,7 @@ from distributed import Client
 
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer import default_halo, denoise_dask, predict_array, receptive_radius
+from deepcad_chunked.infer.memory import plan_tiles
 from deepcad_chunked.infer.predict import block_chunks, mirror_indices
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
@@ -95,3 +96,33 @@ def test_blocks_and_halos_that_cannot_work(model_path: Path, block, halo, messag
     x = da.zeros((200, 100, 100), dtype=np.uint16, chunks=50)
     with pytest.raises(ConfigError, match=message):
         denoise_dask(x, model_path, block=block, halo=halo)
+
+
+def test_a_block_too_large_for_memory_is_tiled_inside_its_task(client: Client,
+                                                               model_path: Path) -> None:
+    raw = _recording((70, 60, 50), seed=2)
+    want = predict_array(load_model(model_path), raw)
+    whole = denoise_dask(da.from_array(raw, chunks=32), model_path, block=(72, 64, 56))
+    limit = (16 + 96) * (64 + 96) * (56 + 96)
+    assert len(plan_tiles((72, 64, 56), 48, limit)) > 1  # the one block is cut into tiles
+    tiled = denoise_dask(da.from_array(raw, chunks=32), model_path, block=(72, 64, 56),
+                         max_voxels=limit)
+    got_whole, got_tiled = client.compute([whole, tiled], sync=True)
+    tolerance = 1e-4 * float(raw.max() - raw.min())
+    assert np.abs(got_tiled - want).max() <= tolerance
+    assert np.abs(got_tiled - got_whole).max() <= tolerance
+    with pytest.raises(Exception, match="not even an 8-voxel tile"):
+        client.compute(denoise_dask(da.from_array(raw, chunks=32), model_path,
+                                    block=(72, 64, 56), max_voxels=100_000)).result()
+
+
+def test_segments_of_frames_equal_the_whole(client: Client, model_path: Path) -> None:
+    raw = _recording((150, 40, 30), seed=3)
+    x = da.from_array(raw, chunks=(16, 40, 30))
+    want = predict_array(load_model(model_path), raw)
+    parts = [denoise_dask(x, model_path, block=(48, 48, 48), frames=frames)
+             for frames in ((0, 48), (48, 144), (144, 150))]
+    got = np.concatenate(client.compute(parts, sync=True))
+    assert np.abs(got - want).max() <= 1e-4 * float(raw.max() - raw.min())
+    with pytest.raises(ConfigError, match="start and end on blocks"):
+        denoise_dask(x, model_path, block=(48, 48, 48), frames=(8, 48))

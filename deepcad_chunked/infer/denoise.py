@@ -5,6 +5,10 @@ network (:func:`~deepcad_chunked.infer.predict.denoise_dask`) → de-normalisati
 one write task per output block, each leaving a marker. Only blocks without a marker enter
 the graph, so a rerun after a kill skips finished blocks; dask re-runs the tasks of a worker
 that dies. Planes and channels are denoised as independent ``t, y, x`` series.
+
+Blocks are sized from the workers' memory (:func:`plan_layout`), and the graph is built and
+submitted a segment of frames at a time, so neither memory nor the graph grows with the
+length of the recording.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,15 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import connect, results_as_completed
+from deepcad_chunked.cluster import compute_in_batches, connect
 from deepcad_chunked.config import DenoiseConfig
+from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.infer.memory import (
+    bytes_per_voxel,
+    fit_block,
+    plan_tiles,
+    worker_memory,
+)
 from deepcad_chunked.infer.predict import check_blocks, default_halo, denoise_dask
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
@@ -52,25 +64,99 @@ from deepcad_chunked.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
-#: Default blocks (t, y, x) per device kind, before rounding up to the storage chunks.
+#: Largest blocks (t, y, x) per device kind; smaller ones are picked when a task's forward
+#: pass would not fit the worker's memory (:func:`~deepcad_chunked.infer.memory.fit_block`).
 #: With the default halo of 48 a long 512×512 recording is read 2.9× (GPU block) or 4.8× (CPU).
 DEFAULT_BLOCKS = {"cpu": (64, 256, 256), "cuda": (192, 384, 384)}
+#: Seconds to wait for the first worker of a cluster that has none.
+WORKER_WAIT_S = 60
 
 
-def default_block(chunks: tuple[int, int, int], device: str, halo: int) -> tuple[int, ...]:
-    """A block for ``device``: at least the halo, rounded up to whole storage chunks."""
-    base = DEFAULT_BLOCKS["cuda" if device in ("cuda", "auto") and _gpu_here() else "cpu"]
-    return tuple(math.ceil(max(b, halo) / c) * c if c % 8 == 0
-                 else math.ceil(max(b, halo) / 8) * 8 for b, c in zip(base, chunks, strict=True))
+@dataclass(frozen=True)
+class Layout:
+    """How a denoise job is cut: blocks, halo, tiles and segments.
+
+    Attributes
+    ----------
+    block : (t, y, x)
+        Core block of one task.
+    halo : int
+        Overlap on every side.
+    device : {"cpu", "cuda"}
+        What the workers run the network on.
+    max_voxels : int
+        Largest network input of one forward pass (bigger blocks are tiled in their task).
+    pieces : (t, y, x)
+        Shape of one written piece: the block, or the storage chunk when the block is off
+        the chunk grid.
+    segment : int
+        Frames per segment: the unit in which the graph is built and submitted.
+    """
+
+    block: tuple[int, int, int]
+    halo: int
+    device: str
+    max_voxels: int
+    pieces: tuple[int, int, int]
+    segment: int
 
 
-def _gpu_here() -> bool:
-    try:
-        import torch
+def plan_layout(client: Client, rec: Recording, features: int,
+                config: DenoiseConfig) -> Layout:
+    """Choose blocks, tiles and segments for ``rec`` from the cluster's workers and memory.
 
-        return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover
-        return False
+    Raises
+    ------
+    ConfigError
+        When ``--device cuda`` is asked of a worker without a GPU, no worker joins, or the
+        block and halo cannot work.
+    """
+    workers = _worker_memory(client, config.device)
+    device = "cuda" if all(w["device"] == "cuda" for w in workers.values()) else "cpu"
+    if config.device == "cuda" and device != "cuda":
+        cpu_only = sorted(a for a, w in workers.items() if w["device"] != "cuda")
+        raise ConfigError(f"--device cuda was asked for but worker {cpu_only[0]} has no CUDA "
+                          "device")
+    if config.tile_memory:
+        max_voxels = config.tile_memory // bytes_per_voxel(features, config.precision, device)
+    else:
+        max_voxels = min(w["bytes"] // bytes_per_voxel(features, config.precision, w["device"])
+                         for w in workers.values())
+    halo = default_halo() if config.halo is None else config.halo
+    frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
+    storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
+    slots = (len(workers) if device == "cuda"
+             else sum(client.nthreads().values()) or len(workers))
+    block = config.block or fit_block(frames_yx, halo, max_voxels,
+                                      largest=DEFAULT_BLOCKS[device],
+                                      step=tuple(c if c % 8 == 0 else 8 for c in storage),
+                                      slots=slots)
+    check_blocks(block, halo, frames_yx)
+    cores = [min(b, n + (-n % 8)) for b, n in zip(block, frames_yx, strict=True)]
+    tiles = len(plan_tiles(cores, halo, max_voxels))  # refuses a memory too small for any
+    if tiles > 1:
+        log.info("a block needs more memory than a task may use: each is cut into %d tiles "
+                 "inside its task (a smaller --block, or more memory per worker, avoids "
+                 "the extra halos)", tiles)
+    aligned = not any(b % c for b, c in zip(block, storage, strict=True))
+    pieces = block if aligned else storage
+    # a segment: whole blocks and whole chunks, with work for every slot about twice over
+    unit = math.lcm(block[0], pieces[0])
+    per_frame_row = math.prod(math.ceil(n / b) for n, b in zip(frames_yx[1:], block[1:],
+                                                                strict=True))
+    rows = math.ceil(max(4, 2 * slots) / per_frame_row)
+    return Layout(block=tuple(block), halo=halo, device=device, max_voxels=int(max_voxels),
+                  pieces=tuple(pieces), segment=math.ceil(rows * block[0] / unit) * unit)
+
+
+def _worker_memory(client: Client, device: str) -> dict[str, dict[str, Any]]:
+    if not client.scheduler_info().get("workers"):
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise ConfigError(f"no dask worker joined the scheduler within {WORKER_WAIT_S} s"
+                              ) from None
+    return client.run(worker_memory, device)
 
 
 def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...],
@@ -90,18 +176,14 @@ def _cast(x: Any, dtype: np.dtype) -> Any:
     return x.astype(dtype)
 
 
-def _regions(chunks: tuple[tuple[int, ...], ...]) -> Iterator[tuple[tuple[int, ...],
-                                                                    tuple[slice, ...]]]:
-    starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in chunks]
-    for index in product(*(range(len(c)) for c in chunks)):
-        yield index, tuple(slice(int(s[i]), int(s[i]) + c[i])
-                           for s, c, i in zip(starts, chunks, index, strict=True))
-
-
 def denoise(data: str | Path, model: str | Path, output: str | Path, *,
             config: DenoiseConfig | None = None, cluster: str | Client | None = "local",
             workers: int | None = None, progress: bool | None = None) -> Recording:
     """Denoise a recording with a trained network, block by block, into a new store.
+
+    The recording is done a segment of frames at a time (a few blocks per worker), each
+    segment's graph built and submitted while the previous one finishes: the driver and the
+    scheduler hold a bounded graph however long the recording is.
 
     Parameters
     ----------
@@ -112,7 +194,7 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     output : str or Path
         The OME-Zarr store to write (same axes, scales and chunks as the input).
     config : DenoiseConfig, optional
-        Block, halo, device, precision, output dtype, overwrite.
+        Block, halo, device, precision, output dtype, memory of a forward pass, overwrite.
     cluster : str or Client, optional
         ``"local"`` (default), a scheduler address, or a Client.
     workers : int, optional
@@ -131,40 +213,45 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
     output = Path(output).expanduser().absolute()
-    chunks = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
-    halo = default_halo() if config.halo is None else config.halo
-    block = config.block or default_block(chunks, config.device, halo)
-    frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
-    check_blocks(block, halo, frames_yx)
+    if config.block is not None:  # fail before starting a cluster
+        check_blocks(config.block, default_halo() if config.halo is None else config.halo,
+                     (rec.shape[0], rec.shape[-2], rec.shape[-1]))
     out_dtype = rec.dtype if config.dtype == "same" else np.dtype(np.float32)
-    job_id = fingerprint({"input": str(rec.path.absolute()), "input_job": rec.attrs.get("job"),
-                          "model": ckpt.digest, "block": block, "halo": halo,
-                          "precision": config.precision, "dtype": out_dtype.str})
-    markers = progress_dir(output, "denoise")
-    resume = can_resume(output, "denoise", job_id, config.overwrite)
     with connect(cluster, workers=workers) as client:
-        if resume:
+        layout = plan_layout(client, rec, ckpt.features, config)
+        job_id = fingerprint({"input": str(rec.path.absolute()),
+                              "input_job": rec.attrs.get("job"), "model": ckpt.digest,
+                              "block": layout.block, "halo": layout.halo,
+                              "precision": config.precision, "dtype": out_dtype.str})
+        markers = progress_dir(output, "denoise")
+        if can_resume(output, "denoise", job_id, config.overwrite):
             log.info("resuming the unfinished denoise in %s", output)
             remove_partial_writes(output / ARRAY_PATH)
         else:
-            _create_output(output, rec, out_dtype, job_id, ckpt.digest, model_path, block, halo,
+            _create_output(output, rec, out_dtype, job_id, ckpt.digest, model_path, layout,
                            config)
             markers.mkdir(parents=True)
-        tasks, total = _graph(rec, model_path, output, markers, block, halo, out_dtype, config,
-                              client)
-        log.info("denoising %s with %s (block %s, halo %d): %d of %d blocks to do", rec.path,
-                 model_path.name, block, halo, len(tasks), total)
-        if tasks:
-            _run(client, tasks, total, progress)
+        job = _Job(rec, model_path, output, markers, layout, out_dtype, config,
+                   gpu=_advertises_gpus(client))
+        todo, total = job.count()
+        log.info("denoising %s with %s on %s (block %s, halo %d, segments of %d frames): "
+                 "%d of %d blocks to do", rec.path, model_path.name, layout.device,
+                 layout.block, layout.halo, layout.segment, todo, total)
+        if todo:
+            _run(client, job.segments(), job.per_segment(), total, total - todo, progress)
     provenance = {**read_group_attrs(output)[ATTRS_KEY]["provenance"], "completed": now()}
     update_attrs(output, provenance=provenance, complete=True)
     shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
     return open_recording(output)
 
 
+def _advertises_gpus(client: Client) -> bool:
+    return any("GPU" in (w.get("resources") or {})
+               for w in client.scheduler_info().get("workers", {}).values())
+
+
 def _create_output(output: Path, rec: Recording, dtype: np.dtype, job_id: str, digest: str,
-                   model_path: Path, block: tuple[int, ...], halo: int,
-                   config: DenoiseConfig) -> None:
+                   model_path: Path, layout: Layout, config: DenoiseConfig) -> None:
     prepare_output(output, config.overwrite)
     scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
     units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
@@ -174,8 +261,9 @@ def _create_output(output: Path, rec: Recording, dtype: np.dtype, job_id: str, d
         "job": {"command": "denoise", "fingerprint": job_id},
         **{k: rec.attrs.get(k) for k in keep},
         "model": {"path": str(model_path), "digest": digest},
-        "parameters": {"block": list(block), "halo": halo, "precision": config.precision,
-                       "dtype": dtype.name, "device": config.device},
+        "parameters": {"block": list(layout.block), "halo": layout.halo,
+                       "precision": config.precision, "dtype": dtype.name,
+                       "device": layout.device},
         "provenance": {"tool": "deepcad-chunked", "version": __version__, "started": now(),
                        "host": socket.gethostname(), "input": str(rec.path.absolute())},
     }
@@ -184,43 +272,87 @@ def _create_output(output: Path, rec: Recording, dtype: np.dtype, job_id: str, d
                  compression=Compression(), attrs=attrs)
 
 
-def _graph(rec: Recording, model_path: Path, output: Path, markers: Path,
-           block: tuple[int, ...], halo: int, dtype: np.dtype, config: DenoiseConfig,
-           client: Client) -> tuple[list[Any], int]:
-    """One delayed write per unfinished output block, across all planes."""
-    gpu = any("GPU" in (w.get("resources") or {})
-              for w in client.scheduler_info().get("workers", {}).values())
-    source = rec.to_dask()
-    storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
-    tasks, total = [], 0
-    planes = list(product(*(range(n) for n in rec.shape[1:-2])))
-    for plane in planes:
+@dataclass
+class _Job:
+    """The pieces of a denoise job and, segment by segment, the graphs that write them."""
+
+    rec: Recording
+    model_path: Path
+    output: Path
+    markers: Path
+    layout: Layout
+    dtype: np.dtype
+    config: DenoiseConfig
+    gpu: bool
+
+    def _planes(self) -> list[tuple[int, ...]]:
+        return list(product(*(range(n) for n in self.rec.shape[1:-2])))
+
+    def _frames(self) -> list[tuple[int, int]]:
+        n, step = self.rec.shape[0], self.layout.segment
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+    def _names(self, plane: tuple[int, ...], frames: tuple[int, int]) -> Iterator[str]:
+        pieces = self.layout.pieces
+        counts = [math.ceil(n / p) for n, p in zip((self.rec.shape[-2], self.rec.shape[-1]),
+                                                    pieces[1:], strict=True)]
+        first, last = frames[0] // pieces[0], math.ceil(frames[1] / pieces[0])
+        for index in product(range(first, last), *map(range, counts)):
+            yield "_".join(map(str, (*plane, *index)))
+
+    def per_segment(self) -> int:
+        """Pieces in a full segment (per plane)."""
+        return len(list(self._names((), (0, min(self.layout.segment, self.rec.shape[0])))))
+
+    def count(self) -> tuple[int, int]:
+        """Pieces still to write, and all pieces."""
+        names = [name for plane in self._planes() for frames in self._frames()
+                 for name in self._names(plane, frames)]
+        return sum(not (self.markers / f"{n}.done").exists() for n in names), len(names)
+
+    def segments(self) -> Iterator[list[Any]]:
+        """One list of delayed writes per segment with unfinished pieces, built lazily."""
+        for plane in self._planes():
+            for frames in self._frames():
+                if all((self.markers / f"{n}.done").exists()
+                       for n in self._names(plane, frames)):
+                    continue
+                yield self._segment(plane, frames)
+
+    def _segment(self, plane: tuple[int, ...], frames: tuple[int, int]) -> list[Any]:
+        layout, source = self.layout, self.rec.to_dask()
         series = source[(slice(None), *plane)]
-        with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
-            out = denoise_dask(series, model_path, block=block, halo=halo,
-                               device=config.device, precision=config.precision)
-        out = _cast(out, dtype)
-        if any(b % c for b, c in zip(block, storage, strict=True)):
-            out = out.rechunk(storage)  # a user's block off the chunk grid: write whole chunks
+        with dask.annotate(resources={"GPU": 1}) if self.gpu else nullcontext():
+            out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
+                               device=self.config.device, precision=self.config.precision,
+                               frames=frames, max_voxels=layout.max_voxels)
+        out = _cast(out, self.dtype)
+        if layout.pieces != layout.block:
+            out = out.rechunk(layout.pieces)  # a block off the chunk grid: write whole chunks
         pieces = out.to_delayed()
-        for index, region in _regions(out.chunks):
-            total += 1
-            name = "_".join(map(str, (*plane, *index)))
-            marker = markers / f"{name}.done"
+        tasks = []
+        offset = (frames[0], 0, 0)
+        starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in out.chunks]
+        for index in product(*(range(len(c)) for c in out.chunks)):
+            region = tuple(slice(o + int(s[i]), o + int(s[i]) + c[i])
+                           for o, s, c, i in zip(offset, starts, out.chunks, index, strict=True))
+            glob = (index[0] + frames[0] // layout.pieces[0], *index[1:])
+            name = "_".join(map(str, (*plane, *glob)))
+            marker = self.markers / f"{name}.done"
             if marker.exists():
                 continue
             full = (region[0], *plane, *region[1:])
-            tasks.append(dask.delayed(_write_block)(pieces[index], str(output), full,
+            tasks.append(dask.delayed(_write_block)(pieces[index], str(self.output), full,
                                                     str(marker), dask_key_name=f"write-{name}"))
-    return tasks, total
+        return tasks
 
 
-def _run(client: Client, tasks: list[Any], total: int, progress: bool | None) -> None:
-    futures = client.compute(tasks)
-    bar = tqdm(total=total, initial=total - len(tasks), unit="block", desc="denoise",
+def _run(client: Client, segments: Iterator[list[Any]], in_flight: int, total: int,
+         done: int, progress: bool | None) -> None:
+    bar = tqdm(total=total, initial=done, unit="block", desc="denoise",
                disable=None if progress is None else not progress, dynamic_ncols=True)
     try:
-        for voxels in results_as_completed(client, futures):
+        for voxels in compute_in_batches(client, segments, in_flight=in_flight):
             bar.update(1)
             rate = (bar.format_dict.get("rate") or 0.0) * voxels
             bar.set_postfix_str(f"{rate / 1e6:.1f} Mvoxel/s", refresh=False)

@@ -11,6 +11,7 @@ at least its receptive radius every block of :func:`denoise_dask` equals the sam
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ import numpy as np
 import torch
 
 from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.infer.memory import plan_tiles
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID, UNet3D
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,15 +118,43 @@ def _cached_model(path: str, digest: str, device: str) -> UNet3D:
 
 
 def denoise_block(block: np.ndarray, *, model_path: str, digest: str, device: str,
-                  precision: str) -> np.ndarray:
+                  precision: str, halo: int, max_voxels: int | None = None) -> np.ndarray:
     """Run the network on one normalised block with its halo (a map_overlap task).
 
     The network is loaded by path in the worker and cached by digest: it is never part of the
-    task graph.
+    task graph. A block whose forward pass needs more than ``max_voxels`` of input (or runs
+    out of GPU memory) is cut into tiles on the 8-voxel grid, each with its own halo taken
+    from the block, so the result is the same. Only the core (the block without its halo) of
+    the returned array is meaningful: map_overlap trims the rest.
     """
     device = resolve_device(device)
     model = _cached_model(model_path, digest, device)
-    return _forward(model, block, torch.device(device), precision)
+    core = tuple(n - 2 * halo for n in block.shape)
+    limit = max_voxels or block.size
+    while True:
+        try:
+            return _forward_tiled(model, block, core, halo, limit, torch.device(device),
+                                  precision)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            largest = max(math.prod(s.stop - s.start + 2 * halo for s in tile)
+                          for tile in plan_tiles(core, halo, limit))
+            limit = largest // 2
+            log.warning("a block of %s voxels ran out of GPU memory; retrying in tiles of at "
+                        "most %d voxels", block.shape, limit)
+
+
+def _forward_tiled(model: UNet3D, block: np.ndarray, core: tuple[int, ...], halo: int,
+                   max_voxels: int, device: torch.device, precision: str) -> np.ndarray:
+    if block.size <= max_voxels:
+        return _forward(model, block, device, precision)
+    out = np.zeros(block.shape, dtype=np.float32)
+    for tile in plan_tiles(core, halo, max_voxels):
+        source = tuple(slice(s.start, s.stop + 2 * halo) for s in tile)
+        inner = tuple(slice(halo, halo + s.stop - s.start) for s in tile)
+        target = tuple(slice(s.start + halo, s.stop + halo) for s in tile)
+        out[target] = _forward(model, block[source], device, precision)[inner]
+    return out
 
 
 def check_blocks(block: tuple[int, ...], halo: int, shape: tuple[int, ...]) -> None:
@@ -162,13 +194,27 @@ def mirror_indices(n: int, halo: int) -> np.ndarray:
     return np.pad(first, halo, mode="symmetric")
 
 
-def _mirror_pad(x: Any, axis: int, halo: int) -> Any:
+def _gather(x: Any, axis: int, idx: np.ndarray) -> Any:
+    """``x`` indexed by ``idx`` along ``axis``, as slices of its runs of step +1 or -1.
+
+    Mirror indices are a few such runs, so this is a handful of slices and one concatenation
+    rather than a fancy-indexing graph.
+    """
     import dask.array as da
 
-    n = x.shape[axis]
-    idx = mirror_indices(n, halo)
-    parts = [da.take(x, idx[:halo], axis=axis), x, da.take(x, idx[halo + n:], axis=axis)]
-    return da.concatenate([p for p in parts if p.shape[axis]], axis=axis)
+    parts, start = [], 0
+    for end in range(1, len(idx) + 1):
+        if end < len(idx) and end - start == 1 and abs(int(idx[end]) - int(idx[start])) == 1:
+            continue
+        step = int(idx[end - 1]) - int(idx[end - 2]) if end - start > 1 else 1
+        if end < len(idx) and int(idx[end]) - int(idx[end - 1]) == step:
+            continue
+        lo, hi = int(idx[start]), int(idx[end - 1])
+        where = [slice(None)] * x.ndim
+        where[axis] = slice(lo, hi + 1) if step > 0 else slice(lo, hi - 1 if hi else None, -1)
+        parts.append(x[tuple(where)])
+        start = end
+    return parts[0] if len(parts) == 1 else da.concatenate(parts, axis=axis)
 
 
 def block_chunks(n: int, block: int, halo: int) -> tuple[int, ...]:
@@ -186,8 +232,9 @@ def block_chunks(n: int, block: int, halo: int) -> tuple[int, ...]:
 
 
 def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, int],
-                 halo: int | None = None, device: str = "cpu",
-                 precision: str = "fp32") -> Any:
+                 halo: int | None = None, device: str = "cpu", precision: str = "fp32",
+                 frames: tuple[int, int] | None = None,
+                 max_voxels: int | None = None) -> Any:
     """The lazy graph of a chunked denoise of a ``(t, y, x)`` dask array.
 
     Parameters
@@ -203,12 +250,18 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         Overlap on every side; default :func:`default_halo` (exact).
     device, precision
         Where and how each block runs.
+    frames : (start, stop), optional
+        Denoise only these frames (``start`` a multiple of ``block[0]``, ``stop`` one too or
+        the end): the graph reads only them and their halo, so a long recording can be done
+        a segment at a time with the same result.
+    max_voxels : int, optional
+        Largest network input of one forward pass; bigger blocks are tiled inside their task.
 
     Returns
     -------
     dask.array.Array
-        float32, the shape of ``array``, in raw units; equal to :func:`predict_array` to
-        float rounding when ``halo >= receptive_radius()``.
+        float32, ``array``'s shape (``stop - start`` frames), in raw units; equal to
+        :func:`predict_array` to float rounding when ``halo >= receptive_radius()``.
 
     Raises
     ------
@@ -217,16 +270,25 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
     """
     halo = default_halo() if halo is None else halo
     check_blocks(block, halo, array.shape)
+    n = array.shape[0]
+    start, stop = frames or (0, n)
+    if not (0 <= start < stop <= n and start % block[0] == 0
+            and (stop == n or stop % block[0] == 0)):
+        raise ConfigError(f"frames {start}:{stop} must lie in 0:{n} and start and end on "
+                          f"blocks of {block[0]}")
     ckpt = Checkpoint.load(model_path)
     mean, std = np.float32(ckpt.normalization["mean"]), np.float32(ckpt.normalization["std"])
-    x = (array.astype(np.float32) - mean) / std
-    for axis in range(3):
-        x = _mirror_pad(x, axis, halo)
-    x = x.rechunk(tuple(block_chunks(n, b, halo) for n, b in zip(array.shape, block,
-                                                                  strict=True)))
+    shape = (stop - start, *array.shape[1:])
+    span = shape[0] + (-shape[0] % GRID) + 2 * halo
+    x = _gather(array, 0, mirror_indices(n, halo)[start:start + span])
+    for axis in (1, 2):
+        x = _gather(x, axis, mirror_indices(array.shape[axis], halo))
+    x = (x.astype(np.float32) - mean) / std
+    x = x.rechunk(tuple(block_chunks(m, b, halo) for m, b in zip(shape, block, strict=True)))
     fn = functools.partial(denoise_block, model_path=str(Path(model_path).absolute()),
-                           digest=ckpt.digest, device=device, precision=precision)
+                           digest=ckpt.digest, device=device, precision=precision, halo=halo,
+                           max_voxels=max_voxels)
     out = x.map_overlap(fn, depth=halo, boundary="none", trim=True, dtype=np.float32,
                         meta=np.empty((0, 0, 0), dtype=np.float32), allow_rechunk=False)
-    out = out[tuple(slice(halo, halo + n) for n in array.shape)]
+    out = out[tuple(slice(halo, halo + m) for m in shape)]
     return out * std + mean
