@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -74,6 +75,19 @@ def test_default_blocks_tiled_to_a_small_memory_equal_monolithic(tmp_path: Path,
     got = open_recording(out).array[:]
     want = predict_array(load_model(model_path), raw)
     assert np.abs(got - want).max() <= 1e-4 * float(raw.max() - raw.min())
+
+
+def test_a_small_halo_is_inexact_and_says_so(tmp_path: Path, client: Client,
+                                            model_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    raw = _poisson((96, 64, 64), seed=5)
+    with caplog.at_level(logging.WARNING, logger="deepcad_chunked"):
+        out = denoise(_store(tmp_path, raw, client), model_path, tmp_path / "o.zarr",
+                      config=DenoiseConfig(block=(48, 48, 48), halo=0, dtype="float32"),
+                      cluster=client, progress=False)
+    assert "no longer exact" in caplog.text
+    error = np.abs(out.array[:] - predict_array(load_model(model_path), raw)).max()
+    assert error > 1e-4 * float(raw.max() - raw.min())
 
 
 def test_same_dtype_is_rounded_and_clipped(tmp_path: Path, client: Client,

@@ -39,7 +39,12 @@ from deepcad_chunked.infer.memory import (
     plan_tiles,
     worker_memory,
 )
-from deepcad_chunked.infer.predict import check_blocks, default_halo, denoise_dask
+from deepcad_chunked.infer.predict import (
+    check_blocks,
+    default_halo,
+    denoise_dask,
+    receptive_radius,
+)
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     ATTRS_KEY,
@@ -123,6 +128,10 @@ def plan_layout(client: Client, rec: Recording, features: int,
         max_voxels = min(w["bytes"] // bytes_per_voxel(features, config.precision, w["device"])
                          for w in workers.values())
     halo = default_halo() if config.halo is None else config.halo
+    if halo < receptive_radius():
+        log.warning("halo %d is smaller than the network's receptive radius (%d): the result "
+                    "is no longer exact and block borders may show; the default halo %d is "
+                    "exact", halo, receptive_radius(), default_halo())
     frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
     storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
     slots = (len(workers) if device == "cuda"
