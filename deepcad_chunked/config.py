@@ -178,3 +178,43 @@ class DenoiseConfig(_Config):
     @classmethod
     def _block_grid(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
         return None if value is None else _multiple_of_8(value, "block")
+
+
+class SimulationConfig(_Config):
+    """Options of :func:`deepcad_chunked.simulate`.
+
+    Attributes
+    ----------
+    frames : int
+        Frames to generate.
+    size : (y, x)
+        Frame size in pixels (1 µm per pixel).
+    seed : int
+        Seeds everything: the same seed gives the same files.
+    photons : float
+        Mean detected photons per pixel per frame of the clean recording (the photon level).
+    frame_rate : float
+        Frames per second (30 Hz, as the DeepCAD simulations).
+    neurons : int or None
+        Somata; None: one per 600 µm² of field.
+    gain, offset, read_noise : float
+        Detector: ADU per photon, baseline in ADU and the standard deviation of the Gaussian
+        read noise in ADU.
+    """
+
+    frames: int = Field(3000, ge=1)
+    size: tuple[int, int] = (256, 256)
+    seed: int = Field(0, ge=0)
+    photons: float = Field(2.0, gt=0, le=10_000)
+    frame_rate: float = Field(30.0, gt=0)
+    neurons: int | None = Field(None, ge=0)
+    gain: float = Field(4.0, gt=0)
+    offset: float = Field(100.0, ge=0)
+    read_noise: float = Field(2.0, ge=0)
+
+    @field_validator("size")
+    @classmethod
+    def _big_enough(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 16:
+            raise ValueError(f"frames must be at least 16×16 pixels, got {value}")
+        return value
