@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from deepcad_chunked.cli.workflow import add_commands
+
 from deepcad_chunked._version import __version__
 from deepcad_chunked.errors import DeepCADError
 
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise(sub)
     _add_info(sub)
     _add_export(sub)
+    add_commands(sub, _add_cluster_options)
     return parser
 
 

@@ -1,8 +1,11 @@
 """deepcad-chunked: out-of-core, distributed self-supervised denoising of fluorescence recordings.
 
 The Python API mirrors the command line: :func:`convert` a TIFF archive into OME-Zarr,
-:func:`info` about a store, :func:`export` it back to TIFF, :func:`train` the denoiser and
-:func:`load_model` a trained one. torch is imported only when training or models are used.
+:func:`info` about a store, :func:`export` it back to TIFF, :func:`train` the denoiser,
+:func:`load_model` a trained one and :func:`denoise`; :func:`run` does all of it. To see how
+good it is: :func:`simulate` a recording with ground truth, :func:`evaluate` and
+:func:`preview`; :func:`demo` does all of that. torch is imported only when training or
+models are used.
 """
 
 from typing import Any
@@ -12,11 +15,13 @@ from deepcad_chunked.config import (
     CompressionConfig,
     ConvertConfig,
     DenoiseConfig,
+    SimulationConfig,
     TrainConfig,
 )
 from deepcad_chunked.errors import DeepCADError
 from deepcad_chunked.io import Recording, convert, export, open_recording
 from deepcad_chunked.io import describe as info
+from deepcad_chunked.simulate import simulate
 
 __all__ = [
     "CompressionConfig",
@@ -24,15 +29,21 @@ __all__ = [
     "DeepCADError",
     "DenoiseConfig",
     "Recording",
+    "SimulationConfig",
     "TrainConfig",
     "__version__",
     "convert",
+    "demo",
     "denoise",
+    "evaluate",
     "export",
     "info",
     "load_model",
     "open_recording",
     "predict_array",
+    "preview",
+    "run",
+    "simulate",
     "train",
 ]
 
@@ -50,4 +61,16 @@ def __getattr__(name: str) -> Any:
         from deepcad_chunked import infer
 
         return getattr(infer, name)
+    if name in ("run", "demo"):
+        from deepcad_chunked import pipeline
+
+        return getattr(pipeline, name)
+    if name == "evaluate":
+        from deepcad_chunked.metrics import score
+
+        return score
+    if name == "preview":
+        from deepcad_chunked.report import preview
+
+        return preview
     raise AttributeError(f"module 'deepcad_chunked' has no attribute {name!r}")

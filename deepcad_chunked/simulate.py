@@ -84,8 +84,8 @@ def _footprint(rng: np.random.Generator, cy: float, cx: float, radius: float,
                shape: tuple[int, int]) -> Footprint | None:
     """A ring-like soma (cytosolic indicator, dim nucleus), clipped to the frame."""
     stretch, angle = rng.uniform(0.8, 1.25), rng.uniform(0, math.pi)
-    half = int(math.ceil(radius * 1.4)) + 1
-    y0, x0 = int(round(cy)) - half, int(round(cx)) - half
+    half = math.ceil(radius * 1.4) + 1
+    y0, x0 = round(cy) - half, round(cx) - half
     yy, xx = np.mgrid[y0:y0 + 2 * half + 1, x0:x0 + 2 * half + 1].astype(np.float64)
     u = (yy - cy) * math.cos(angle) + (xx - cx) * math.sin(angle)
     v = -(yy - cy) * math.sin(angle) + (xx - cx) * math.cos(angle)
@@ -209,7 +209,7 @@ def clean_chunks(config: SimulationConfig, scene: Scene | None = None
     for index, start in enumerate(range(0, config.frames, CHUNK)):
         frames = min(CHUNK, config.frames - start)
         rng = np.random.default_rng([config.seed, 1, index])
-        counts = _spikes(rng, scene, frames, fr)
+        counts = _spikes(rng, scene, CHUNK, fr)[:frames]  # a short last chunk: a prefix
         dff = np.empty((frames, n))
         neuropil = np.empty(frames)
         shocks = rng.standard_normal(frames) * 0.05 * math.sqrt(1 - rho**2)
@@ -227,12 +227,13 @@ def clean_chunks(config: SimulationConfig, scene: Scene | None = None
         yield start, clean * np.float32(scene.scale), dff.astype(np.float32)
 
 
-def detect(photons: np.ndarray, config: SimulationConfig, rng: np.random.Generator
-           ) -> np.ndarray:
-    """Noisy detector samples (uint16) of clean photon counts."""
-    adu = config.offset + config.gain * rng.poisson(photons).astype(np.float32)
+def detect(photons: np.ndarray, config: SimulationConfig, chunk: int) -> np.ndarray:
+    """Noisy detector samples (uint16) of the clean photon counts of chunk ``chunk``."""
+    shot = np.random.default_rng([config.seed, 2, chunk])
+    adu = config.offset + config.gain * shot.poisson(photons).astype(np.float32)
     if config.read_noise:
-        adu += rng.normal(0.0, config.read_noise, photons.shape).astype(np.float32)
+        read = np.random.default_rng([config.seed, 3, chunk])
+        adu += read.normal(0.0, config.read_noise, photons.shape).astype(np.float32)
     return np.clip(np.round(adu), 0, 65535).astype(np.uint16)
 
 
@@ -256,7 +257,7 @@ class _TiffStream:
         try:
             tifffile.imwrite(path, self._frames(), shape=shape, dtype=dtype,
                              photometric="minisblack", **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the producing thread
+        except BaseException as exc:  # handed to the producing thread
             self._error = exc
 
     def put(self, chunk: np.ndarray | None) -> None:
@@ -348,8 +349,7 @@ def simulate(prefix: str | Path, config: SimulationConfig | None = None, *,
                                        shape=(config.frames, len(scene.footprints)))
     try:
         for start, photons, dff in clean_chunks(config, scene):
-            rng = np.random.default_rng([config.seed, 2, start // CHUNK])
-            raw.put(detect(photons, config, rng))
+            raw.put(detect(photons, config, start // CHUNK))
             clean.put(config.offset + config.gain * photons)
             traces[start:start + len(dff)] = dff
     except BaseException:

@@ -34,3 +34,12 @@ def test_make_tiff_then_convert_archive(tmp_path: Path) -> None:
     stored = zarr.open_array(str(tmp_path / "all.zarr" / "0"))[:]
     want = np.concatenate([tifffile.imread(parts / f"part_{k}.tif") for k in range(1, 4)])
     np.testing.assert_array_equal(stored, want)
+
+
+def test_denoise_simulated_runs_the_whole_api(tmp_path: Path) -> None:
+    r = _run(str(EXAMPLES / "denoise_simulated.py"), str(tmp_path), "--frames", "96",
+             "--size", "48", "--steps", "3", "--features", "2")
+    assert r.returncode == 0, r.stderr
+    assert "SNR gain over raw" in r.stderr
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert zarr.open_array(str(tmp_path / "denoised.zarr" / "0")).shape == (96, 48, 48)

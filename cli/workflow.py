@@ -1,0 +1,252 @@
+"""Commands of the whole job: simulate, run, demo, evaluate and preview."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("deepcad_chunked.cli")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Y,X integers, got {text!r}") from None
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two integers Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _region(text: str) -> tuple[int, int, int, int]:
+    try:
+        ys, xs = text.split(",")
+        y0, y1 = (int(v) for v in ys.split(":"))
+        x0, x1 = (int(v) for v in xs.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Y0:Y1,X0:X1, got {text!r}") from None
+    return y0, y1, x0, x1
+
+
+def add_commands(sub: argparse._SubParsersAction,
+                 cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register simulate, run, demo, evaluate and preview."""
+    _add_simulate(sub)
+    _add_run(sub, cluster_options)
+    _add_demo(sub, cluster_options)
+    _add_evaluate(sub)
+    _add_preview(sub)
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from deepcad_chunked.config import SimulationConfig as C
+
+    d = C()
+    p = sub.add_parser("simulate", help="write a synthetic recording with ground truth",
+                       description="A two-photon calcium recording with ground truth: somata "
+                       "with ring-like footprints, bursting spike trains with GCaMP6f "
+                       "kinetics, neuropil, vessels, Poisson–Gaussian noise. Writes PREFIX.tif "
+                       "(noisy uint16), PREFIX_clean.tif, PREFIX_truth.npz and "
+                       "PREFIX_traces.npy, chunk by chunk (any length).")
+    p.add_argument("-o", "--output", required=True, metavar="PREFIX", help="path prefix")
+    p.add_argument("--frames", type=int, help=f"frames (default {d.frames})")
+    p.add_argument("--size", type=_pair, metavar="Y,X",
+                   help=f"frame size (default {d.size[0]},{d.size[1]})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--photons", type=float,
+                   help=f"mean photons per pixel per frame (default {d.photons:g})")
+    p.add_argument("--frame-rate", type=float, help=f"Hz (default {d.frame_rate:g})")
+    p.add_argument("--neurons", type=int, help="somata (default: one per 600 µm²)")
+    p.add_argument("--gain", type=float, help=f"ADU per photon (default {d.gain:g})")
+    p.add_argument("--offset", type=float, help=f"baseline ADU (default {d.offset:g})")
+    p.add_argument("--read-noise", type=float, help=f"ADU σ (default {d.read_noise:g})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import SimulationConfig
+    from deepcad_chunked.simulate import simulate
+
+    given = {k: getattr(args, k) for k in ("frames", "size", "seed", "photons", "frame_rate",
+                                           "neurons", "gain", "offset", "read_noise")}
+    config = SimulationConfig.build(**{k: v for k, v in given.items() if v is not None})
+    files = simulate(args.output, config, overwrite=args.overwrite)
+    log.info("wrote %s (noisy), %s, %s and %s", files.raw, files.clean.name, files.truth.name,
+             files.traces.name)
+    return 0
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--steps-per-epoch", type=int, metavar="N", help="optimiser steps per epoch")
+    p.add_argument("--features", type=int, help="feature maps of the first level")
+    p.add_argument("--patch", type=_triple_type(), metavar="T,Y,X", help="training patch")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+
+
+def _triple_type() -> Callable[[str], tuple[int, int, int]]:
+    from .main import _triple
+
+    return _triple
+
+
+def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
+    from deepcad_chunked.config import TrainConfig
+
+    given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "features", "patch",
+                                           "device")}
+    values = base.model_dump() if base is not None else {}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return TrainConfig.build(**values)
+
+
+def _add_run(sub: argparse._SubParsersAction,
+             cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("run", help="convert, train and denoise in one command",
+                       description="Convert the TIFF archive, train the denoiser on it and "
+                       "denoise it, into OUTDIR (recording.zarr, model/, denoised.zarr, and "
+                       "denoised.ome.tif with --export). Rerunning carries on where an "
+                       "interrupted run stopped.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to fill")
+    _train_options(p)
+    p.add_argument("--export", action="store_true", help="also write denoised.ome.tif")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again (removes this command's products in OUTDIR only)")
+    cluster_options(p)
+    p.set_defaults(run=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from deepcad_chunked.pipeline import run
+
+    result = run(args.sources, args.output, train_config=_train_config(args),
+                 export_tiff=args.export, cluster=args.cluster, workers=args.workers,
+                 progress=False if args.no_progress else None, overwrite=args.overwrite)
+    log.info("denoised recording: %s (model %s)", result.denoised, result.model)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction,
+              cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    from deepcad_chunked.pipeline import DEMO_SIMULATION as S
+    from deepcad_chunked.pipeline import DEMO_TRAINING as T
+
+    p = sub.add_parser("demo", help="simulate, denoise, evaluate and draw a report",
+                       description="Simulate a small recording with ground truth "
+                       f"({S.frames} frames of {S.size[0]}×{S.size[1]} px, {S.photons:g} "
+                       f"photons per pixel), run the whole pipeline on it (f = {T.features}, "
+                       f"{T.epochs} × {T.steps_per_epoch} steps), print the SNR before and "
+                       "after and write report.png. A few minutes on a laptop CPU.")
+    p.add_argument("-o", "--output", default="deepcad-demo", metavar="DIR",
+                   help="folder (default ./deepcad-demo)")
+    p.add_argument("--frames", type=int, help=f"simulated frames (default {S.frames})")
+    p.add_argument("--size", type=_pair, metavar="Y,X", help="simulated frame size")
+    p.add_argument("--photons", type=float, help=f"photon level (default {S.photons:g})")
+    _train_options(p)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--overwrite", action="store_true", help="start again")
+    cluster_options(p)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import SimulationConfig
+    from deepcad_chunked.pipeline import DEMO_SIMULATION, DEMO_TRAINING, demo
+
+    sim = DEMO_SIMULATION.model_dump()
+    sim.update({k: v for k, v in (("frames", args.frames), ("size", args.size),
+                                  ("photons", args.photons)) if v is not None})
+    scores = demo(args.output, simulation=SimulationConfig.build(**sim),
+                  training=_train_config(args, DEMO_TRAINING), cluster=args.cluster,
+                  workers=args.workers, progress=False if args.no_progress else None,
+                  overwrite=args.overwrite)
+    _print_scores(scores, args.json)
+    log.info("report: %s", scores["report"])
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a denoised recording",
+                       description="With --truth: SNR and PSNR (dB), the gain over --raw, the "
+                       "Pearson correlation of each neuron's trace with its clean trace "
+                       "(footprints from a simulation's _truth.npz) and the best of a few 3D "
+                       "Gaussian filters as a baseline. Without: the temporal standard "
+                       "deviation over a dark region. Recordings are Zarr stores or TIFFs.")
+    p.add_argument("denoised", metavar="DENOISED", help="denoised recording")
+    p.add_argument("--truth", metavar="CLEAN", help="noise-free recording")
+    p.add_argument("--raw", metavar="RAW", help="the noisy recording")
+    p.add_argument("--footprints", metavar="TRUTH.npz",
+                   help="neuron footprints (default: PREFIX_truth.npz beside PREFIX_clean.tif)")
+    p.add_argument("--dark", type=_region, metavar="Y0:Y1,X0:X1",
+                   help="dark region for the no-ground-truth score (default: found)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from deepcad_chunked.metrics import dark_region_std, score
+
+    if args.truth:
+        scores = score(args.denoised, args.truth, args.raw, footprints=args.footprints)
+    else:
+        scores = {"dark": dark_region_std(args.denoised, args.raw, region=args.dark)}
+    _print_scores(scores, args.json)
+    return 0
+
+
+def _print_scores(scores: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(scores, indent=2, ensure_ascii=False))
+        return
+    if "rows" in scores:
+        print(f"{'':32} {'SNR dB':>8} {'PSNR dB':>8} {'trace r':>8}")
+        for row in scores["rows"]:
+            r = row["trace_r_mean"]
+            print(f"{row['name']:32} {row['snr_db']:8.2f} {row['psnr_db']:8.2f} "
+                  f"{'' if r is None else f'{r:.3f}':>8}")
+        if "gain_db" in scores:
+            print(f"SNR gain over raw: {scores['gain_db']:+.2f} dB; over the best Gaussian "
+                  f"({scores['best_gaussian']}): {scores['gain_over_gaussian_db']:+.2f} dB")
+    if "dark" in scores:
+        dark = scores["dark"]
+        y0, y1, x0, x1 = dark["region"]
+        line = f"dark region {y0}:{y1},{x0}:{x1}: temporal std {dark['denoised_std']:.4g}"
+        if "raw_std" in dark:
+            line += f" (raw {dark['raw_std']:.4g}, {dark['reduction']:.1f}× lower)"
+        print(line)
+
+
+def _add_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="draw raw vs denoised frames, projections and traces",
+                       description="A PNG report from a few hundred frames read out of core: "
+                       "raw and denoised frames with a zoomed inset, temporal standard "
+                       "deviation projections, ROI traces; a GIF/MP4 of a crop on request.")
+    p.add_argument("raw", metavar="RAW")
+    p.add_argument("denoised", metavar="DENOISED")
+    p.add_argument("-o", "--output", required=True, metavar="REPORT.png")
+    p.add_argument("--frames", type=int, default=300, help="frames read (default 300)")
+    p.add_argument("--roi", type=_pair, action="append", metavar="Y,X",
+                   help="a region of interest's centre (repeatable; default: brightest)")
+    p.add_argument("--footprints", metavar="TRUTH.npz", help="a simulation's neurons as ROIs")
+    p.add_argument("--movie", metavar="CROP.gif", help="also write a movie (.gif or .mp4)")
+    p.add_argument("--crop", type=_region, metavar="Y0:Y1,X0:X1", help="the movie's crop")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(run=_run_preview)
+
+
+def _run_preview(args: argparse.Namespace) -> int:
+    from deepcad_chunked.errors import ConfigError
+    from deepcad_chunked.report import preview
+
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {args.frames}")
+    path = preview(args.raw, args.denoised, args.output, frames=args.frames, rois=args.roi,
+                   footprints=args.footprints, movie=args.movie, crop=args.crop,
+                   overwrite=args.overwrite)
+    log.info("wrote %s", path)
+    return 0

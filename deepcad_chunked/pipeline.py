@@ -1,0 +1,161 @@
+"""The whole job in one call: convert → train → denoise (→ export), and a self-checking demo.
+
+``run`` keeps its products in one folder — ``recording.zarr``, ``model/`` (the training run),
+``denoised.zarr`` and, when asked, ``denoised.ome.tif`` — and skips or resumes the stages a
+previous run finished or left half done, so rerunning an interrupted command carries on.
+``demo`` simulates a small recording with ground truth, runs the pipeline on it, scores the
+result and draws the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+
+from deepcad_chunked.cluster import connect
+from deepcad_chunked.config import (
+    ConvertConfig,
+    DenoiseConfig,
+    SimulationConfig,
+    TrainConfig,
+)
+from deepcad_chunked.errors import OutputExistsError, SourceError
+from deepcad_chunked.io import convert, export, open_recording
+from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
+from deepcad_chunked.io.sources import discover_sources
+
+log = logging.getLogger(__name__)
+
+#: What ``run`` writes inside its folder.
+PRODUCTS = ("recording.zarr", "model", "denoised.zarr", "denoised.ome.tif")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Paths of what :func:`run` produced."""
+
+    recording: Path
+    model: Path
+    denoised: Path
+    exported: Path | None
+
+
+def _complete(store: Path) -> bool:
+    attrs = read_group_attrs(store) if store.is_dir() else None
+    return bool(attrs and attrs.get(ATTRS_KEY, {}).get("complete"))
+
+
+def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
+        convert_config: ConvertConfig | None = None, train_config: TrainConfig | None = None,
+        denoise_config: DenoiseConfig | None = None, export_tiff: bool = False,
+        cluster: str | Client | None = "local", workers: int | None = None,
+        progress: bool | None = None, overwrite: bool = False) -> RunResult:
+    """Convert, train on and denoise a recording, with defaults, in one folder.
+
+    Parameters
+    ----------
+    sources : path, glob, folder or sequence of them
+        The TIFF archive.
+    outdir : str or Path
+        Folder of the products (created if needed).
+    convert_config, train_config, denoise_config : optional
+        Options of each stage (``overwrite`` in them is ignored: see ``overwrite``).
+    export_tiff : bool
+        Also write the denoised recording as an OME-TIFF.
+    cluster, workers
+        The dask cluster of conversion and denoising (one LocalCluster for both by default).
+    progress : bool, optional
+        Progress bars.
+    overwrite : bool
+        Start again, removing this command's products (never anything else in ``outdir``).
+
+    Returns
+    -------
+    RunResult
+    """
+    outdir = Path(outdir).expanduser().absolute()
+    files = [str(p) for p in discover_sources(sources)]
+    if not outdir.parent.is_dir():
+        raise SourceError(f"folder {outdir.parent} does not exist")
+    outdir.mkdir(exist_ok=True)
+    if overwrite:
+        for name in PRODUCTS:
+            path = outdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    store, run_dir = outdir / "recording.zarr", outdir / "model"
+    denoised, exported = outdir / "denoised.zarr", outdir / "denoised.ome.tif"
+    with connect(cluster, workers=workers) as client:
+        if _complete(store):
+            converted = [s["path"] for s in
+                         open_recording(store).attrs["provenance"]["sources"]]
+            if converted != files:
+                raise OutputExistsError(f"{store} was converted from other files; pass "
+                                        "--overwrite to start again")
+            log.info("%s is already converted", store)
+        else:
+            convert(files, store, config=convert_config, cluster=client, progress=progress)
+        result = _train(store, run_dir, train_config, progress)
+        if _complete(denoised):
+            log.info("%s is already denoised", denoised)
+        else:
+            from deepcad_chunked.infer import denoise
+
+            denoise(store, result, denoised, config=denoise_config, cluster=client,
+                    progress=progress)
+    if export_tiff and not exported.exists():
+        export(denoised, exported, progress=progress)
+    return RunResult(store, result, denoised, exported if export_tiff else None)
+
+
+def _train(store: Path, run_dir: Path, config: TrainConfig | None,
+           progress: bool | None) -> Path:
+    from deepcad_chunked.training import train
+
+    result = train([store], run_dir, config=config, resume=True, progress=progress)
+    return result.best
+
+
+#: The demo's recording and training budget: minutes on a 2-core CPU.
+DEMO_SIMULATION = SimulationConfig(frames=1200, size=(128, 128), photons=1.0, seed=0)
+DEMO_TRAINING = TrainConfig(features=8, epochs=4, steps_per_epoch=150)
+
+
+def demo(outdir: str | Path, *, simulation: SimulationConfig = DEMO_SIMULATION,
+         training: TrainConfig = DEMO_TRAINING, cluster: str | Client | None = "local",
+         workers: int | None = None, progress: bool | None = None,
+         overwrite: bool = False) -> dict[str, Any]:
+    """Simulate a recording, denoise it with :func:`run`, score it and draw the report.
+
+    Returns
+    -------
+    dict
+        The scores of :func:`deepcad_chunked.metrics.score`, with ``report`` (the PNG) and
+        ``run`` (the products of :func:`run`).
+    """
+    from deepcad_chunked.metrics import score
+    from deepcad_chunked.report import preview
+    from deepcad_chunked.simulate import output_paths, simulate
+
+    outdir = Path(outdir).expanduser().absolute()
+    if not outdir.parent.is_dir():
+        raise SourceError(f"folder {outdir.parent} does not exist")
+    outdir.mkdir(exist_ok=True)
+    files = output_paths(outdir / "simulated")
+    if overwrite or not all(p.exists() for p in (files.raw, files.clean, files.truth)):
+        simulate(files.raw, simulation, overwrite=True)
+    products = run(files.raw, outdir, train_config=training, cluster=cluster, workers=workers,
+                   progress=progress, overwrite=overwrite)
+    scores = score(products.denoised, files.clean, files.raw, footprints=files.truth)
+    report = preview(files.raw, products.denoised, outdir / "report.png",
+                     footprints=files.truth)
+    return {**scores, "report": str(report), "run": {k: str(v) for k, v in
+                                                      products.__dict__.items()}}

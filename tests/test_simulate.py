@@ -1,0 +1,93 @@
+"""The simulator: realistic statistics, noise-free ground truth, determinism, streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from deepcad_chunked.config import SimulationConfig
+from deepcad_chunked.errors import OutputExistsError
+from deepcad_chunked.simulate import clean_chunks, load_truth, simulate
+from tests.conftest import assert_clean_error, run_cli
+
+
+def _sim(folder: Path, name: str = "s", **values: object):
+    config = SimulationConfig(**{"frames": 150, "size": (64, 80), **values})
+    return simulate(folder / name, config), config
+
+
+@pytest.mark.parametrize("photons", [0.5, 4.0])
+def test_the_photon_level_sets_the_noise(tmp_path: Path, photons: float) -> None:
+    files, config = _sim(tmp_path, photons=photons)
+    raw = tifffile.imread(files.raw).astype(np.float64)
+    clean = tifffile.imread(files.clean).astype(np.float64)
+    expected = (clean - config.offset) / config.gain  # photons
+    assert abs(expected.mean() - photons) < 0.1 * photons
+    # Poisson–Gaussian: variance = gain² · photons + read noise² + rounding
+    predicted = (config.gain**2 * expected + config.read_noise**2 + 1 / 12).mean()
+    measured = (raw - clean).var()
+    assert measured == pytest.approx(predicted, rel=0.03)
+    assert abs((raw - clean).mean()) < 0.05 * np.sqrt(predicted)  # unbiased
+
+
+def test_ground_truth_is_noise_free_and_the_seed_decides_everything(tmp_path: Path) -> None:
+    files, config = _sim(tmp_path)
+    again, _ = _sim(tmp_path, name="again")
+    other, _ = _sim(tmp_path, name="other", seed=1)
+    assert files.raw.read_bytes() == again.raw.read_bytes()
+    assert files.clean.read_bytes() == again.clean.read_bytes()
+    assert not np.array_equal(tifffile.imread(files.raw), tifffile.imread(other.raw))
+    # the clean file is exactly the detector-free signal, not a noisy draw
+    photons = np.concatenate([p for _, p, _ in clean_chunks(config)])
+    np.testing.assert_array_equal(tifffile.imread(files.clean),
+                                  np.float32(config.offset) + np.float32(config.gain) * photons)
+
+
+def test_a_longer_recording_starts_with_the_shorter_one(tmp_path: Path) -> None:
+    short, _ = _sim(tmp_path, name="short", frames=100)
+    long, _ = _sim(tmp_path, name="long", frames=300)  # generated in chunks of 64 frames
+    np.testing.assert_array_equal(tifffile.imread(long.raw)[:100], tifffile.imread(short.raw))
+    np.testing.assert_array_equal(np.load(long.traces)[:100], np.load(short.traces))
+
+
+def test_neurons_are_rings_with_calcium_transients(tmp_path: Path) -> None:
+    files, config = _sim(tmp_path, frames=600, size=(96, 96))
+    truth = load_truth(files.truth)
+    assert 8 <= len(truth.footprints) <= 20 and truth.config == config
+    for fp in truth.footprints:
+        h, w = fp.patch.shape
+        if h == w and h > 9:  # not clipped by the border
+            assert fp.patch[h // 2, w // 2] < 0.6 * fp.patch.max()  # dim nucleus, bright rim
+    traces = np.load(files.traces)
+    assert traces.shape == (600, len(truth.footprints)) and traces.min() >= 0
+    active = traces.max(axis=0) > 0.25
+    assert active.mean() > 0.5
+    # GCaMP6f-like: a transient falls to a third of its peak within ~0.4–1 s
+    i = int(np.argmax(traces.max(axis=0)))
+    peak = int(np.argmax(traces[:, i]))
+    after = traces[peak:peak + 60, i]
+    below = np.nonzero(after < after[0] / 3)[0]
+    assert below.size == 0 or 6 <= below[0] <= 60
+
+
+def test_existing_files_are_kept_and_bad_options_are_one_line(tmp_path: Path) -> None:
+    files, config = _sim(tmp_path)
+    before = files.raw.read_bytes()
+    with pytest.raises(OutputExistsError):
+        simulate(tmp_path / "s", config)
+    assert files.raw.read_bytes() == before
+    assert_clean_error(run_cli("simulate", "-o", str(tmp_path / "s"), "--frames", "10"),
+                       "already exists")
+    assert_clean_error(run_cli("simulate", "-o", str(tmp_path / "x"), "--size", "8,8"),
+                       "at least 16")
+    assert_clean_error(run_cli("simulate", "-o", str(tmp_path / "x"), "--photons", "-1"),
+                       "photons")
+    assert_clean_error(run_cli("simulate", "-o", str(tmp_path / "none" / "x")),
+                       "does not exist")
+    result = run_cli("simulate", "-o", str(tmp_path / "cli"), "--frames", "40", "--size",
+                     "32,32", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert tifffile.imread(tmp_path / "cli.tif").shape == (40, 32, 32)
