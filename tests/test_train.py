@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 import signal
@@ -152,6 +153,25 @@ def test_sigkill_and_resume_give_bit_identical_weights(tmp_path: Path, store: Pa
     for name in want:
         assert torch.equal(want[name], got[name]), name
     assert Checkpoint.load(run / "last.pt").epoch == 4
+
+
+def test_a_kill_between_the_epoch_file_and_last_pt_resumes_from_the_epoch(
+        tmp_path: Path, store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = {**TINY, "steps_per_epoch": 2}
+    full = train(store, tmp_path / "full", config=TrainConfig(**config, epochs=3),
+                 progress=False)
+    run = tmp_path / "cut"
+    train(store, run, config=TrainConfig(**config, epochs=2), progress=False)
+    epoch_two = (run / "epoch_0002.pt").read_bytes()
+    (run / "last.pt").write_bytes((run / "epoch_0001.pt").read_bytes())  # one epoch behind
+    (run / "best.pt").unlink()
+    with caplog.at_level(logging.INFO, logger="deepcad_chunked"):
+        train(store, run, config=TrainConfig(**config, epochs=3), resume=True, progress=False)
+    assert "after epoch 2" in caplog.text
+    assert (run / "best.pt").exists()
+    assert (run / "epoch_0002.pt").read_bytes() == epoch_two
+    want, got = _weights(full.last), _weights(run / "last.pt")
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_resume_with_other_options_is_refused(tmp_path: Path, store: Path) -> None:

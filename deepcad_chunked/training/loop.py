@@ -98,9 +98,28 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
     except OSError as exc:
         raise DeepCADError(f"cannot write the run directory {run_dir}: "
                            f"{exc.strerror or exc}") from None
-    if not resume and (run_dir / "last.pt").exists():
+    if not resume and _newest_checkpoint(run_dir) is not None:
         raise DeepCADError(f"{run_dir} already holds a training run; pass --resume to continue "
                            "it or choose another output directory")
+
+
+def _publish(checkpoint: Path, name: Path) -> None:
+    """Copy an epoch's checkpoint to ``best.pt`` or ``last.pt`` atomically."""
+    tmp = name.with_name(f".{name.name}.tmp")
+    shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, name)
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of the last finished epoch.
+
+    Each epoch's file is written (atomically) before ``last.pt`` is updated from it, so a run
+    killed between the two has a newer epoch file than ``last.pt``.
+    """
+    epochs = sorted(run_dir.glob("epoch_[0-9][0-9][0-9][0-9].pt"))
+    if epochs:
+        return epochs[-1]
+    return run_dir / "last.pt" if (run_dir / "last.pt").exists() else None
 
 
 def _write_logs(run_dir: Path, history: list[dict[str, float]]) -> None:
@@ -186,8 +205,9 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
     start_epoch, history, best = 0, [], math.inf
-    if resume and (run_dir / "last.pt").exists():
-        ckpt = Checkpoint.load(run_dir / "last.pt", map_location=device)
+    newest = _newest_checkpoint(run_dir) if resume else None
+    if newest is not None:
+        ckpt = Checkpoint.load(newest, map_location=device)
         changed = [k for k in (*_RESUME_KEYS, "data", "normalization")
                    if ckpt.config.get(k) != record[k]]
         if changed:
@@ -197,6 +217,10 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         optimizer.load_state_dict(ckpt.optimizer_state)
         start_epoch, history = ckpt.epoch, ckpt.history
         best = min((h["val_loss"] for h in history), default=math.inf)
+        if newest.name != "last.pt":  # killed before last.pt (and best.pt) caught up
+            _publish(newest, run_dir / "last.pt")
+            if history and history[-1]["val_loss"] == best:
+                _publish(newest, run_dir / "best.pt")
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
@@ -242,10 +266,8 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
             ckpt.save(run_dir / f"epoch_{epoch + 1:04d}.pt")
             if val < best:
                 best = val
-                shutil.copyfile(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / ".best.tmp")
-                os.replace(run_dir / ".best.tmp", run_dir / "best.pt")
-            shutil.copyfile(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / ".last.tmp")
-            os.replace(run_dir / ".last.tmp", run_dir / "last.pt")
+                _publish(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / "best.pt")
+            _publish(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / "last.pt")
             _write_logs(run_dir, history)
             log.info("epoch %d/%d: train loss %.5g, validation loss %.5g%s", epoch + 1,
                      config.epochs, total / steps, val, " (best)" if val == best else "")
