@@ -114,6 +114,8 @@ def _add_run(sub: argparse._SubParsersAction,
     p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to fill")
     _train_options(p)
+    p.add_argument("--dtype", choices=("same", "float32"),
+                   help="denoised samples: the input's dtype (default) or float32")
     p.add_argument("--export", action="store_true", help="also write denoised.ome.tif")
     p.add_argument("--overwrite", action="store_true",
                    help="start again (removes this command's products in OUTDIR only)")
@@ -122,9 +124,12 @@ def _add_run(sub: argparse._SubParsersAction,
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    from deepcad_chunked.config import DenoiseConfig
     from deepcad_chunked.pipeline import run
 
+    denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
     result = run(args.sources, args.output, train_config=_train_config(args),
+                 denoise_config=denoise,
                  export_tiff=args.export, cluster=args.cluster, workers=args.workers,
                  progress=False if args.no_progress else None, overwrite=args.overwrite)
     log.info("denoised recording: %s (model %s)", result.denoised, result.model)

@@ -143,17 +143,23 @@ def demo(outdir: str | Path, *, simulation: SimulationConfig = DEMO_SIMULATION,
     """
     from deepcad_chunked.metrics import score
     from deepcad_chunked.report import preview
-    from deepcad_chunked.simulate import output_paths, simulate
+    from deepcad_chunked.simulate import load_truth, output_paths, simulate
 
     outdir = Path(outdir).expanduser().absolute()
     if not outdir.parent.is_dir():
         raise SourceError(f"folder {outdir.parent} does not exist")
     outdir.mkdir(exist_ok=True)
     files = output_paths(outdir / "simulated")
-    if overwrite or not all(p.exists() for p in (files.raw, files.clean, files.truth)):
+    have = all(p.exists() for p in (files.raw, files.clean, files.truth))
+    if overwrite or not have or load_truth(files.truth).config != simulation:
+        if have and not overwrite:
+            log.info("the simulation in %s has other settings: starting again", outdir)
         simulate(files.raw, simulation, overwrite=True)
-    products = run(files.raw, outdir, train_config=training, cluster=cluster, workers=workers,
-                   progress=progress, overwrite=overwrite)
+        overwrite = True  # products of another recording must go
+    # float32 output: rounding to the raw integers would add its own error to the scores
+    products = run(files.raw, outdir, train_config=training,
+                   denoise_config=DenoiseConfig(dtype="float32"), cluster=cluster,
+                   workers=workers, progress=progress, overwrite=overwrite)
     scores = score(products.denoised, files.clean, files.raw, footprints=files.truth)
     report = preview(files.raw, products.denoised, outdir / "report.png",
                      footprints=files.truth)

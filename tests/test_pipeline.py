@@ -46,6 +46,10 @@ def test_demo_prints_scores_and_writes_its_report(tmp_path: Path) -> None:
     assert names[:2] == ["denoised", "raw"] and any(n.startswith("gaussian") for n in names)
     assert scores["neurons"] > 0 and np.isfinite(scores["gain_db"])
     assert Path(scores["report"]).stat().st_size > 10_000
+    again = run_cli("demo", "-o", str(tmp_path / "demo"), "--frames", "96", "--size", "48,48",
+                    "--json", *TINY, timeout=600)
+    assert again.returncode == 0 and "already denoised" in again.stderr
+    assert json.loads(again.stdout)["rows"] == scores["rows"]
 
 
 def test_preview_draws_the_report_and_a_movie(tmp_path: Path) -> None:
