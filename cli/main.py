@@ -11,7 +11,10 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from deepcad_chunked.cli.workflow import add_commands
 
@@ -80,11 +83,50 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default="local", metavar="local|ADDRESS",
-                   help="'local' starts a LocalCluster (default); tcp://HOST:PORT or a "
-                   "scheduler file joins a running one")
+    p.add_argument("--cluster", default="local", metavar="KIND|ADDRESS",
+                   help="'local' starts a LocalCluster (default); slurm, pbs, sge or lsf "
+                   "submit dask workers as batch jobs (dask-jobqueue); cuda starts one worker "
+                   "per GPU (dask-cuda); tcp://HOST:PORT or a scheduler file joins a running "
+                   "cluster")
     p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
+    hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
+                               "values come from ~/.config/dask/jobqueue.yaml")
+    hpc.add_argument("--cluster-config", metavar="FILE.yaml",
+                     help="dask configuration merged over the user's")
+    hpc.add_argument("--jobs", type=int, metavar="N", help="most jobs at once (default 4)")
+    hpc.add_argument("--min-jobs", type=int, metavar="N", help="jobs kept when idle (0)")
+    hpc.add_argument("--cores", type=int, metavar="N", help="cores per job")
+    hpc.add_argument("--memory", metavar="SIZE", help="memory per job, e.g. 32GiB")
+    hpc.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (0)")
+    hpc.add_argument("--walltime", metavar="HH:MM:SS", help="walltime per job")
+    hpc.add_argument("--queue", metavar="NAME", help="queue or partition")
+    hpc.add_argument("--account", metavar="NAME", help="account to charge")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@contextmanager
+def cluster_of(args: argparse.Namespace) -> Iterator[Any]:
+    """What a command passes as ``cluster=``: the ``--cluster`` text, or a started client.
+
+    Batch-system and multi-GPU clusters are started here, with the options of
+    :func:`_add_cluster_options`; the library starts local clusters and joins addresses.
+    """
+    from deepcad_chunked.cluster import LAUNCHED, connect
+    from deepcad_chunked.config import JobQueueOptions
+
+    if args.workers is not None and args.workers < 1:
+        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
+    if args.cluster not in LAUNCHED:
+        yield args.cluster
+        return
+    names = ("jobs", "min_jobs", "cores", "memory", "gpus_per_job", "walltime", "queue",
+             "account")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.cluster_config:
+        given["config_file"] = Path(args.cluster_config)
+    options = JobQueueOptions.build(**given)
+    with connect(args.cluster, workers=args.workers, jobqueue=options) as client:
+        yield client
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -96,10 +138,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         compression=CompressionConfig.build(**{k: v for k, v in (
             ("cname", args.compression), ("clevel", args.clevel)) if v is not None}),
         overwrite=args.overwrite)
-    if args.workers is not None and args.workers < 1:
-        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
-    rec = convert(args.sources, args.output, config=config, cluster=args.cluster,
-                  workers=args.workers, progress=False if args.no_progress else None)
+    with cluster_of(args) as cluster:
+        rec = convert(args.sources, args.output, config=config, cluster=cluster,
+                      workers=args.workers, progress=False if args.no_progress else None)
     stats = rec.statistics or {}
     log.info("wrote %s: %s %s, mean %.4g, std %.4g", rec.path,
              "×".join(map(str, rec.shape)), rec.dtype, stats.get("mean", float("nan")),
@@ -195,10 +236,9 @@ def _run_denoise(args: argparse.Namespace) -> int:
                                                     "dtype", "tile_memory")}
     config = DenoiseConfig.build(overwrite=args.overwrite,
                                  **{k: v for k, v in given.items() if v is not None})
-    if args.workers is not None and args.workers < 1:
-        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
-    rec = denoise(args.data, args.model, args.output, config=config, cluster=args.cluster,
-                  workers=args.workers, progress=False if args.no_progress else None)
+    with cluster_of(args) as cluster:
+        rec = denoise(args.data, args.model, args.output, config=config, cluster=cluster,
+                      workers=args.workers, progress=False if args.no_progress else None)
     log.info("wrote %s: %s %s", rec.path, "×".join(map(str, rec.shape)), rec.dtype)
     return 0
 

@@ -127,11 +127,14 @@ def _run_run(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import DenoiseConfig
     from deepcad_chunked.pipeline import run
 
+    from .main import cluster_of
+
     denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
-    result = run(args.sources, args.output, train_config=_train_config(args),
-                 denoise_config=denoise,
-                 export_tiff=args.export, cluster=args.cluster, workers=args.workers,
-                 progress=False if args.no_progress else None, overwrite=args.overwrite)
+    with cluster_of(args) as cluster:
+        result = run(args.sources, args.output, train_config=_train_config(args),
+                     denoise_config=denoise, export_tiff=args.export, cluster=cluster,
+                     workers=args.workers, progress=False if args.no_progress else None,
+                     overwrite=args.overwrite)
     log.info("denoised recording: %s (model %s)", result.denoised, result.model)
     return 0
 
@@ -166,10 +169,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     sim = DEMO_SIMULATION.model_dump()
     sim.update({k: v for k, v in (("frames", args.frames), ("size", args.size),
                                   ("photons", args.photons)) if v is not None})
-    scores = demo(args.output, simulation=SimulationConfig.build(**sim),
-                  training=_train_config(args, DEMO_TRAINING), cluster=args.cluster,
-                  workers=args.workers, progress=False if args.no_progress else None,
-                  overwrite=args.overwrite)
+    from .main import cluster_of
+
+    with cluster_of(args) as cluster:
+        scores = demo(args.output, simulation=SimulationConfig.build(**sim),
+                      training=_train_config(args, DEMO_TRAINING), cluster=cluster,
+                      workers=args.workers, progress=False if args.no_progress else None,
+                      overwrite=args.overwrite)
     _print_scores(scores, args.json)
     log.info("report: %s", scores["report"])
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 import dask
 from distributed import Client, Future, LocalCluster, as_completed
 
+from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,30 @@ def _dashboard_address() -> str | None:
     return "127.0.0.1:0"
 
 
+#: ``--cluster`` kinds that start a cluster for the job (besides ``local``).
+LAUNCHED = ("slurm", "pbs", "sge", "lsf", "cuda")
+
+
 @contextmanager
 def connect(cluster: str | Client | None = "local", *, workers: int | None = None,
-            threads_per_worker: int = 1) -> Iterator[Client]:
+            threads_per_worker: int = 1,
+            jobqueue: JobQueueOptions | None = None) -> Iterator[Client]:
     """Yield a client of the cluster a job should run on.
 
     Parameters
     ----------
     cluster : str, Client or None
-        ``"local"`` (or None) starts a LocalCluster on loopback; ``tcp://host:port`` and other
+        ``"local"`` (or None) starts a LocalCluster on loopback; ``slurm``, ``pbs``, ``sge``
+        and ``lsf`` start dask-jobqueue's cluster for that batch system and ``cuda`` one
+        worker per GPU (:mod:`deepcad_chunked.launchers`); ``tcp://host:port`` and other
         dask addresses, or the path of a scheduler JSON file, join a running scheduler; a
         :class:`~distributed.Client` is used as it is (and not closed).
     workers : int, optional
         Worker processes of a LocalCluster; default: one per CPU core.
     threads_per_worker : int
         Threads in each LocalCluster worker.
+    jobqueue : JobQueueOptions, optional
+        Jobs, cores, memory, GPUs, walltime, queue and account of a batch-system cluster.
 
     Yields
     ------
@@ -84,6 +94,14 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
                 log.info("dask dashboard: %s", client.dashboard_link)
             yield client
         return
+    if cluster in LAUNCHED:
+        from deepcad_chunked import launchers
+
+        started = (launchers.start_cuda(workers) if cluster == "cuda"
+                   else launchers.start_jobqueue(cluster, jobqueue or JobQueueOptions()))
+        with started, Client(started) as client:
+            yield client
+        return
     if workers is not None:
         log.warning("--workers applies to a local cluster only; ignored for %s", cluster)
     try:
@@ -92,8 +110,9 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
         elif Path(cluster).is_file():
             client = Client(scheduler_file=cluster, timeout=CONNECT_TIMEOUT_S)
         else:
-            raise ConfigError(f"unknown cluster {cluster!r}: give 'local', a scheduler address "
-                              "such as tcp://127.0.0.1:8786, or a scheduler file")
+            raise ConfigError(f"unknown cluster {cluster!r}: give 'local', one of "
+                              f"{', '.join(LAUNCHED)}, a scheduler address such as "
+                              "tcp://127.0.0.1:8786, or a scheduler file")
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {cluster} within "
                           f"{CONNECT_TIMEOUT_S} s ({exc.__class__.__name__})") from None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -217,4 +218,45 @@ class SimulationConfig(_Config):
     def _big_enough(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 16:
             raise ValueError(f"frames must be at least 16×16 pixels, got {value}")
+        return value
+
+
+class JobQueueOptions(_Config):
+    """Options of a cluster on a batch system (``--cluster slurm|pbs|sge|lsf``).
+
+    Unset options come from dask's configuration (``jobqueue.<kind>.*`` in
+    ``~/.config/dask/jobqueue.yaml`` or ``config_file``).
+
+    Attributes
+    ----------
+    jobs : int
+        Most jobs at once (adaptive scaling goes up to this).
+    min_jobs : int
+        Jobs kept even when idle.
+    cores, memory : int, str
+        Cores and memory of one job (e.g. ``"32GiB"``).
+    gpus_per_job : int
+        GPUs each job asks for; workers then advertise ``GPU`` resources.
+    walltime, queue, account : str
+        The batch system's walltime (``HH:MM:SS``), queue or partition, and account.
+    config_file : Path or None
+        A dask YAML configuration merged over the user's.
+    """
+
+    jobs: int = Field(4, ge=1, le=10_000)
+    min_jobs: int = Field(0, ge=0)
+    cores: int | None = Field(None, ge=1)
+    memory: str | None = None
+    gpus_per_job: int = Field(0, ge=0, le=64)
+    walltime: str | None = None
+    queue: str | None = None
+    account: str | None = None
+    config_file: Path | None = None
+
+    @field_validator("min_jobs")
+    @classmethod
+    def _not_above_jobs(cls, value: int, info: Any) -> int:
+        jobs = info.data.get("jobs", 4)
+        if value > jobs:
+            raise ValueError(f"min_jobs {value} is more than jobs {jobs}")
         return value
