@@ -11,11 +11,9 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
+from deepcad_chunked.cli.options import add_cluster_options, cluster_of, size, triple
 from deepcad_chunked.cli.workflow import add_commands
 
 from deepcad_chunked._version import __version__
@@ -29,35 +27,6 @@ EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
 
 
-def _triple(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected T,Y,X integers, got {text!r}") from None
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three sizes T,Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
-          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
-          "tib": 2**40}
-
-
-def _size(text: str) -> int:
-    """``4GiB``, ``500MB``, ``2g`` or a number of bytes."""
-    number = text.strip().rstrip("bBiI").rstrip("kKmMgGtT")
-    unit = text.strip()[len(number):].lower()
-    try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB or 500MB, got {text!r}"
-                                         ) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
-    return int(value)
-
-
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from deepcad_chunked.config import DEFAULT_CHUNKS, CompressionConfig
 
@@ -67,7 +36,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "losslessly and out of core. An interrupted run resumes when rerun.")
     p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
-    p.add_argument("--chunks", type=_triple, metavar="T,Y,X",
+    p.add_argument("--chunks", type=triple, metavar="T,Y,X",
                    help=f"storage chunk shape (default {','.join(map(str, DEFAULT_CHUNKS))})")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                    help="3: Zarr v3 + NGFF 0.5 (default); 2: Zarr v2 + NGFF 0.4")
@@ -78,55 +47,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clevel", type=int, help="compression level 0-9 (default "
                    f"{_default(CompressionConfig, 'clevel')})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _add_cluster_options(p)
+    add_cluster_options(p)
     p.set_defaults(run=_run_convert)
-
-
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", default="local", metavar="KIND|ADDRESS",
-                   help="'local' starts a LocalCluster (default); slurm, pbs, sge or lsf "
-                   "submit dask workers as batch jobs (dask-jobqueue); cuda starts one worker "
-                   "per GPU (dask-cuda); tcp://HOST:PORT or a scheduler file joins a running "
-                   "cluster")
-    p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
-    hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
-                               "values come from ~/.config/dask/jobqueue.yaml")
-    hpc.add_argument("--cluster-config", metavar="FILE.yaml",
-                     help="dask configuration merged over the user's")
-    hpc.add_argument("--jobs", type=int, metavar="N", help="most jobs at once (default 4)")
-    hpc.add_argument("--min-jobs", type=int, metavar="N", help="jobs kept when idle (0)")
-    hpc.add_argument("--cores", type=int, metavar="N", help="cores per job")
-    hpc.add_argument("--memory", metavar="SIZE", help="memory per job, e.g. 32GiB")
-    hpc.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (0)")
-    hpc.add_argument("--walltime", metavar="HH:MM:SS", help="walltime per job")
-    hpc.add_argument("--queue", metavar="NAME", help="queue or partition")
-    hpc.add_argument("--account", metavar="NAME", help="account to charge")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-@contextmanager
-def cluster_of(args: argparse.Namespace) -> Iterator[Any]:
-    """What a command passes as ``cluster=``: the ``--cluster`` text, or a started client.
-
-    Batch-system and multi-GPU clusters are started here, with the options of
-    :func:`_add_cluster_options`; the library starts local clusters and joins addresses.
-    """
-    from deepcad_chunked.cluster import LAUNCHED, connect
-    from deepcad_chunked.config import JobQueueOptions
-
-    if args.workers is not None and args.workers < 1:
-        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
-    if args.cluster not in LAUNCHED:
-        yield args.cluster
-        return
-    names = ("jobs", "min_jobs", "cores", "memory", "gpus_per_job", "walltime", "queue",
-             "account")
-    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.cluster_config:
-        given["config_file"] = Path(args.cluster_config)
-    options = JobQueueOptions.build(**given)
-    with connect(args.cluster, workers=args.workers, jobqueue=options) as client:
-        yield client
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -166,7 +88,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help=f"epochs (default {_default(C, 'epochs')})")
     p.add_argument("--steps-per-epoch", type=int, metavar="N",
                    help="optimiser steps per epoch (default: cover the training frames once)")
-    p.add_argument("--patch", type=_triple, metavar="T,Y,X",
+    p.add_argument("--patch", type=triple, metavar="T,Y,X",
                    help="input volume pt,py,px, multiples of 8; a tile reads 2·pt frames "
                    f"(default {_default(C, 'patch')})")
     p.add_argument("--batch-size", type=int,
@@ -210,7 +132,7 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA.zarr", help="recording store")
     p.add_argument("-m", "--model", required=True, metavar="MODEL.pt", help="checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
-    p.add_argument("--block", type=_triple, metavar="T,Y,X",
+    p.add_argument("--block", type=triple, metavar="T,Y,X",
                    help="core block per task, multiples of 8 (default: from the device, "
                    "rounded to whole storage chunks)")
     p.add_argument("--halo", type=int, metavar="N",
@@ -220,11 +142,11 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
     p.add_argument("--dtype", choices=("same", "float32"),
                    help="output samples: the input's dtype (default) or float32")
-    p.add_argument("--tile-memory", type=_size, metavar="SIZE",
+    p.add_argument("--tile-memory", type=size, metavar="SIZE",
                    help="memory one forward pass may use, e.g. 8GiB; larger blocks are tiled "
                    "inside their task (default: from each worker's GPU or memory limit)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    _add_cluster_options(p)
+    add_cluster_options(p)
     p.set_defaults(run=_run_denoise)
 
 
@@ -325,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise(sub)
     _add_info(sub)
     _add_export(sub)
-    add_commands(sub, _add_cluster_options)
+    add_commands(sub)
     return parser
 
 

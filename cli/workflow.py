@@ -5,38 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
 from typing import Any
+
+from deepcad_chunked.cli.options import add_cluster_options, cluster_of, pair, region, triple
 
 log = logging.getLogger("deepcad_chunked.cli")
 
 
-def _pair(text: str) -> tuple[int, int]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Y,X integers, got {text!r}") from None
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected two integers Y,X, got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def _region(text: str) -> tuple[int, int, int, int]:
-    try:
-        ys, xs = text.split(",")
-        y0, y1 = (int(v) for v in ys.split(":"))
-        x0, x1 = (int(v) for v in xs.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Y0:Y1,X0:X1, got {text!r}") from None
-    return y0, y1, x0, x1
-
-
-def add_commands(sub: argparse._SubParsersAction,
-                 cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register simulate, run, demo, evaluate and preview."""
     _add_simulate(sub)
-    _add_run(sub, cluster_options)
-    _add_demo(sub, cluster_options)
+    _add_run(sub)
+    _add_demo(sub)
     _add_evaluate(sub)
     _add_preview(sub)
 
@@ -53,7 +33,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                        "PREFIX_traces.npy, chunk by chunk (any length).")
     p.add_argument("-o", "--output", required=True, metavar="PREFIX", help="path prefix")
     p.add_argument("--frames", type=int, help=f"frames (default {d.frames})")
-    p.add_argument("--size", type=_pair, metavar="Y,X",
+    p.add_argument("--size", type=pair, metavar="Y,X",
                    help=f"frame size (default {d.size[0]},{d.size[1]})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--photons", type=float,
@@ -84,14 +64,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="optimiser steps per epoch")
     p.add_argument("--features", type=int, help="feature maps of the first level")
-    p.add_argument("--patch", type=_triple_type(), metavar="T,Y,X", help="training patch")
+    p.add_argument("--patch", type=triple, metavar="T,Y,X", help="training patch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-
-
-def _triple_type() -> Callable[[str], tuple[int, int, int]]:
-    from .main import _triple
-
-    return _triple
 
 
 def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
@@ -104,8 +78,7 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
     return TrainConfig.build(**values)
 
 
-def _add_run(sub: argparse._SubParsersAction,
-             cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="convert, train and denoise in one command",
                        description="Convert the TIFF archive, train the denoiser on it and "
                        "denoise it, into OUTDIR (recording.zarr, model/, denoised.zarr, and "
@@ -119,15 +92,13 @@ def _add_run(sub: argparse._SubParsersAction,
     p.add_argument("--export", action="store_true", help="also write denoised.ome.tif")
     p.add_argument("--overwrite", action="store_true",
                    help="start again (removes this command's products in OUTDIR only)")
-    cluster_options(p)
+    add_cluster_options(p)
     p.set_defaults(run=_run_run)
 
 
 def _run_run(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import DenoiseConfig
     from deepcad_chunked.pipeline import run
-
-    from .main import cluster_of
 
     denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
     with cluster_of(args) as cluster:
@@ -139,8 +110,7 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction,
-              cluster_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     from deepcad_chunked.pipeline import DEMO_SIMULATION as S
     from deepcad_chunked.pipeline import DEMO_TRAINING as T
 
@@ -153,12 +123,12 @@ def _add_demo(sub: argparse._SubParsersAction,
     p.add_argument("-o", "--output", default="deepcad-demo", metavar="DIR",
                    help="folder (default ./deepcad-demo)")
     p.add_argument("--frames", type=int, help=f"simulated frames (default {S.frames})")
-    p.add_argument("--size", type=_pair, metavar="Y,X", help="simulated frame size")
+    p.add_argument("--size", type=pair, metavar="Y,X", help="simulated frame size")
     p.add_argument("--photons", type=float, help=f"photon level (default {S.photons:g})")
     _train_options(p)
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--overwrite", action="store_true", help="start again")
-    cluster_options(p)
+    add_cluster_options(p)
     p.set_defaults(run=_run_demo)
 
 
@@ -169,8 +139,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     sim = DEMO_SIMULATION.model_dump()
     sim.update({k: v for k, v in (("frames", args.frames), ("size", args.size),
                                   ("photons", args.photons)) if v is not None})
-    from .main import cluster_of
-
     with cluster_of(args) as cluster:
         scores = demo(args.output, simulation=SimulationConfig.build(**sim),
                       training=_train_config(args, DEMO_TRAINING), cluster=cluster,
@@ -193,7 +161,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", metavar="RAW", help="the noisy recording")
     p.add_argument("--footprints", metavar="TRUTH.npz",
                    help="neuron footprints (default: PREFIX_truth.npz beside PREFIX_clean.tif)")
-    p.add_argument("--dark", type=_region, metavar="Y0:Y1,X0:X1",
+    p.add_argument("--dark", type=region, metavar="Y0:Y1,X0:X1",
                    help="dark region for the no-ground-truth score (default: found)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_run_evaluate)
@@ -241,11 +209,11 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("denoised", metavar="DENOISED")
     p.add_argument("-o", "--output", required=True, metavar="REPORT.png")
     p.add_argument("--frames", type=int, default=300, help="frames read (default 300)")
-    p.add_argument("--roi", type=_pair, action="append", metavar="Y,X",
+    p.add_argument("--roi", type=pair, action="append", metavar="Y,X",
                    help="a region of interest's centre (repeatable; default: brightest)")
     p.add_argument("--footprints", metavar="TRUTH.npz", help="a simulation's neurons as ROIs")
     p.add_argument("--movie", metavar="CROP.gif", help="also write a movie (.gif or .mp4)")
-    p.add_argument("--crop", type=_region, metavar="Y0:Y1,X0:X1", help="the movie's crop")
+    p.add_argument("--crop", type=region, metavar="Y0:Y1,X0:X1", help="the movie's crop")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(run=_run_preview)
 

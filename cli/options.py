@@ -1,0 +1,111 @@
+"""Option types and the cluster options shared by the ``deepcad-chunked`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from deepcad_chunked.errors import DeepCADError
+
+
+def _integers(text: str, axes: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {axes} integers, got {text!r}") from None
+    count = axes.count(",") + 1
+    if len(values) != count:
+        words = {2: "two", 3: "three"}[count]
+        raise argparse.ArgumentTypeError(f"expected {words} sizes {axes}, got {text!r}")
+    return values
+
+
+def triple(text: str) -> tuple[int, int, int]:
+    """``T,Y,X`` (or ``TxYxX``) integers."""
+    return _integers(text, "T,Y,X")  # type: ignore[return-value]
+
+
+def pair(text: str) -> tuple[int, int]:
+    """``Y,X`` (or ``YxX``) integers."""
+    return _integers(text, "Y,X")  # type: ignore[return-value]
+
+
+def region(text: str) -> tuple[int, int, int, int]:
+    """``Y0:Y1,X0:X1`` → ``(y0, y1, x0, x1)``."""
+    try:
+        ys, xs = text.split(",")
+        y0, y1 = (int(v) for v in ys.split(":"))
+        x0, x1 = (int(v) for v in xs.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Y0:Y1,X0:X1, got {text!r}") from None
+    return y0, y1, x0, x1
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
+          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
+          "tib": 2**40}
+
+
+def size(text: str) -> int:
+    """``4GiB``, ``500MB``, ``2g`` or a number of bytes."""
+    number = text.strip().rstrip("bBiI").rstrip("kKmMgGtT")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GiB or 500MB, got {text!r}"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return int(value)
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """``--cluster``, ``--workers``, the batch-system options and ``--no-progress``."""
+    p.add_argument("--cluster", default="local", metavar="KIND|ADDRESS",
+                   help="'local' starts a LocalCluster (default); slurm, pbs, sge or lsf "
+                   "submit dask workers as batch jobs (dask-jobqueue); cuda starts one worker "
+                   "per GPU (dask-cuda); tcp://HOST:PORT or a scheduler file joins a running "
+                   "cluster")
+    p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
+    hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
+                               "values come from ~/.config/dask/jobqueue.yaml")
+    hpc.add_argument("--cluster-config", metavar="FILE.yaml",
+                     help="dask configuration merged over the user's")
+    hpc.add_argument("--jobs", type=int, metavar="N", help="most jobs at once (default 4)")
+    hpc.add_argument("--min-jobs", type=int, metavar="N", help="jobs kept when idle (0)")
+    hpc.add_argument("--cores", type=int, metavar="N", help="cores per job")
+    hpc.add_argument("--memory", metavar="SIZE", help="memory per job, e.g. 32GiB")
+    hpc.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (0)")
+    hpc.add_argument("--walltime", metavar="HH:MM:SS", help="walltime per job")
+    hpc.add_argument("--queue", metavar="NAME", help="queue or partition")
+    hpc.add_argument("--account", metavar="NAME", help="account to charge")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@contextmanager
+def cluster_of(args: argparse.Namespace) -> Iterator[Any]:
+    """What a command passes as ``cluster=``: the ``--cluster`` text, or a started client.
+
+    Batch-system and multi-GPU clusters are started here, with the options of
+    :func:`add_cluster_options`; the library starts local clusters and joins addresses.
+    """
+    from deepcad_chunked.cluster import LAUNCHED, connect
+    from deepcad_chunked.config import JobQueueOptions
+
+    if args.workers is not None and args.workers < 1:
+        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
+    if args.cluster not in LAUNCHED:
+        yield args.cluster
+        return
+    names = ("jobs", "min_jobs", "cores", "memory", "gpus_per_job", "walltime", "queue",
+             "account")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.cluster_config:
+        given["config_file"] = Path(args.cluster_config)
+    options = JobQueueOptions.build(**given)
+    with connect(args.cluster, workers=args.workers, jobqueue=options) as client:
+        yield client
