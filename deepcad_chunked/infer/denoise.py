@@ -19,7 +19,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from deepcad_chunked.io.resumable import (
     remove_partial_writes,
 )
 from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.unet3d import GRID
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def plan_layout(client: Client, rec: Recording, features: int,
                                       step=tuple(c if c % 8 == 0 else 8 for c in storage),
                                       slots=slots)
     check_blocks(block, halo, frames_yx)
-    cores = [min(b, n + (-n % 8)) for b, n in zip(block, frames_yx, strict=True)]
+    cores = [min(b, n + (-n % GRID)) for b, n in zip(block, frames_yx, strict=True)]
     tiles = len(plan_tiles(cores, halo, max_voxels))  # refuses a memory too small for any
     if tiles > 1:
         log.info("a block needs more memory than a task may use: each is cut into %d tiles "
@@ -293,6 +294,14 @@ class _Job:
     dtype: np.dtype
     config: DenoiseConfig
     gpu: bool
+    source: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.source = self.rec.to_dask()
+
+    def _marker(self, plane: tuple[int, ...], index: tuple[int, ...]) -> Path:
+        """The marker of the piece ``index`` (in whole-recording piece units) of ``plane``."""
+        return self.markers / ("_".join(map(str, (*plane, *index))) + ".done")
 
     def _planes(self) -> list[tuple[int, ...]]:
         return list(product(*(range(n) for n in self.rec.shape[1:-2])))
@@ -301,36 +310,35 @@ class _Job:
         n, step = self.rec.shape[0], self.layout.segment
         return [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    def _names(self, plane: tuple[int, ...], frames: tuple[int, int]) -> Iterator[str]:
+    def _markers(self, plane: tuple[int, ...], frames: tuple[int, int]) -> Iterator[Path]:
         pieces = self.layout.pieces
         counts = [math.ceil(n / p) for n, p in zip((self.rec.shape[-2], self.rec.shape[-1]),
                                                     pieces[1:], strict=True)]
         first, last = frames[0] // pieces[0], math.ceil(frames[1] / pieces[0])
         for index in product(range(first, last), *map(range, counts)):
-            yield "_".join(map(str, (*plane, *index)))
+            yield self._marker(plane, index)
 
     def per_segment(self) -> int:
         """Pieces in a full segment (per plane)."""
-        return len(list(self._names((), (0, min(self.layout.segment, self.rec.shape[0])))))
+        return len(list(self._markers((), (0, min(self.layout.segment, self.rec.shape[0])))))
 
     def count(self) -> tuple[int, int]:
         """Pieces still to write, and all pieces."""
-        names = [name for plane in self._planes() for frames in self._frames()
-                 for name in self._names(plane, frames)]
-        return sum(not (self.markers / f"{n}.done").exists() for n in names), len(names)
+        markers = [m for plane in self._planes() for frames in self._frames()
+                   for m in self._markers(plane, frames)]
+        return sum(not m.exists() for m in markers), len(markers)
 
     def segments(self) -> Iterator[list[Any]]:
         """One list of delayed writes per segment with unfinished pieces, built lazily."""
         for plane in self._planes():
             for frames in self._frames():
-                if all((self.markers / f"{n}.done").exists()
-                       for n in self._names(plane, frames)):
+                if all(m.exists() for m in self._markers(plane, frames)):
                     continue
                 yield self._segment(plane, frames)
 
     def _segment(self, plane: tuple[int, ...], frames: tuple[int, int]) -> list[Any]:
-        layout, source = self.layout, self.rec.to_dask()
-        series = source[(slice(None), *plane)]
+        layout = self.layout
+        series = self.source[(slice(None), *plane)]
         with dask.annotate(resources={"GPU": 1}) if self.gpu else nullcontext():
             out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
                                device=self.config.device, precision=self.config.precision,
@@ -345,14 +353,13 @@ class _Job:
         for index in product(*(range(len(c)) for c in out.chunks)):
             region = tuple(slice(o + int(s[i]), o + int(s[i]) + c[i])
                            for o, s, c, i in zip(offset, starts, out.chunks, index, strict=True))
-            glob = (index[0] + frames[0] // layout.pieces[0], *index[1:])
-            name = "_".join(map(str, (*plane, *glob)))
-            marker = self.markers / f"{name}.done"
+            marker = self._marker(plane, (index[0] + frames[0] // layout.pieces[0], *index[1:]))
             if marker.exists():
                 continue
             full = (region[0], *plane, *region[1:])
             tasks.append(dask.delayed(_write_block)(pieces[index], str(self.output), full,
-                                                    str(marker), dask_key_name=f"write-{name}"))
+                                                    str(marker),
+                                                    dask_key_name=f"write-{marker.stem}"))
         return tasks
 
 

@@ -117,6 +117,19 @@ def _cached_model(path: str, digest: str, device: str) -> UNet3D:
     return model
 
 
+@functools.lru_cache(maxsize=4)
+def _normalization_and_digest(path: str, mtime_ns: int, size: int
+                              ) -> tuple[np.float32, np.float32, str]:
+    """Mean, std and weights digest of a checkpoint, read once per file version.
+
+    A long recording is denoised a segment at a time, each segment's graph built by
+    :func:`denoise_dask`; this keeps them from reading and hashing the file every time.
+    """
+    ckpt = Checkpoint.load(path)
+    norm = ckpt.normalization
+    return np.float32(norm["mean"]), np.float32(norm["std"]), ckpt.digest
+
+
 def denoise_block(block: np.ndarray, *, model_path: str, digest: str, device: str,
                   precision: str, halo: int, max_voxels: int | None = None) -> np.ndarray:
     """Run the network on one normalised block with its halo (a map_overlap task).
@@ -276,8 +289,10 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
             and (stop == n or stop % block[0] == 0)):
         raise ConfigError(f"frames {start}:{stop} must lie in 0:{n} and start and end on "
                           f"blocks of {block[0]}")
-    ckpt = Checkpoint.load(model_path)
-    mean, std = np.float32(ckpt.normalization["mean"]), np.float32(ckpt.normalization["std"])
+    path = Path(model_path).absolute()
+    stat = path.stat() if path.is_file() else None
+    mean, std, digest = _normalization_and_digest(
+        str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
     shape = (stop - start, *array.shape[1:])
     span = shape[0] + (-shape[0] % GRID) + 2 * halo
     x = _gather(array, 0, mirror_indices(n, halo)[start:start + span])
@@ -285,9 +300,8 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         x = _gather(x, axis, mirror_indices(array.shape[axis], halo))
     x = (x.astype(np.float32) - mean) / std
     x = x.rechunk(tuple(block_chunks(m, b, halo) for m, b in zip(shape, block, strict=True)))
-    fn = functools.partial(denoise_block, model_path=str(Path(model_path).absolute()),
-                           digest=ckpt.digest, device=device, precision=precision, halo=halo,
-                           max_voxels=max_voxels)
+    fn = functools.partial(denoise_block, model_path=str(path), digest=digest, device=device,
+                           precision=precision, halo=halo, max_voxels=max_voxels)
     out = x.map_overlap(fn, depth=halo, boundary="none", trim=True, dtype=np.float32,
                         meta=np.empty((0, 0, 0), dtype=np.float32), allow_rechunk=False)
     out = out[tuple(slice(halo, halo + m) for m in shape)]
