@@ -63,49 +63,63 @@ def size(text: str) -> int:
     return int(value)
 
 
-def add_cluster_options(p: argparse.ArgumentParser) -> None:
-    """``--cluster``, ``--workers``, the batch-system options and ``--no-progress``."""
-    p.add_argument("--cluster", default="local", metavar="KIND|ADDRESS",
-                   help="'local' starts a LocalCluster (default); slurm, pbs, sge or lsf "
+def add_cluster_options(p: argparse.ArgumentParser, *, local_workers: bool = True,
+                        default: str | None = "local") -> None:
+    """``--cluster``, ``--workers``, the batch-system options and ``--no-progress``.
+
+    ``local_workers=False`` leaves out ``--workers`` (for a command that has its own);
+    ``default=None`` makes the command run in this process unless ``--cluster`` is given.
+    """
+    where = ("'local' starts a LocalCluster (default)" if default == "local" else
+             "default: this process; 'local' runs it on a worker of a LocalCluster")
+    p.add_argument("--cluster", default=default, metavar="KIND|ADDRESS",
+                   help=f"{where}; slurm, pbs, sge or lsf "
                    "submit dask workers as batch jobs (dask-jobqueue); cuda starts one worker "
                    "per GPU (dask-cuda); tcp://HOST:PORT or a scheduler file joins a running "
                    "cluster")
-    p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
+    if local_workers:
+        p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
     hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
                                "values come from ~/.config/dask/jobqueue.yaml")
     hpc.add_argument("--cluster-config", metavar="FILE.yaml",
                      help="dask configuration merged over the user's")
     hpc.add_argument("--jobs", type=int, metavar="N", help="most jobs at once (default 4)")
-    hpc.add_argument("--min-jobs", type=int, metavar="N", help="jobs kept when idle (0)")
+    hpc.add_argument("--min-jobs", type=int, metavar="N",
+                     help="jobs kept while the command runs (default 1)")
     hpc.add_argument("--cores", type=int, metavar="N", help="cores per job")
     hpc.add_argument("--memory", metavar="SIZE", help="memory per job, e.g. 32GiB")
     hpc.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (0)")
     hpc.add_argument("--walltime", metavar="HH:MM:SS", help="walltime per job")
     hpc.add_argument("--queue", metavar="NAME", help="queue or partition")
     hpc.add_argument("--account", metavar="NAME", help="account to charge")
+    hpc.add_argument("--worker-wait", type=float, metavar="SECONDS",
+                     help="give up when no job has started a worker by then (default 900)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 @contextmanager
-def cluster_of(args: argparse.Namespace) -> Iterator[Any]:
+def cluster_of(args: argparse.Namespace, *, workers: int | None = None) -> Iterator[Any]:
     """What a command passes as ``cluster=``: the ``--cluster`` text, or a started client.
 
     Batch-system and multi-GPU clusters are started here, with the options of
     :func:`add_cluster_options`; the library starts local clusters and joins addresses.
+    ``workers`` overrides ``--workers`` (for a command that needs one worker).
     """
     from deepcad_chunked.cluster import LAUNCHED, connect
     from deepcad_chunked.config import JobQueueOptions
 
-    if args.workers is not None and args.workers < 1:
-        raise DeepCADError(f"--workers must be at least 1, got {args.workers}")
+    if workers is None:
+        workers = getattr(args, "workers", None)
+        if workers is not None and workers < 1:
+            raise DeepCADError(f"--workers must be at least 1, got {workers}")
     if args.cluster not in LAUNCHED:
         yield args.cluster
         return
     names = ("jobs", "min_jobs", "cores", "memory", "gpus_per_job", "walltime", "queue",
-             "account")
+             "account", "worker_wait")
     given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.cluster_config:
         given["config_file"] = Path(args.cluster_config)
     options = JobQueueOptions.build(**given)
-    with connect(args.cluster, workers=args.workers, jobqueue=options) as client:
+    with connect(args.cluster, workers=workers, jobqueue=options) as client:
         yield client

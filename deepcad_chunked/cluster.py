@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for a scheduler given by address before giving up.
 CONNECT_TIMEOUT_S = 10
+#: Seconds a job waits for a first worker to join a scheduler it was given.
+WORKER_WAIT_S = 300
 _SCHEMES = ("tcp://", "tls://", "ucx://", "ws://", "wss://", "inproc://")
 
 #: glibc malloc settings for local workers. distributed sets MALLOC_TRIM_THRESHOLD_=64 KiB, which
@@ -97,9 +99,13 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     if cluster in LAUNCHED:
         from deepcad_chunked import launchers
 
-        started = (launchers.start_cuda(workers) if cluster == "cuda"
-                   else launchers.start_jobqueue(cluster, jobqueue or JobQueueOptions()))
-        with started, Client(started) as client:
+        if cluster == "cuda":
+            with launchers.start_cuda(workers) as started, Client(started) as client:
+                yield client
+            return
+        options = jobqueue or JobQueueOptions()
+        with launchers.start_jobqueue(cluster, options) as started, Client(started) as client:
+            launchers.wait_for_first_worker(client, started, cluster, options.worker_wait)
             yield client
         return
     if workers is not None:
@@ -118,6 +124,24 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
                           f"{CONNECT_TIMEOUT_S} s ({exc.__class__.__name__})") from None
     with client:
         yield client
+
+
+def wait_for_a_worker(client: Client, timeout: float = WORKER_WAIT_S) -> None:
+    """Return once the cluster has a worker; fail with one line after ``timeout`` seconds.
+
+    Raises
+    ------
+    ConfigError
+        When no worker joins in time.
+    """
+    if client.scheduler_info().get("workers"):
+        return
+    log.info("waiting for a dask worker to join %s", client.scheduler.address)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ConfigError(f"no dask worker joined the scheduler at {client.scheduler.address} "
+                          f"within {timeout:g} s") from None
 
 
 def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:

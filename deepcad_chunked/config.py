@@ -232,7 +232,8 @@ class JobQueueOptions(_Config):
     jobs : int
         Most jobs at once (adaptive scaling goes up to this).
     min_jobs : int
-        Jobs kept even when idle.
+        Jobs kept while the command runs, even when idle (at least one: they are submitted
+        at the start, so that a refused job is reported at once).
     cores, memory : int, str
         Cores and memory of one job (e.g. ``"32GiB"``).
     gpus_per_job : int
@@ -241,10 +242,13 @@ class JobQueueOptions(_Config):
         The batch system's walltime (``HH:MM:SS``), queue or partition, and account.
     config_file : Path or None
         A dask YAML configuration merged over the user's.
+    worker_wait : float
+        Seconds to wait for the first worker (a job that pends longer fails the command
+        with the job's state instead of hanging).
     """
 
     jobs: int = Field(4, ge=1, le=10_000)
-    min_jobs: int = Field(0, ge=0)
+    min_jobs: int = Field(1, ge=1)
     cores: int | None = Field(None, ge=1)
     memory: str | None = None
     gpus_per_job: int = Field(0, ge=0, le=64)
@@ -252,6 +256,7 @@ class JobQueueOptions(_Config):
     queue: str | None = None
     account: str | None = None
     config_file: Path | None = None
+    worker_wait: float = Field(900.0, gt=0)
 
     @field_validator("min_jobs")
     @classmethod

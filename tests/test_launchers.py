@@ -9,7 +9,7 @@ import pytest
 
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
-from deepcad_chunked.launchers import _minutes, job_kwargs, start_jobqueue
+from deepcad_chunked.launchers import _minutes, job_kwargs, make_jobqueue
 from tests.conftest import assert_clean_error, run_cli
 
 # loaded before any dask.config.set, whose exit would otherwise drop its defaults again
@@ -28,7 +28,7 @@ EXPECTED = {
 
 def _script(kind: str, **options: object) -> str:
     with dask.config.set({f"jobqueue.{kind}.scheduler-options": {"host": "127.0.0.1"}}):
-        cluster = start_jobqueue(kind, JobQueueOptions(**options))
+        cluster = make_jobqueue(kind, JobQueueOptions(**options))
         try:
             return cluster.job_script()
         finally:
@@ -77,3 +77,30 @@ def test_command_line_errors(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     assert_clean_error(run_cli("convert", str(src), "-o", str(tmp_path / "o.zarr"),
                                "--cluster", "cuda"), "cuda")
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "hpc"
+
+
+@pytest.mark.parametrize("kind, lines", [
+    ("slurm", ["#SBATCH -p gpu", "#SBATCH -A my-lab", "#SBATCH --gres=gpu:1",
+               "#SBATCH --cpus-per-task=8", "#SBATCH -t 04:00:00",
+               "source $HOME/venvs/deepcad/bin/activate"]),
+    ("pbs", ["#PBS -q gpuq", "#PBS -A my-project", "#PBS -l select=1:ncpus=8:mem=64GB:ngpus=1",
+             "#PBS -l walltime=04:00:00", "cd $PBS_O_WORKDIR"]),
+])
+def test_example_configs_give_gpu_jobs(kind: str, lines: list[str]) -> None:
+    config = EXAMPLES / ("slurm-gpu.yaml" if kind == "slurm" else "pbs.yaml")
+    script = _script(kind, config_file=config)
+    for line in lines:
+        assert line in script, (line, script)
+    worker = script.strip().splitlines()[-1]
+    assert "--resources GPU=1" in worker and "--lifetime 230m" in worker
+    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
+
+
+def test_a_cluster_config_file_does_not_leak_into_later_clusters(tmp_path: Path) -> None:
+    config = tmp_path / "a100.yaml"
+    config.write_text("jobqueue:\n  slurm:\n    job-extra-directives: ['--constraint=a100']\n")
+    assert "--constraint=a100" in _script("slurm", cores=1, memory="1GiB", config_file=config)
+    assert "--constraint=a100" not in _script("slurm", cores=1, memory="1GiB")

@@ -30,7 +30,7 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import compute_in_batches, connect
+from deepcad_chunked.cluster import compute_in_batches, connect, wait_for_a_worker
 from deepcad_chunked.config import DenoiseConfig
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import (
@@ -74,8 +74,6 @@ log = logging.getLogger(__name__)
 #: pass would not fit the worker's memory (:func:`~deepcad_chunked.infer.memory.fit_block`).
 #: With the default halo of 48 a long 512×512 recording is read 2.9× (GPU block) or 4.8× (CPU).
 DEFAULT_BLOCKS = {"cpu": (64, 256, 256), "cuda": (192, 384, 384)}
-#: Seconds to wait for the first worker of a cluster that has none.
-WORKER_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -160,12 +158,7 @@ def plan_layout(client: Client, rec: Recording, features: int,
 
 
 def _worker_memory(client: Client, device: str) -> dict[str, dict[str, Any]]:
-    if not client.scheduler_info().get("workers"):
-        try:
-            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-        except TimeoutError:
-            raise ConfigError(f"no dask worker joined the scheduler within {WORKER_WAIT_S} s"
-                              ) from None
+    wait_for_a_worker(client)
     return client.run(worker_memory, device)
 
 
