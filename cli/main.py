@@ -104,7 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, help="fraction of the last frames held out "
                    f"for validation (default {_default(C, 'val_fraction')})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_cluster_options(p, local_workers=False, default=None)
     p.set_defaults(run=_run_train)
 
 
@@ -116,8 +116,9 @@ def _run_train(args: argparse.Namespace) -> int:
         "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "workers",
         "seed", "device", "val_fraction")}
     config = TrainConfig.build(**{k: v for k, v in given.items() if v is not None})
-    result = train(args.data, args.output, config=config, resume=args.resume,
-                   progress=False if args.no_progress else None)
+    with cluster_of(args, workers=1) as cluster:
+        result = train(args.data, args.output, config=config, resume=args.resume,
+                       progress=False if args.no_progress else None, cluster=cluster)
     best = min(result.history, key=lambda h: h["val_loss"])
     log.info("done: best validation loss %.5g at epoch %d -> %s", best["val_loss"],
              best["epoch"], result.best)

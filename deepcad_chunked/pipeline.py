@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import (
@@ -70,6 +70,8 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         Also write the denoised recording as an OME-TIFF.
     cluster, workers
         The dask cluster of conversion and denoising (one LocalCluster for both by default).
+        Training runs in this process with a local cluster, and as one task on a worker of
+        any other (a GPU job of a batch system, say).
     progress : bool, optional
         Progress bars.
     overwrite : bool
@@ -103,7 +105,8 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
             log.info("%s is already converted", store)
         else:
             convert(files, store, config=convert_config, cluster=client, progress=progress)
-        result = _train(store, run_dir, train_config, progress)
+        result = _train(store, run_dir, train_config, progress,
+                        None if _is_local(cluster) else client)
         if _complete(denoised):
             log.info("%s is already denoised", denoised)
         else:
@@ -117,11 +120,19 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
 
 
 def _train(store: Path, run_dir: Path, config: TrainConfig | None,
-           progress: bool | None) -> Path:
+           progress: bool | None, client: Client | None) -> Path:
     from deepcad_chunked.training import train
 
-    result = train([store], run_dir, config=config, resume=True, progress=progress)
+    result = train([store], run_dir, config=config, resume=True, progress=progress,
+                   cluster=client)
     return result.best
+
+
+def _is_local(cluster: str | Client | None) -> bool:
+    """Whether the cluster is a LocalCluster (then training stays in this process)."""
+    if cluster in (None, "local"):
+        return True
+    return isinstance(cluster, Client) and isinstance(cluster.cluster, LocalCluster)
 
 
 #: The demo's recording and training budget: minutes on a 2-core CPU.

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,7 +150,7 @@ def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torc
 
 def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
           config: TrainConfig | None = None, resume: bool = False,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, cluster: str | Any | None = None) -> TrainResult:
     """Train the denoiser on one or more recordings, streaming tiles from their stores.
 
     Parameters
@@ -164,6 +165,11 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         Continue the run in ``run_dir`` from its ``last.pt``.
     progress : bool, optional
         Progress bar; default: when standard error is a terminal.
+    cluster : str or distributed.Client, optional
+        Train in this process (None, the default), or as one task on a worker of this
+        cluster (``--cluster`` kinds and addresses, or a client): a GPU node of a batch
+        system, say. The stores and ``run_dir`` must then be on a filesystem the workers
+        share, under the same paths.
 
     Returns
     -------
@@ -179,6 +185,14 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
         raise StoreError("no training data given")
+    if cluster is not None:
+        from deepcad_chunked.cluster import connect
+        from deepcad_chunked.training.remote import train_on_cluster
+
+        for p in paths:  # refuse missing or incomplete stores before anything is submitted
+            open_recording(p)
+        with connect(cluster, workers=1) as client:
+            return train_on_cluster(client, paths, run_dir, config=config, resume=resume)
     recordings = [open_recording(p) for p in paths]
     _check_sizes(recordings, config)
     run_dir = Path(run_dir).expanduser().absolute()

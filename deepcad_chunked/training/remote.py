@@ -1,0 +1,144 @@
+"""Training submitted as one task to a worker of a dask cluster (a GPU node of a batch system).
+
+The recordings stream from the shared filesystem on the worker, exactly as in a local run;
+the driver only waits, reporting each finished epoch from the run's ``log.json``. A task
+that is started again (its worker's job expired or was cancelled) resumes from the newest
+epoch the first attempt wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+
+from deepcad_chunked.cluster import wait_for_a_worker
+from deepcad_chunked.config import TrainConfig
+from deepcad_chunked.training.loop import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+#: Seconds between looks at the run's log while the task runs.
+POLL_S = 5.0
+#: File in the run directory naming the submission that last started training there.
+ATTEMPT_FILE = ".submission"
+#: Environment variables that say which batch job a worker runs in.
+JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID", "LSB_JOBID")
+
+
+def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | Path, *,
+                     config: TrainConfig, resume: bool = False,
+                     poll_s: float = POLL_S) -> TrainResult:
+    """Run :func:`~deepcad_chunked.training.train` as one task on a worker of ``client``.
+
+    On a cluster whose workers advertise ``GPU`` resources the task asks for one GPU.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    data : sequence of paths
+        Recording stores, on a filesystem the workers see under the same paths.
+    run_dir : str or Path
+        Folder for checkpoints and logs, on that filesystem too.
+    config : TrainConfig
+    resume : bool
+        Continue the run in ``run_dir``.
+    poll_s : float
+        Seconds between progress reports.
+
+    Returns
+    -------
+    TrainResult
+    """
+    run_dir = Path(run_dir).expanduser().absolute()
+    paths = [str(Path(p).expanduser().absolute()) for p in data]
+    wait_for_a_worker(client)
+    gpus = any("GPU" in (w.get("resources") or {})
+               for w in client.scheduler_info().get("workers", {}).values())
+    submission = uuid.uuid4().hex
+    future = client.submit(_train_task, paths, str(run_dir), config, resume, submission,
+                           resources={"GPU": 1} if gpus else None, pure=False,
+                           key=f"train-{submission}")
+    log.info("training submitted to the cluster%s; checkpoints in %s",
+             " (one GPU)" if gpus else "", run_dir)
+    reported = 0
+    try:
+        while True:
+            try:
+                result, where = future.result(timeout=poll_s)
+                break
+            except TimeoutError:
+                reported = _report_epochs(run_dir / "log.json", reported, config.epochs)
+    except BaseException:
+        future.cancel()
+        raise
+    _report_epochs(run_dir / "log.json", reported, config.epochs)
+    log.info("trained on %s", where)
+    return result
+
+
+def _report_epochs(path: Path, reported: int, epochs: int) -> int:
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return reported
+    if not isinstance(history, list):
+        return reported
+    for row in history[reported:]:
+        log.info("epoch %d/%d: train loss %.5g, validation loss %.5g (%.0f s)", row["epoch"],
+                 epochs, row["train_loss"], row["val_loss"], row.get("seconds", 0.0))
+    return max(reported, len(history))
+
+
+def _train_task(data: list[str], run_dir: str, config: TrainConfig, resume: bool,
+                submission: str) -> tuple[TrainResult, str]:
+    """The task: train, resuming when an earlier attempt of this submission was cut."""
+    marker = Path(run_dir) / ATTEMPT_FILE
+    try:
+        again = marker.read_text().strip() == submission
+    except OSError:
+        again = False
+    if again:
+        log.warning("training was restarted on another worker; resuming %s", run_dir)
+    if config.workers and multiprocessing.current_process().daemon:
+        log.warning("this dask worker cannot start tile-loading processes (set "
+                    "distributed.worker.daemon: false); loading tiles in the training process")
+        config = config.model_copy(update={"workers": 0})
+    if not again:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(submission)
+        tmp.replace(marker)
+    import torch
+
+    # dask workers start with one thread per library; training may use the job's cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        result = train(data, run_dir, config=config, resume=resume or again, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return result, _where()
+
+
+def _where() -> str:
+    jobs = [f"{name}={os.environ[name]}" for name in JOB_VARIABLES if os.environ.get(name)]
+    return f"{socket.gethostname()}" + (f" ({', '.join(jobs)})" if jobs else "")
+
+
+def batch_job() -> str | None:
+    """The id of the batch job this process runs in (SLURM, PBS, SGE or LSF), if any."""
+    return next((os.environ[name] for name in JOB_VARIABLES if os.environ.get(name)), None)
+
+
+def worker_jobs(client: Client) -> dict[str, Any]:
+    """``{worker address: its batch job id or None}``."""
+    return client.run(batch_job)
