@@ -335,7 +335,8 @@ class _Job:
         with dask.annotate(resources={"GPU": 1}) if self.gpu else nullcontext():
             out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
                                device=self.config.device, precision=self.config.precision,
-                               frames=frames, max_voxels=layout.max_voxels)
+                               frames=frames, max_voxels=layout.max_voxels,
+                               recording_mean=(self.rec.statistics or {}).get("mean"))
         out = _cast(out, self.dtype)
         if layout.pieces != layout.block:
             out = out.rechunk(layout.pieces)  # a block off the chunk grid: write whole chunks

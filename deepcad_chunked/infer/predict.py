@@ -22,6 +22,7 @@ import torch
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import plan_tiles
 from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 from deepcad_chunked.model.unet3d import GRID, UNet3D
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,17 @@ def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
         float32, the shape of ``array``, in the units of the raw samples.
     """
     halo = default_halo() if halo is None else check_halo(halo)
+    array = np.asarray(array)
     norm = model.normalization
-    x = (np.asarray(array, dtype=np.float32) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    mean, std = resolve_normalization(
+        norm, float(array.mean(dtype=np.float64)) if norm["mean"] == RECORDING_MEAN else None)
+    mean, std = np.float32(mean), np.float32(std)
+    x = (array.astype(np.float32) - mean) / std
     x = np.pad(x, grid_padding(x.shape), mode="symmetric")
     x = np.pad(x, halo, mode="symmetric")
     out = _forward(model, x, torch.device(device), precision)
     crop = tuple(slice(halo, halo + n) for n in array.shape)
-    return out[crop] * np.float32(norm["std"]) + np.float32(norm["mean"])
+    return out[crop] * std + mean
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,15 +124,14 @@ def _cached_model(path: str, digest: str, device: str) -> UNet3D:
 
 @functools.lru_cache(maxsize=4)
 def _normalization_and_digest(path: str, mtime_ns: int, size: int
-                              ) -> tuple[np.float32, np.float32, str]:
-    """Mean, std and weights digest of a checkpoint, read once per file version.
+                              ) -> tuple[dict[str, Any], str]:
+    """Normalisation and weights digest of a checkpoint, read once per file version.
 
     A long recording is denoised a segment at a time, each segment's graph built by
     :func:`denoise_dask`; this keeps them from reading and hashing the file every time.
     """
     ckpt = Checkpoint.load(path)
-    norm = ckpt.normalization
-    return np.float32(norm["mean"]), np.float32(norm["std"]), ckpt.digest
+    return dict(ckpt.normalization), ckpt.digest
 
 
 def denoise_block(block: np.ndarray, *, model_path: str, digest: str, device: str,
@@ -247,7 +251,7 @@ def block_chunks(n: int, block: int, halo: int) -> tuple[int, ...]:
 def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, int],
                  halo: int | None = None, device: str = "cpu", precision: str = "fp32",
                  frames: tuple[int, int] | None = None,
-                 max_voxels: int | None = None) -> Any:
+                 max_voxels: int | None = None, recording_mean: float | None = None) -> Any:
     """The lazy graph of a chunked denoise of a ``(t, y, x)`` dask array.
 
     Parameters
@@ -269,6 +273,9 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         a segment at a time with the same result.
     max_voxels : int, optional
         Largest network input of one forward pass; bigger blocks are tiled inside their task.
+    recording_mean : float, optional
+        Mean of the whole recording, for models that subtract it (DeepCAD-RT's); computed
+        from ``array`` when such a model needs it and it is not given.
 
     Returns
     -------
@@ -291,8 +298,11 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
                           f"blocks of {block[0]}")
     path = Path(model_path).absolute()
     stat = path.stat() if path.is_file() else None
-    mean, std, digest = _normalization_and_digest(
+    norm, digest = _normalization_and_digest(
         str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    if norm["mean"] == RECORDING_MEAN and recording_mean is None:
+        recording_mean = float(array.mean(dtype=np.float64).compute())
+    mean, std = (np.float32(v) for v in resolve_normalization(norm, recording_mean))
     shape = (stop - start, *array.shape[1:])
     span = shape[0] + (-shape[0] % GRID) + 2 * halo
     x = _gather(array, 0, mirror_indices(n, halo)[start:start + span])

@@ -20,6 +20,13 @@ from typing import Any
 import torch
 
 from deepcad_chunked.errors import DeepCADError
+from deepcad_chunked.model.deepcad_rt import (
+    convert_state,
+    features_of,
+    looks_like_deepcad_rt,
+    normalization_of,
+    read_para,
+)
 from deepcad_chunked.model.unet3d import UNet3D
 
 FORMAT = "deepcad-chunked/checkpoint/1"
@@ -123,8 +130,11 @@ class Checkpoint:
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable model file (truncated or damaged: "
                                   f"{str(exc).splitlines()[0][:160]})") from None
+        if looks_like_deepcad_rt(raw):
+            return cls.from_deepcad_rt(raw, path)
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a deepcad-chunked checkpoint")
+            raise CheckpointError(f"{path} is not a deepcad-chunked checkpoint nor a "
+                                  "DeepCAD-RT model")
         try:
             ckpt = cls(
                 model_state=dict(raw["model_state"]),
@@ -143,6 +153,33 @@ class Checkpoint:
         if ckpt.digest and weights_digest(ckpt.model_state) != ckpt.digest:
             raise CheckpointError(f"{path} is damaged: its weights do not match their digest")
         return ckpt
+
+    @classmethod
+    def from_deepcad_rt(cls, state: dict[str, Any], path: Path) -> Checkpoint:
+        """A checkpoint of a model trained by DeepCAD-RT (its ``.pth`` and ``para.yaml``).
+
+        Raises
+        ------
+        CheckpointError
+            When the weights are not those of DeepCAD-RT's 3D U-Net, or ``para.yaml``
+            disagrees with them.
+        """
+        try:
+            model_state = convert_state(state, path)
+            para = read_para(path)
+            features = features_of(model_state)
+            if "fmap" in para and para["fmap"] != features:
+                raise CheckpointError(f"{path.with_name('para.yaml')} says fmap "
+                                      f"{para['fmap']} but the weights have {features} "
+                                      "feature maps")
+            normalization = normalization_of(para, path)
+        except DeepCADError as exc:
+            raise CheckpointError(str(exc)) from None
+        kept = {k: para[k] for k in ("fmap", "scale_factor", "patch_x", "patch_y", "patch_t")
+                if k in para}
+        return cls(model_state=model_state, features=features, normalization=normalization,
+                   config={"source": "DeepCAD-RT", "file": str(path), "para": kept},
+                   digest=weights_digest(model_state))
 
     def build_model(self) -> UNet3D:
         """The network with these weights, in evaluation mode."""
