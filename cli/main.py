@@ -233,6 +233,28 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_onnx(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-onnx", help="write a trained network as an ONNX graph",
+                       description="Write the network of a checkpoint (ours or DeepCAD-RT's "
+                       ".pth) as ONNX with dynamic n, t, y, x (multiples of 8), for ONNX "
+                       "Runtime or TensorRT. Needs: pip install 'deepcad-chunked[onnx]'.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint (.pt) or DeepCAD-RT model (.pth)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    p.add_argument("--normalize", action="store_true",
+                   help="build the normalisation in: the graph takes and returns raw values")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(run=_run_export_onnx)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from deepcad_chunked.model.onnx_export import export_onnx
+
+    export_onnx(args.model, args.output, normalize=args.normalize, opset=args.opset,
+                overwrite=args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deepcad-chunked`` command."""
     parser = argparse.ArgumentParser(
@@ -248,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_denoise(sub)
     _add_info(sub)
     _add_export(sub)
+    _add_export_onnx(sub)
     add_commands(sub)
     return parser
 
