@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from deepcad_chunked.cli.options import add_cluster_options, cluster_of, size, triple
 from deepcad_chunked.cli.workflow import add_commands
@@ -255,9 +256,16 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deepcad-chunked`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepcad-chunked",
         description="Self-supervised denoising of fluorescence recordings larger than memory.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -283,8 +291,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("deepcad_chunked").setLevel(level)
-    for noisy in ("distributed", "tornado", "asyncio", "tifffile", "bokeh"):
+    for noisy in ("distributed", "tornado", "asyncio", "bokeh"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    # tifffile logs what it cannot parse at error level; our own message says what is wrong
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL if not verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             log.exception("error")
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        log.error("error:%s: %s", where, exc.strerror or exc)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        log.error("error: %s%s", where, exc.strerror or exc)
         return EXIT_ERROR
     except Exception as exc:
         if args.debug:

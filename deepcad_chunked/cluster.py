@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster, as_completed
+from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
@@ -44,6 +44,32 @@ def _dashboard_address() -> str | None:
     except ImportError:
         return None
     return "127.0.0.1:0"
+
+
+class _DropTaskFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("Compute Failed")
+                    or (text.startswith("Async instruction for")
+                        and text.endswith("ended with CancelledError")))
+
+
+class QuietTaskFailures(WorkerPlugin):
+    """Keeps the workers of a local cluster from logging each failed task's traceback.
+
+    Their standard error is the command's: a task that fails on bad input (a full disk, say)
+    reaches the command as its exception, which it reports in one line; the worker's own
+    report would add a traceback to the terminal, and one line per task cancelled after it.
+    Registered unless debug logging is on.
+    """
+
+    name = "deepcad-chunked-quiet-task-failures"
+
+    def setup(self, worker: Any) -> None:
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            target = logging.getLogger(name)
+            if not any(isinstance(f, _DropTaskFailures) for f in target.filters):
+                target.addFilter(_DropTaskFailures())
 
 
 #: ``--cluster`` kinds that start a cluster for the job (besides ``local``).
@@ -92,6 +118,8 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
         with dask.config.set(environ), LocalCluster(
                 n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                 host="127.0.0.1", dashboard_address=dashboard) as lc, Client(lc) as client:
+            if not log.isEnabledFor(logging.DEBUG):
+                client.register_plugin(QuietTaskFailures())
             if dashboard:
                 log.info("dask dashboard: %s", client.dashboard_link)
             yield client

@@ -64,6 +64,7 @@ from deepcad_chunked.io.resumable import (
     now,
     progress_dir,
     remove_partial_writes,
+    writing,
 )
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
@@ -212,6 +213,7 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     """
     config = config or DenoiseConfig()
     rec = open_recording(data)
+    rec.require_finite()
     model_path = Path(model).expanduser().absolute()
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
@@ -241,7 +243,9 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
                  "%d of %d blocks to do", rec.path, model_path.name, layout.device,
                  layout.block, layout.halo, layout.segment, todo, total)
         if todo:
-            _run(client, job.segments(), job.per_segment(), total, total - todo, progress)
+            with writing(output):
+                _run(client, job.segments(), job.per_segment(), total, total - todo,
+                     progress)
     provenance = {**read_group_attrs(output)[ATTRS_KEY]["provenance"], "completed": now()}
     update_attrs(output, provenance=provenance, complete=True)
     shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)

@@ -45,6 +45,7 @@ from deepcad_chunked.io.resumable import (
     now,
     progress_dir,
     remove_partial_writes,
+    writing,
 )
 from deepcad_chunked.io.sources import discover_sources
 from deepcad_chunked.io.stats import BlockStats
@@ -239,8 +240,13 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
         if todo:
             job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
                            progress=str(markers))
-            _run_slabs(client, job, todo, stats, progress)
+            with writing(output):
+                _run_slabs(client, job, todo, stats, progress)
     summary = stats.summary(np.dtype(first.dtype))
+    if summary.get("nonfinite"):
+        log.warning("%d samples are NaN or infinite: stored as they are, but training and "
+                    "denoising refuse the recording until they are replaced",
+                    summary["nonfinite"])
     attrs = read_group_attrs(output)[ATTRS_KEY]
     provenance = {**attrs["provenance"], "completed": now()}
     update_attrs(output, statistics=summary, provenance=provenance, complete=True)

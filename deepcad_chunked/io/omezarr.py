@@ -273,6 +273,20 @@ class Recording:
         """Whole-recording statistics, when complete."""
         return self.attrs.get("statistics")
 
+    def require_finite(self) -> None:
+        """Refuse a recording with NaN or infinite samples (the network cannot use them).
+
+        Raises
+        ------
+        StoreError
+            Saying how many there are and what to do.
+        """
+        bad = int((self.statistics or {}).get("nonfinite") or 0)
+        if bad:
+            raise StoreError(f"{self.path} holds {bad} NaN or infinite samples; the network "
+                             "needs finite values: replace them in the TIFF (e.g. with "
+                             "numpy.nan_to_num) and convert it again")
+
     @property
     def frame_interval_s(self) -> float | None:
         """Seconds between time points, when known."""

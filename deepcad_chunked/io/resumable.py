@@ -9,15 +9,45 @@ same fingerprint it resumes; with another it refuses to touch the store.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from deepcad_chunked.errors import OutputExistsError
+from deepcad_chunked.errors import OutputExistsError, StoreError
 from deepcad_chunked.io.omezarr import ATTRS_KEY, is_zarr_store, read_group_attrs
 
 PROGRESS_DIR = ".progress"
+
+
+#: Errors of the output's filesystem, reported as such rather than as a failure of the job.
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on its device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied"}
+
+
+@contextmanager
+def writing(output: Path) -> Iterator[None]:
+    """Turn a full, read-only or forbidden output location into one clear error.
+
+    Raises
+    ------
+    StoreError
+        Naming ``output``, what went wrong and that the store stays marked incomplete, so a
+        rerun after making room resumes it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        why = _WRITE_ERRORS.get(exc.errno or 0)
+        if why is None:
+            raise
+        raise StoreError(f"cannot write {output}: {why}; it stays marked incomplete — make "
+                         "room (or fix the permissions) and rerun the command to resume"
+                         ) from None
 
 
 def now() -> str:

@@ -79,6 +79,7 @@ def pooled_normalization(recordings: Sequence[Recording]) -> Normalization:
 def _check_sizes(recordings: Sequence[Recording], config: TrainConfig) -> None:
     tt, ty, tx = config.tile
     for rec in recordings:
+        rec.require_finite()
         frames, height, width = rec.shape[0], rec.shape[-2], rec.shape[-1]
         if frames < tt or height < ty or width < tx:
             fit = (frames // 2 // 8 * 8, height // 8 * 8, width // 8 * 8)
@@ -189,8 +190,8 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         from deepcad_chunked.cluster import connect
         from deepcad_chunked.training.remote import train_on_cluster
 
-        for p in paths:  # refuse missing or incomplete stores before anything is submitted
-            open_recording(p)
+        for p in paths:  # refuse missing, incomplete or non-finite stores before submitting
+            open_recording(p).require_finite()
         with connect(cluster, workers=1) as client:
             return train_on_cluster(client, paths, run_dir, config=config, resume=resume)
     recordings = [open_recording(p) for p in paths]
