@@ -17,6 +17,7 @@ from typing import NoReturn
 from deepcad_chunked.cli.options import add_cluster_options, cluster_of, size, triple
 from deepcad_chunked.cli.workflow import add_commands
 
+from deepcad_chunked import interrupt
 from deepcad_chunked._version import __version__
 from deepcad_chunked.errors import DeepCADError
 
@@ -314,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    interrupt.install()
     try:
         return int(args.run(args))
     except DeepCADError as exc:

@@ -19,6 +19,7 @@ from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.interrupt import check as check_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,9 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     if cluster in (None, "local"):
         n = workers or max(1, os.cpu_count() or 1)
         dashboard = _dashboard_address()
-        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v
-                   for k, v in WORKER_MALLOC_ENV.items()}
+        environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{k}": v
+                                   for k, v in WORKER_MALLOC_ENV.items()}
+        environ["distributed.worker.preload"] = ["deepcad_chunked.local_worker"]
         with dask.config.set(environ), LocalCluster(
                 n_workers=n, threads_per_worker=threads_per_worker, processes=True,
                 host="127.0.0.1", dashboard_address=dashboard) as lc, Client(lc) as client:
@@ -180,6 +182,7 @@ def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[
     """
     try:
         for future in as_completed(futures):
+            check_interrupt()
             result = future.result()
             future.release()
             yield result
@@ -221,6 +224,7 @@ def compute_in_batches(client: Client, batches: Iterable[Sequence[Any]], *,
     try:
         top_up()
         for future in pending:
+            check_interrupt()
             result = future.result()
             live.discard(future)
             future.release()

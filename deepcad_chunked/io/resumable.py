@@ -12,6 +12,7 @@ import datetime as dt
 import errno
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,9 @@ def progress_dir(output: Path, command: str) -> Path:
 def can_resume(output: Path, command: str, job_fingerprint: str, overwrite: bool) -> bool:
     """True when ``output`` is an unfinished run of exactly this job.
 
+    A store of this job that was cut off before its first piece of work (no progress folder
+    yet) is removed, and False returned: the job starts again from scratch.
+
     Raises
     ------
     OutputExistsError
@@ -83,7 +87,11 @@ def can_resume(output: Path, command: str, job_fingerprint: str, overwrite: bool
         raise OutputExistsError(
             f"output {output} holds an unfinished '{command}' run with other inputs or options; "
             "rerun that command to resume it, or pass --overwrite to replace it")
-    return progress_dir(output, command).is_dir()
+    if progress_dir(output, command).is_dir():
+        return True
+    # this very job died while creating its store, before any work was done: start afresh
+    shutil.rmtree(output)
+    return False
 
 
 def remove_partial_writes(array_dir: Path) -> None:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError
+from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.io.omezarr import Recording, open_recording
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
@@ -261,6 +262,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         for epoch in range(start_epoch, config.epochs):
             started, total = time.perf_counter(), 0.0
             for step in range(steps):
+                check_interrupt()
                 inp, tgt = make_pairs(next(batches).to(device, non_blocking=True), norm)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

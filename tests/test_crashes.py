@@ -1,0 +1,219 @@
+"""Crashes and interruptions of real command processes.
+
+SIGKILL of the whole process group (command, scheduler, workers) at several points drawn at
+random (seeded) for convert, train and denoise: each rerun goes on from the finished work and
+the last one ends identical to an uninterrupted run. Ctrl-C (SIGINT to the process group, as a
+terminal sends it): exit code 130, one line saying how to resume, no traceback from any
+process, and the rerun finishes the job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed import Client
+
+from deepcad_chunked import ConvertConfig, convert
+from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.model.unet3d import UNet3D
+from tests.conftest import run_cli
+from tests.tiffs import write_plain
+
+SEED = int(os.environ.get("DEEPCAD_CRASH_SEED", "20261123"))
+COMMAND = [sys.executable, "-m", "deepcad_chunked.cli.main"]
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool], sig: int,
+               timeout: float = 240) -> str:
+    """Send ``sig`` to the command's process group once ``ready()``; return its stderr.
+
+    After a SIGINT the command must have exited with 130 and left no process behind.
+    """
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail("the command finished before it could be stopped: "
+                        + (proc.stderr.read() if proc.stderr else ""))
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the command made no progress")
+        time.sleep(0.01)
+    os.killpg(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        return err
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 10
+    while _alive(proc.pid):  # nothing of the command may outlive a Ctrl-C
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("processes of the interrupted command are still running")
+        time.sleep(0.1)
+    return err
+
+
+def _alive(group: int) -> bool:
+    """Whether a process of the group is still running (zombies awaiting reaping aside)."""
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(group)], capture_output=True,
+                         text=True).stdout
+    return any(not state.startswith("Z") for state in out.split())
+
+
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted((root / "0").rglob("*")) if p.is_file()}
+
+
+def _points(total: int, n: int) -> list[int]:
+    """``n`` increasing kill points in ``[0, total)``, the first at 0 (right at the start)."""
+    rng = np.random.default_rng(SEED + total)
+    return [0, *sorted(rng.choice(np.arange(1, int(total * 0.9)), n - 1, replace=False))]
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = np.random.default_rng(7).poisson(40.0, size=(1200, 48, 48)).astype(np.uint16)
+    return write_plain(tmp_path_factory.mktemp("crash") / "long.tif", data)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
+    folder = tmp_path_factory.mktemp("crash-store")
+    data = np.random.default_rng(8).poisson(100.0, size=(192, 96, 96)).astype(np.uint16)
+    return convert(write_plain(folder / "rec.tif", data), folder / "rec.zarr",
+                   config=ConvertConfig(chunks=(16, 48, 48)), cluster=client,
+                   progress=False).path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
+                      normalization={"mean": 100.0, "std": 20.0}
+                      ).save(tmp_path_factory.mktemp("crash-model") / "m.pt")
+
+
+def _convert(src: Path, out: Path) -> list[str]:
+    return ["convert", str(src), "-o", str(out), "--chunks", "2,48,48", "--workers", "1",
+            "--no-progress"]
+
+
+def _denoise(store: Path, model: Path, out: Path) -> list[str]:
+    return ["denoise", str(store), "-m", str(model), "-o", str(out), "--block", "48,48,48",
+            "--workers", "2", "--device", "cpu", "--no-progress"]
+
+
+def _train(store: Path, run: Path) -> list[str]:
+    return ["train", str(store), "-o", str(run), "--patch", "8,16,16", "--features", "4",
+            "--batch-size", "4", "--epochs", "5", "--steps-per-epoch", "30", "--workers", "0",
+            "--device", "cpu", "--no-progress", "--resume"]
+
+
+def test_convert_killed_at_several_points(tmp_path: Path, movie: Path) -> None:
+    reference = tmp_path / "reference.zarr"
+    assert run_cli(*_convert(movie, reference)).returncode == 0
+    out = tmp_path / "out.zarr"
+    markers = out / ".progress" / "convert"
+    done = []
+    for point in _points(600, 4):
+        ready = ((lambda: (out / "zarr.json").exists()) if point == 0
+                 else (lambda p=point: _count(markers, "*.npz") >= p))
+        _stop_when(_start(_convert(movie, out)), ready, signal.SIGKILL)
+        done.append(_count(markers, "*.npz"))
+    assert done == sorted(done) and done[-1] < 600  # finished work was kept each time
+    result = run_cli(*_convert(movie, out))
+    assert result.returncode == 0, result.stderr
+    assert f"{600 - done[-1]} of 600 slabs to do" in result.stderr
+    assert _files(out) == _files(reference)
+
+
+def test_denoise_killed_at_several_points(tmp_path: Path, store: Path, model: Path) -> None:
+    reference = tmp_path / "reference.zarr"
+    assert run_cli(*_denoise(store, model, reference)).returncode == 0
+    out = tmp_path / "out.zarr"
+    markers = out / ".progress" / "denoise"
+    done = []
+    for point in _points(16, 3):
+        ready = ((lambda: (out / "zarr.json").exists()) if point == 0
+                 else (lambda p=point: _count(markers, "*.done") >= p))
+        _stop_when(_start(_denoise(store, model, out)), ready, signal.SIGKILL)
+        done.append(_count(markers, "*.done"))
+    assert done == sorted(done) and done[-1] < 16
+    result = run_cli(*_denoise(store, model, out))
+    assert result.returncode == 0, result.stderr
+    assert f"{16 - done[-1]} of 16 blocks to do" in result.stderr
+    assert _files(out) == _files(reference)
+
+
+def test_train_killed_at_several_points(tmp_path: Path, store: Path) -> None:
+    reference = tmp_path / "reference"
+    assert run_cli(*_train(store, reference)).returncode == 0
+    run = tmp_path / "run"
+    rng = np.random.default_rng(SEED)
+    # during the first epoch (after a random number of steps' worth of time), then after
+    # epochs drawn at random
+    first = _start(_train(store, run))
+    started = time.monotonic()
+    wait = float(rng.uniform(0.5, 2.0))
+    _stop_when(first, lambda: time.monotonic() - started > wait and run.is_dir(),
+               signal.SIGKILL)
+    for epoch in sorted(rng.choice([1, 2, 3, 4], 2, replace=False)):
+        _stop_when(_start(_train(store, run)),
+                   lambda e=epoch: (run / f"epoch_{e:04d}.pt").exists(), signal.SIGKILL)
+        assert not (run / "epoch_0005.pt").exists()
+    result = run_cli(*_train(store, run))
+    assert result.returncode == 0, result.stderr
+    want = Checkpoint.load(reference / "last.pt").model_state
+    got = Checkpoint.load(run / "last.pt").model_state
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert Checkpoint.load(run / "last.pt").epoch == 5
+
+
+@pytest.mark.parametrize("command", ["convert", "denoise", "train"])
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, tmp_path: Path,
+                                                     movie: Path, store: Path,
+                                                     model: Path) -> None:
+    out = tmp_path / ("run" if command == "train" else "out.zarr")
+    if command == "convert":
+        args = _convert(movie, out)
+        ready = lambda: _count(out / ".progress" / "convert", "*.npz") >= 20  # noqa: E731
+    elif command == "denoise":
+        args = _denoise(store, model, out)
+        ready = lambda: _count(out / ".progress" / "denoise", "*.done") >= 2  # noqa: E731
+    else:
+        args = _train(store, out)
+        ready = lambda: (out / "epoch_0001.pt").exists()  # noqa: E731
+    err = _stop_when(_start(args), ready, signal.SIGINT)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert lines[-1] == ("deepcad-chunked: interrupted; rerun the same command to resume "
+                         "where it stopped"), err
+    assert not any(" - ERROR - " in line or " - WARNING - " in line for line in lines), err
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    if command == "train":
+        assert "resuming" in result.stderr
+    else:
+        assert "of 600 slabs to do" in result.stderr or "of 16 blocks to do" in result.stderr
