@@ -79,6 +79,8 @@ def add_cluster_options(p: argparse.ArgumentParser, *, local_workers: bool = Tru
                    "cluster")
     if local_workers:
         p.add_argument("--workers", type=int, metavar="N", help="local worker processes")
+    p.add_argument("--host", metavar="ADDRESS", help="interface a local cluster's scheduler "
+                   "and dashboard listen on (default 127.0.0.1: this machine only)")
     hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
                                "values come from ~/.config/dask/jobqueue.yaml")
     hpc.add_argument("--cluster-config", metavar="FILE.yaml",
@@ -105,7 +107,9 @@ def cluster_of(args: argparse.Namespace, *, workers: int | None = None) -> Itera
     :func:`add_cluster_options`; the library starts local clusters and joins addresses.
     ``workers`` overrides ``--workers`` (for a command that needs one worker).
     """
-    from deepcad_chunked.cluster import LAUNCHED, connect
+    import dask
+
+    from deepcad_chunked.cluster import HOST_KEY, LAUNCHED, connect
     from deepcad_chunked.config import JobQueueOptions
 
     if workers is None:
@@ -113,7 +117,9 @@ def cluster_of(args: argparse.Namespace, *, workers: int | None = None) -> Itera
         if workers is not None and workers < 1:
             raise DeepCADError(f"--workers must be at least 1, got {workers}")
     if args.cluster not in LAUNCHED:
-        yield args.cluster
+        host = {HOST_KEY: args.host} if getattr(args, "host", None) else {}
+        with dask.config.set(host):
+            yield args.cluster
         return
     names = ("jobs", "min_jobs", "cores", "memory", "gpus_per_job", "walltime", "queue",
              "account", "worker_wait")

@@ -39,12 +39,17 @@ WORKER_MALLOC_ENV = {
 }
 
 
-def _dashboard_address() -> str | None:
+#: The dask configuration key of the interface local clusters listen on (``--host``).
+HOST_KEY = "deepcad_chunked.host"
+LOOPBACK = "127.0.0.1"
+
+
+def _dashboard_address(host: str) -> str | None:
     try:
         import bokeh  # noqa: F401
     except ImportError:
         return None
-    return "127.0.0.1:0"
+    return f"{host}:0"
 
 
 class _DropTaskFailures(logging.Filter):
@@ -86,7 +91,9 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     Parameters
     ----------
     cluster : str, Client or None
-        ``"local"`` (or None) starts a LocalCluster on loopback; ``slurm``, ``pbs``, ``sge``
+        ``"local"`` (or None) starts a LocalCluster, its scheduler and dashboard on loopback
+        (another interface only when dask's configuration sets ``deepcad_chunked.host``, as
+        ``--host`` does); ``slurm``, ``pbs``, ``sge``
         and ``lsf`` start dask-jobqueue's cluster for that batch system and ``cuda`` one
         worker per GPU (:mod:`deepcad_chunked.launchers`); ``tcp://host:port`` and other
         dask addresses, or the path of a scheduler JSON file, join a running scheduler; a
@@ -113,13 +120,17 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
         return
     if cluster in (None, "local"):
         n = workers or max(1, os.cpu_count() or 1)
-        dashboard = _dashboard_address()
+        host = str(dask.config.get(HOST_KEY, default=LOOPBACK))
+        if host not in (LOOPBACK, "localhost", "::1"):
+            log.warning("the local cluster's scheduler and dashboard listen on %s: other "
+                        "machines that reach it can submit work to it", host)
+        dashboard = _dashboard_address(host)
         environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{k}": v
                                    for k, v in WORKER_MALLOC_ENV.items()}
         environ["distributed.worker.preload"] = ["deepcad_chunked.local_worker"]
         with dask.config.set(environ), LocalCluster(
                 n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                host="127.0.0.1", dashboard_address=dashboard) as lc, Client(lc) as client:
+                host=host, dashboard_address=dashboard) as lc, Client(lc) as client:
             if not log.isEnabledFor(logging.DEBUG):
                 client.register_plugin(QuietTaskFailures())
             if dashboard:
@@ -152,6 +163,13 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {cluster} within "
                           f"{CONNECT_TIMEOUT_S} s ({exc.__class__.__name__})") from None
+    except TypeError as exc:
+        if "TLS" not in str(exc):
+            raise
+        raise ConfigError(f"cannot reach the dask scheduler at {cluster}: it speaks TLS and "
+                          "dask's configuration names no certificates (distributed.comm.tls.*"
+                          " in ~/.config/dask/, or DASK_DISTRIBUTED__COMM__TLS__* variables)"
+                          ) from None
     with client:
         yield client
 
