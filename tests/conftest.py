@@ -21,6 +21,20 @@ def client() -> Iterator[Client]:
         yield c
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a 2-feature network with seeded random weights (mean 100, std 20)."""
+    import torch
+
+    from deepcad_chunked.model import Checkpoint
+    from deepcad_chunked.model.unet3d import UNet3D
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
+                      normalization={"mean": 100.0, "std": 20.0}).save(path)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
             **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run ``deepcad-chunked ARGS`` in a real subprocess and capture its output."""

@@ -24,7 +24,6 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.model.unet3d import UNet3D
 from tests.conftest import run_cli
 from tests.tiffs import write_plain
 
@@ -108,11 +107,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
-                      normalization={"mean": 100.0, "std": 20.0}
-                      ).save(tmp_path_factory.mktemp("crash-model") / "m.pt")
+def model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def _convert(src: Path, out: Path) -> list[str]:

@@ -14,24 +14,19 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-import torch
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
 from deepcad_chunked.infer.denoise import Layout, _Job
 from deepcad_chunked.io.omezarr import Compression, create_image, open_recording, update_attrs
 from deepcad_chunked.model import Checkpoint, load_model
-from deepcad_chunked.model.unet3d import UNet3D
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_imagej, write_plain
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
-                      normalization={"mean": 100.0, "std": 20.0}).save(path)
+def model_path(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def _store(folder: Path, raw: np.ndarray, client: Client, name: str = "rec") -> Path:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from distributed import Client, get_task_stream
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise
@@ -24,7 +23,6 @@ from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.model.unet3d import UNet3D
 from deepcad_chunked.training.remote import worker_jobs
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
@@ -77,11 +75,8 @@ def slurm_config(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    return Checkpoint(model_state=UNet3D(features=2).state_dict(), features=2,
-                      normalization={"mean": 100.0, "std": 20.0}).save(path)
+def model_path(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def _movie(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
