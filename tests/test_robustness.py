@@ -161,7 +161,8 @@ def test_bad_input_gives_one_line_and_changes_nothing(row: str, world: Path,
 
 def test_every_row_is_documented() -> None:
     text = DOCS.read_text()
-    rows = set(ROWS) | {"read-only-output", "full-output", "nan-convert", "debug"}
+    rows = set(ROWS) | {"read-only-output", "full-output", "full-training-disk",
+                        "nan-convert", "debug"}
     missing = [row for row in rows if f"`{row}`" not in text]
     assert not missing, missing
 
@@ -208,3 +209,12 @@ def test_full_output_is_left_incomplete_and_resumes(world: Path, small_fs: Path,
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(open_recording(moved).array[:], tifffile.imread(big))
     assert os.listdir(small_fs)  # the full filesystem kept its partial store
+
+
+def test_full_disk_during_training(world: Path, small_fs: Path) -> None:
+    run = small_fs / "run"
+    result = run_cli("train", str(world / "good.zarr"), "-o", str(run), "--features", "4",
+                     "--patch", "8,16,16", "--epochs", "2", "--steps-per-epoch", "2",
+                     "--batch-size", "2", "--workers", "0", "--no-progress")
+    assert_clean_error(result, "cannot write", "no space left")
+    assert not list(run.glob("*.pt")) and not list(run.glob(".*.tmp"))  # no half checkpoint

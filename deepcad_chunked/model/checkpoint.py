@@ -8,10 +8,12 @@ the same folder and renamed, so a kill never leaves a half-written checkpoint un
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,12 @@ class Checkpoint:
         try:
             torch.save(payload, tmp)
             os.replace(tmp, path)
+        except (RuntimeError, OSError) as exc:  # torch's writer reports a full disk as either
+            full = (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                    or shutil.disk_usage(path.parent).free < 2**20)
+            why = ("no space left on its device" if full
+                   else getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160])
+            raise CheckpointError(f"cannot write {path}: {why}") from None
         finally:
             tmp.unlink(missing_ok=True)
         return path
