@@ -237,7 +237,7 @@ def test_full_disk_leaves_an_incomplete_store(tmp_path: Path, client: Client,
                                               small_fs: Path) -> None:
     data = np.random.default_rng(0).integers(0, 65535, size=(64, 64, 64), dtype=np.uint16)
     src = write_plain(tmp_path / "big.tif", data)  # 512 KiB of noise: more than 256 KiB free
-    with pytest.raises(StoreError, match="no space left on its device.*rerun"):
+    with pytest.raises(StoreError, match=r"no space left on its device.*rerun"):
         _convert(src, small_fs / "out.zarr", client, chunks=(8, 64, 64))
     with pytest.raises(IncompleteStoreError):
         open_recording(small_fs / "out.zarr")

@@ -213,3 +213,26 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, tmp_path: Pat
         assert "resuming" in result.stderr
     else:
         assert "of 600 slabs to do" in result.stderr or "of 16 blocks to do" in result.stderr
+
+
+SWALLOWED = """
+import gc, os, signal, threading, time
+from deepcad_chunked import interrupt
+interrupt.install()
+gc.callbacks.append(lambda phase, info: time.sleep(0.2))  # where Ctrl-C lands, mostly
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    for _ in range(200):
+        gc.collect()
+        interrupt.check()
+    print("ran on")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_a_ctrl_c_swallowed_in_a_callback_still_stops_the_command() -> None:
+    result = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "stopped", result.stdout + result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
