@@ -84,7 +84,8 @@ def add_cluster_options(p: argparse.ArgumentParser, *, local_workers: bool = Tru
     hpc = p.add_argument_group("batch-system clusters (--cluster slurm|pbs|sge|lsf); unset "
                                "values come from ~/.config/dask/jobqueue.yaml")
     hpc.add_argument("--cluster-config", metavar="FILE.yaml",
-                     help="dask configuration merged over the user's")
+                     help="dask YAML whose jobqueue section configures this cluster, over "
+                     "the user's")
     hpc.add_argument("--jobs", type=int, metavar="N", help="most jobs at once (default 4)")
     hpc.add_argument("--min-jobs", type=int, metavar="N",
                      help="jobs kept while the command runs (default 1)")

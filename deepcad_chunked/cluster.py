@@ -192,6 +192,12 @@ def wait_for_a_worker(client: Client, timeout: float = WORKER_WAIT_S) -> None:
                           f"within {timeout:g} s") from None
 
 
+def advertises_gpus(client: Client) -> bool:
+    """Whether a worker of the cluster advertises a ``GPU`` resource."""
+    return any("GPU" in (w.get("resources") or {})
+               for w in client.scheduler_info().get("workers", {}).values())
+
+
 def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:
     """Yield the results of ``futures`` as they finish, releasing each one.
 

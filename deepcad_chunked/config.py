@@ -241,7 +241,8 @@ class JobQueueOptions(_Config):
     walltime, queue, account : str
         The batch system's walltime (``HH:MM:SS``), queue or partition, and account.
     config_file : Path or None
-        A dask YAML configuration merged over the user's.
+        A dask YAML file: its ``jobqueue.<kind>`` section configures this cluster, over the
+        user's configuration; other sections are merged into dask's configuration.
     worker_wait : float
         Seconds to wait for the first worker (a job that pends longer fails the command
         with the job's state instead of hanging).

@@ -20,6 +20,7 @@ from typing import Any
 
 import dask
 
+from deepcad_chunked.cluster import wait_for_a_worker
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 
@@ -181,9 +182,9 @@ def wait_for_first_worker(client: Any, cluster: Any, kind: str, timeout: float) 
         state and the scheduler's reason.
     """
     try:
-        client.wait_for_workers(1, timeout=timeout)
+        wait_for_a_worker(client, timeout)
         return
-    except TimeoutError:
+    except ConfigError:
         pass
     ids = [str(job.job_id) for job in list(cluster.workers.values())
            if getattr(job, "job_id", None)]

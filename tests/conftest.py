@@ -35,6 +35,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       normalization={"mean": 100.0, "std": 20.0}).save(path)
 
 
+def stored_chunks(store: Path) -> dict[str, bytes]:
+    """Every file of a store's full-resolution array (chunks and metadata), by its path."""
+    return {str(p.relative_to(store)): p.read_bytes()
+            for p in sorted((store / "0").rglob("*")) if p.is_file()}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
             **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run ``deepcad-chunked ARGS`` in a real subprocess and capture its output."""

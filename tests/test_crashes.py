@@ -24,7 +24,7 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.model import Checkpoint
-from tests.conftest import run_cli
+from tests.conftest import run_cli, stored_chunks
 from tests.tiffs import write_plain
 
 SEED = int(os.environ.get("DEEPCAD_CRASH_SEED", "20261123"))
@@ -78,11 +78,6 @@ def _alive(group: int) -> bool:
 
 def _count(folder: Path, pattern: str) -> int:
     return len(list(folder.glob(pattern))) if folder.is_dir() else 0
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted((root / "0").rglob("*")) if p.is_file()}
 
 
 def _points(total: int, n: int) -> list[int]:
@@ -142,7 +137,7 @@ def test_convert_killed_at_several_points(tmp_path: Path, movie: Path) -> None:
     result = run_cli(*_convert(movie, out))
     assert result.returncode == 0, result.stderr
     assert f"{600 - done[-1]} of 600 slabs to do" in result.stderr
-    assert _files(out) == _files(reference)
+    assert stored_chunks(out) == stored_chunks(reference)
 
 
 def test_denoise_killed_at_several_points(tmp_path: Path, store: Path, model: Path) -> None:
@@ -160,7 +155,7 @@ def test_denoise_killed_at_several_points(tmp_path: Path, store: Path, model: Pa
     result = run_cli(*_denoise(store, model, out))
     assert result.returncode == 0, result.stderr
     assert f"{16 - done[-1]} of 16 blocks to do" in result.stderr
-    assert _files(out) == _files(reference)
+    assert stored_chunks(out) == stored_chunks(reference)
 
 
 def test_train_killed_at_several_points(tmp_path: Path, store: Path) -> None:

@@ -20,7 +20,7 @@ from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, pred
 from deepcad_chunked.infer.denoise import Layout, _Job
 from deepcad_chunked.io.omezarr import Compression, create_image, open_recording, update_attrs
 from deepcad_chunked.model import Checkpoint, load_model
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, run_cli, stored_chunks
 from tests.tiffs import write_imagej, write_plain
 
 
@@ -139,12 +139,7 @@ def test_sigkill_of_the_driver_then_rerun_is_byte_identical(tmp_path: Path, clie
     result = run_cli(*_denoise_args(store, model_path, out))
     assert result.returncode == 0, result.stderr
     assert f"{16 - done} of 16 blocks to do" in result.stderr
-
-    def chunks(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes()
-                for p in sorted((root / "0").rglob("*")) if p.is_file()}
-
-    assert chunks(out) == chunks(reference)
+    assert stored_chunks(out) == stored_chunks(reference)
 
 
 def test_a_worker_killed_mid_run_does_not_fail_the_job(tmp_path: Path, client: Client,

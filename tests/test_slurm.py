@@ -24,7 +24,7 @@ from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.training.remote import worker_jobs
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, run_cli, stored_chunks
 from tests.tiffs import write_plain
 
 # loaded before any dask.config.set, whose exit would otherwise drop its defaults again
@@ -83,12 +83,6 @@ def _movie(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).poisson(100.0, size=shape).astype("uint16")
 
 
-def _chunks(root: Path) -> dict[str, bytes]:
-    """Every stored chunk of the full-resolution array, by its path."""
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted((root / "0").rglob("*")) if p.is_file()}
-
-
 def _job_ids() -> set[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
     return set(out.split())
@@ -120,8 +114,8 @@ def test_convert_and_denoise_on_sbatch_workers_equal_a_local_run(
         ran_on = {task["worker"] for task in stream.data}
     assert ran_on and ran_on <= set(jobs)  # every task ran on a worker inside a SLURM job
     assert rec.complete and out.complete
-    assert _chunks(rec.path) == _chunks(local.path)
-    assert _chunks(out.path) == _chunks(local_out.path)
+    assert stored_chunks(rec.path) == stored_chunks(local.path)
+    assert stored_chunks(out.path) == stored_chunks(local_out.path)
     logs = list((tmp_path / "job-logs").glob("*.err"))
     assert logs and any("Start worker" in p.read_text() for p in logs)
 
@@ -162,7 +156,7 @@ def test_denoise_survives_a_cancelled_job(tmp_path: Path, client: Client, slurm_
     assert cancelled["done"] < 16  # 16 blocks: the job was cut mid-run
     assert cancelled["job"] not in _job_ids()
     assert result.complete
-    assert _chunks(out) == _chunks(reference.path)
+    assert stored_chunks(out) == stored_chunks(reference.path)
 
 
 def test_training_runs_as_a_gpu_job(tmp_path: Path, client: Client,

@@ -30,7 +30,12 @@ from distributed import Client
 from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import compute_in_batches, connect, wait_for_a_worker
+from deepcad_chunked.cluster import (
+    advertises_gpus,
+    compute_in_batches,
+    connect,
+    wait_for_a_worker,
+)
 from deepcad_chunked.config import DenoiseConfig
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import (
@@ -237,7 +242,7 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
                            config)
             markers.mkdir(parents=True)
         job = _Job(rec, model_path, output, markers, layout, out_dtype, config,
-                   gpu=_advertises_gpus(client))
+                   gpu=advertises_gpus(client))
         todo, total = job.count()
         log.info("denoising %s with %s on %s (block %s, halo %d, segments of %d frames): "
                  "%d of %d blocks to do", rec.path, model_path.name, layout.device,
@@ -250,11 +255,6 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     update_attrs(output, provenance=provenance, complete=True)
     shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
     return open_recording(output)
-
-
-def _advertises_gpus(client: Client) -> bool:
-    return any("GPU" in (w.get("resources") or {})
-               for w in client.scheduler_info().get("workers", {}).values())
 
 
 def _create_output(output: Path, rec: Recording, dtype: np.dtype, job_id: str, digest: str,

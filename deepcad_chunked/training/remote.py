@@ -20,7 +20,7 @@ from typing import Any
 
 from distributed import Client
 
-from deepcad_chunked.cluster import wait_for_a_worker
+from deepcad_chunked.cluster import advertises_gpus, wait_for_a_worker
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.training.loop import TrainResult, train
 
@@ -61,8 +61,7 @@ def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | 
     run_dir = Path(run_dir).expanduser().absolute()
     paths = [str(Path(p).expanduser().absolute()) for p in data]
     wait_for_a_worker(client)
-    gpus = any("GPU" in (w.get("resources") or {})
-               for w in client.scheduler_info().get("workers", {}).values())
+    gpus = advertises_gpus(client)
     submission = uuid.uuid4().hex
     future = client.submit(_train_task, paths, str(run_dir), config, resume, submission,
                            resources={"GPU": 1} if gpus else None, pure=False,
