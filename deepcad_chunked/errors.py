@@ -30,3 +30,15 @@ class OutputExistsError(DeepCADError):
 
 class ConfigError(DeepCADError):
     """An option value cannot work."""
+
+
+class LockedError(DeepCADError):
+    """Another process is writing the output (it holds the output's writer lock)."""
+
+
+class TrainingError(DeepCADError):
+    """Training cannot go on (its loss or weights stopped being finite)."""
+
+
+class ModelOutputError(DeepCADError):
+    """The network produced values that cannot be stored as a result (NaN or infinite)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from deepcad_chunked.errors import IncompleteStoreError, OutputExistsError, StoreError
+from deepcad_chunked.errors import IncompleteStoreError, StoreError
 
 ATTRS_KEY = "deepcad_chunked"
 ARRAY_PATH = "0"
@@ -124,47 +123,12 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def prepare_output(path: Path, overwrite: bool) -> None:
-    """Make room for a new store at ``path``.
-
-    Parameters
-    ----------
-    path : Path
-        Where the store will be written.
-    overwrite : bool
-        Whether an existing Zarr store there may be deleted.
-
-    Raises
-    ------
-    OutputExistsError
-        When something exists at ``path`` and ``overwrite`` is false, or when what exists is
-        not a Zarr store or an empty directory (never deleted, whatever ``overwrite`` says).
-    StoreError
-        When the parent directory does not exist or cannot be written.
-    """
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
-        if path.is_dir() and not path.is_symlink() and (is_zarr_store(path)
-                                                       or not any(path.iterdir())):
-            shutil.rmtree(path)
-        else:
-            raise OutputExistsError(f"output {path} exists and is not a Zarr store; "
-                                    "refusing to delete it, even with --overwrite")
-    parent = path.parent
-    if not parent.is_dir():
-        raise StoreError(f"cannot write {path}: folder {parent} does not exist")
-    try:
-        path.mkdir()
-    except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                  axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
                  zarr_format: Literal[2, 3], compression: Compression,
                  attrs: dict[str, Any]) -> zarr.Array:
-    """Create an empty OME-Zarr image group at ``path`` (an existing empty directory).
+    """Create an empty OME-Zarr image group at ``path`` (an existing directory holding no
+    Zarr metadata; see :func:`deepcad_chunked.io.lifecycle.open_store`).
 
     Parameters
     ----------
@@ -189,7 +153,7 @@ def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks:
     ngff = "0.4" if zarr_format == 2 else "0.5"
     ms = multiscales(axes, scale, units, name=path.stem, ngff_version=ngff)
     group_attrs = {**ome_attributes(ms, zarr_format), ATTRS_KEY: attrs}
-    group = zarr.create_group(store=str(path), zarr_format=zarr_format, overwrite=True,
+    group = zarr.create_group(store=str(path), zarr_format=zarr_format, overwrite=False,
                               attributes=group_attrs)
     kwargs: dict[str, Any] = {
         "shape": shape, "chunks": chunks, "dtype": np.dtype(dtype),

@@ -1,0 +1,503 @@
+"""The life of an output: checked, locked, created or resumed, pieces marked done, finalised.
+
+Every command that writes a store (``convert``, ``denoise``) goes through :func:`open_store`,
+every command that writes a file (``export``) through :func:`open_file`, and every command
+that fills a folder (``train``'s run directory, ``run``'s output folder) through
+:func:`open_folder`. Each, before anything is written:
+
+- refuses an output that is, contains or lies inside one of the command's inputs (symbolic
+  links resolved), so ``--overwrite`` can never delete what the command reads;
+- takes the output's writer lock (:mod:`deepcad_chunked.io.lock`), so two commands never
+  write one output at once;
+- for a store, decides under the lock between a fresh start, a resume and a refusal: the
+  store records the job's identity (its inputs and options, ``job.identity``, and their
+  fingerprint); rerun with the same identity an unfinished store resumes, with another it is
+  refused (naming what differs) unless ``--overwrite``.
+
+While the job runs, each finished piece of work leaves a marker under
+``.progress/<command>/`` in the store; :meth:`StoreJob.finalise` checks that the lock is still
+held and that the pinned inputs (:class:`StorePin`) did not change, and
+writes the completion flag last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from deepcad_chunked.errors import OutputExistsError, StoreError
+from deepcad_chunked.io.lock import WriterLock, lock_path
+from deepcad_chunked.io.omezarr import (
+    ATTRS_KEY,
+    is_zarr_store,
+    read_group_attrs,
+    update_attrs,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = ".progress"
+LOCK_NAME = ".lock"
+
+#: Errors of the output's filesystem, reported as such rather than as a failure of the job.
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on its device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied"}
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601, to the second."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """SHA-256 of a JSON-ready description of a job's inputs and options."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def writing(output: Path) -> Iterator[None]:
+    """Turn a full, read-only or forbidden output location into one clear error.
+
+    Raises
+    ------
+    StoreError
+        Naming ``output``, what went wrong and that the store stays marked incomplete, so a
+        rerun after making room resumes it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        why = _WRITE_ERRORS.get(exc.errno or 0)
+        if why is None:
+            raise
+        raise StoreError(f"cannot write {output}: {why}; it stays marked incomplete — make "
+                         "room (or fix the permissions) and rerun the command to resume"
+                         ) from None
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs.
+
+    Symbolic links are resolved on both sides, and an existing output that is the same file
+    as an input under another name (a hard link) counts as the input.
+
+    Parameters
+    ----------
+    output : str or Path
+        What the command will write (or delete, with ``--overwrite``).
+    inputs : iterable of str or Path
+        What it reads: files, stores and folders named as sources.
+
+    Raises
+    ------
+    OutputExistsError
+        Naming the output, the input and how they overlap.
+    """
+    out = _real(Path(output).expanduser().absolute())
+    for item in inputs:
+        given = Path(item).expanduser().absolute()
+        src = _real(given)
+        if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            how = "is"
+        elif src in out.parents:
+            how = "lies inside"
+        elif out in src.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputExistsError(f"output {output} {how} the input {given}; choose an output "
+                                "outside the command's inputs")
+
+
+class Pin(Protocol):
+    """An input pinned for the length of a job: :meth:`verify` fails if it changed."""
+
+    def verify(self) -> None:
+        """Raise a :class:`~deepcad_chunked.errors.DeepCADError` if the input changed."""
+
+
+def store_identity(path: Path) -> dict[str, Any]:
+    """What identifies one written state of a store: its job and when it was completed."""
+    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY) or {}
+    return {"job": (ours.get("job") or {}).get("fingerprint"),
+            "completed": (ours.get("provenance") or {}).get("completed"),
+            "complete": bool(ours.get("complete"))}
+
+
+@dataclass
+class StorePin:
+    """A complete input store that must stay the one it was (not rewritten, not replaced)."""
+
+    path: Path
+    identity: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = store_identity(self.path)
+
+    def verify(self) -> None:
+        """Raise StoreError when the store was rewritten, replaced or removed."""
+        if store_identity(self.path) != self.identity:
+            raise StoreError(f"the input {self.path} was replaced or rewritten while this "
+                             "command ran; the output is left incomplete (rerun with "
+                             "--overwrite to start again from the new input)")
+
+
+def file_state(path: str | Path) -> dict[str, int]:
+    """Device, inode, size, modification and status-change times of a file.
+
+    The status-change time (``ctime``) moves on every write and on every change of the
+    modification time, so a file rewritten and given back its old ``mtime`` still shows.
+    """
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+# --------------------------------------------------------------------------- stores
+
+@dataclass
+class StoreJob:
+    """One job writing one store, from :func:`open_store`.
+
+    Attributes
+    ----------
+    path : Path
+        The store.
+    command : str
+        ``convert``, ``denoise``, …
+    identity : dict
+        The job's inputs and options (JSON-ready).
+    fingerprint : str
+        :func:`fingerprint` of ``identity``.
+    resuming : bool
+        Whether an unfinished run of this very job is being continued.
+    lock : WriterLock
+        The store's writer lock, held until the job ends.
+    pins : list
+        Inputs checked again before the store is marked complete.
+    """
+
+    path: Path
+    command: str
+    identity: dict[str, Any]
+    fingerprint: str
+    resuming: bool
+    lock: WriterLock
+    pins: list[Pin]
+
+    @property
+    def progress(self) -> Path:
+        """The folder of this job's per-piece markers (and pinned copies of inputs)."""
+        return self.path / PROGRESS_DIR / self.command
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store's ``deepcad_chunked`` attributes as they are now."""
+        return dict((read_group_attrs(self.path) or {}).get(ATTRS_KEY) or {})
+
+    def job_attrs(self) -> dict[str, Any]:
+        """The ``job`` entry a new store records: command, identity and fingerprint."""
+        return {"command": self.command, "fingerprint": self.fingerprint,
+                "identity": self.identity}
+
+    def create(self, make: Callable[[], None]) -> None:
+        """Write a new store with ``make()`` (whose attributes must carry
+        :meth:`job_attrs` and ``complete: False``), then its progress folder."""
+        with writing(self.path):
+            make()
+            self.progress.mkdir(parents=True)
+
+    def check(self) -> None:
+        """Raise if the lock was lost or a pinned input changed."""
+        self.lock.check()
+        for pin in self.pins:
+            pin.verify()
+
+    def finalise(self, **attrs: Any) -> None:
+        """Check the lock and the pinned inputs, write ``attrs``, the completion time and the
+        completion flag (last), and remove the progress markers."""
+        self.check()
+        provenance = {**(self.attrs.get("provenance") or {}), "completed": now()}
+        with writing(self.path):
+            update_attrs(self.path, **attrs, provenance=provenance, complete=True)
+        shutil.rmtree(self.path / PROGRESS_DIR, ignore_errors=True)
+
+    def remove_partial_writes(self) -> None:
+        """Delete temporary files of chunk writes that a kill interrupted (zarr writes a chunk
+        to ``KEY.<uuid>.partial`` and renames it)."""
+        for stray in self.path.rglob("*.partial"):
+            stray.unlink(missing_ok=True)
+
+
+#: A store's root metadata: removed last, so a store cut off while being cleared is still
+#: recognisably a Zarr store (and cleared by the next run) rather than a folder to refuse.
+_ROOT_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
+
+
+def _clear(path: Path) -> None:
+    """Delete everything in a store's folder but its lock, the root metadata last."""
+    entries = sorted((e for e in path.iterdir() if e.name != LOCK_NAME),
+                     key=lambda e: e.name in _ROOT_METADATA)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _only_lock_or_empty(path: Path) -> bool:
+    return all(e.name == LOCK_NAME or e.name.startswith(f"{LOCK_NAME}.") for e in path.iterdir())
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Words for what differs between two job identities."""
+    words = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, list) and isinstance(b, list) and all(
+                isinstance(e, dict) and "path" in e for e in (*a, *b)):
+            before = {e["path"]: e for e in a}
+            changed = [e["path"] for e in b if before.get(e["path"]) not in (None, e)]
+            if changed and len(a) == len(b):
+                words.append(f"{key} ({Path(changed[0]).name} changed since)")
+                continue
+        words.append(key)
+    return ", ".join(words) or "inputs or options"
+
+
+def _make_room(path: Path) -> bool:
+    """Check that ``path`` can become a store; create its folder. True if it was created."""
+    if path.is_symlink():
+        raise OutputExistsError(f"output {path} is a symbolic link; give the path it points to")
+    if path.exists():
+        if not path.is_dir():
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store; refusing "
+                                    "to touch it, even with --overwrite")
+        if not (is_zarr_store(path) or _only_lock_or_empty(path)):
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store; refusing "
+                                    "to delete it, even with --overwrite")
+        return False
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StoreError(f"cannot write {path}: {why}") from None
+    return True
+
+
+def _resumable(path: Path, command: str, identity: dict[str, Any], job_fingerprint: str,
+               overwrite: bool) -> bool:
+    """Under the lock: True to resume; False after making the folder ready for a new store."""
+    if not is_zarr_store(path):
+        _clear(path)  # an empty folder, or a job that died before writing any metadata
+        return False
+    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY)
+    if overwrite:
+        _clear(path)
+        return False
+    if not isinstance(ours, dict):
+        raise OutputExistsError(f"output {path} already exists (a Zarr store written by "
+                                "something else); pass --overwrite to replace it")
+    if ours.get("complete"):
+        raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
+    job = ours.get("job") or {}
+    if job.get("command") != command or job.get("fingerprint") != job_fingerprint:
+        what = (_differences(job.get("identity") or {}, identity)
+                if job.get("command") == command and job.get("identity") else None)
+        raise OutputExistsError(
+            f"output {path} holds an unfinished '{job.get('command', '?')}' run with other "
+            f"{what or 'inputs or options'}; rerun that command to resume it, or pass "
+            "--overwrite to replace it")
+    if (path / PROGRESS_DIR / command).is_dir():
+        return True
+    _clear(path)  # this very job died while creating its store: start afresh
+    return False
+
+
+@contextmanager
+def open_store(output: str | Path, *, command: str, identity: dict[str, Any],
+               inputs: Sequence[str | Path] = (), overwrite: bool = False,
+               pins: Sequence[Pin] = ()) -> Iterator[StoreJob]:
+    """Open a store for a job to write: checked, locked, and new or resumed.
+
+    Parameters
+    ----------
+    output : str or Path
+        The store.
+    command : str
+        The job's name (its markers live under ``.progress/<command>``).
+    identity : dict
+        The job's inputs and options, JSON-ready: an unfinished store with the same identity
+        is resumed, one with another is refused unless ``overwrite``.
+    inputs : sequence of paths
+        What the job reads; the output may not be, contain or lie inside any of them.
+    overwrite : bool
+        Replace an existing store (never anything that is not a Zarr store).
+    pins : sequence of Pin
+        Inputs that must not change before the store is finalised.
+
+    Yields
+    ------
+    StoreJob
+        ``resuming`` says whether to continue (markers in ``progress``) or to
+        :meth:`~StoreJob.create` the store. The lock is released when the block ends.
+
+    Raises
+    ------
+    OutputExistsError
+        An output overlapping an input, a finished store or an unfinished one of another
+        job (without ``overwrite``), or something that is not a Zarr store.
+    LockedError
+        Another process is writing the store.
+    StoreError
+        The store's folder cannot be written.
+    """
+    path = Path(output).expanduser().absolute()
+    check_disjoint(path, inputs)
+    created = _make_room(path)
+    try:
+        lock = WriterLock.acquire(path / LOCK_NAME, output=path, command=command)
+    except BaseException:
+        if created:
+            _remove_if_empty(path)
+        raise
+    try:
+        job_fingerprint = fingerprint(identity)
+        resuming = _resumable(path, command, identity, job_fingerprint, overwrite)
+        job = StoreJob(path=path, command=command, identity=identity,
+                       fingerprint=job_fingerprint, resuming=resuming, lock=lock,
+                       pins=list(pins))
+        if resuming:
+            log.info("resuming the unfinished %s in %s", command, path)
+            job.remove_partial_writes()
+        yield job
+    finally:
+        lock.release()
+        _remove_if_empty(path)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove a store folder this job created and never wrote into."""
+    try:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    except OSError:
+        pass
+
+
+def remove_store(path: str | Path, *, command: str) -> None:
+    """Delete a store (or folder) under its lock, so no running job loses it unawares.
+
+    Raises
+    ------
+    LockedError
+        When another process is writing it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir() or path.is_symlink():
+        with open_file_lock(path, command=command):
+            path.unlink()
+        return
+    with WriterLock.acquire(path / LOCK_NAME, output=path, command=command):
+        _clear(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- files, folders
+
+@contextmanager
+def open_file_lock(output: Path, *, command: str) -> Iterator[WriterLock]:
+    """Hold the writer lock of a file output (it lives beside the file)."""
+    with WriterLock.acquire(lock_path(output, is_store=False), output=output,
+                            command=command) as lock:
+        yield lock
+
+
+@contextmanager
+def open_file(output: str | Path, *, command: str, inputs: Sequence[str | Path] = (),
+              overwrite: bool = False, pins: Sequence[Pin] = ()) -> Iterator[Path]:
+    """Write a file atomically under its writer lock.
+
+    Yields a temporary name, unique to this process, in the output's folder; when the block
+    ends normally the pins are checked and the file is renamed into place, otherwise it is
+    removed. Temporary files of earlier, killed writers are removed first.
+
+    Raises
+    ------
+    OutputExistsError, LockedError, StoreError
+        As :func:`open_store`.
+    """
+    path = Path(output).expanduser().absolute()
+    check_disjoint(path, inputs)
+    if path.is_dir():
+        raise OutputExistsError(f"output {path} is a directory")
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot write {path}: folder {path.parent} does not exist")
+    with open_file_lock(path, command=command) as lock:
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"output {path} already exists; pass --overwrite to "
+                                    "replace it")
+        for stray in path.parent.glob(f".{path.name}.*.partial"):
+            stray.unlink(missing_ok=True)  # left by a killed writer: we hold the lock
+        partial = path.with_name(f".{path.name}.{lock.holder.token}.partial")
+        try:
+            yield partial
+            lock.check()
+            for pin in pins:
+                pin.verify()
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def open_folder(output: str | Path, *, command: str,
+                inputs: Sequence[str | Path] = ()) -> Iterator[WriterLock]:
+    """Hold the writer lock of a folder of outputs (created if needed).
+
+    Raises
+    ------
+    OutputExistsError, LockedError, StoreError
+        As :func:`open_store`.
+    """
+    path = Path(output).expanduser().absolute()
+    check_disjoint(path, inputs)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a folder")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StoreError(f"cannot write {path}: {why}") from None
+    try:
+        with WriterLock.acquire(path / LOCK_NAME, output=path, command=command) as lock:
+            yield lock
+    finally:
+        if created:
+            _remove_if_empty(path)
