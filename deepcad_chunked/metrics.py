@@ -53,13 +53,13 @@ class Frames:
             self.shape = tuple(rec.shape)
             self._read = lambda a, b: np.asarray(self._array[a:b])
         else:
-            from deepcad_chunked.io.tiff import inspect_tiff, read_frames
+            from deepcad_chunked.io.tiff import plan_sources
 
-            source = inspect_tiff(self.path)
-            if source.extra:
+            plan = plan_sources([self.path])
+            if plan.first.extra:
                 raise SourceError(f"{self.path} has more axes than t, y, x")
-            self.shape = (source.frames, source.height, source.width)
-            self._read = lambda a, b: read_frames(source, a, b)
+            self.shape = (plan.frames, plan.first.height, plan.first.width)
+            self._read = plan.read
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start:stop`` as float64."""

@@ -9,9 +9,9 @@ skips slabs that have a marker; the statistics and completion flag are written l
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import shutil
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 from distributed import Client
 from tqdm.auto import tqdm
 
@@ -26,96 +27,30 @@ from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect, results_as_completed
 from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
 from deepcad_chunked.errors import SourceError
+from deepcad_chunked.io.lifecycle import (
+    StoreJob,
+    check_disjoint,
+    file_state,
+    now,
+    open_store,
+    writing,
+)
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
-    ATTRS_KEY,
     Compression,
     Recording,
     create_image,
     open_for_writing,
     open_recording,
-    prepare_output,
-    read_group_attrs,
-    update_attrs,
-)
-from deepcad_chunked.io.resumable import (
-    PROGRESS_DIR,
-    can_resume,
-    fingerprint,
-    now,
-    progress_dir,
-    remove_partial_writes,
-    writing,
 )
 from deepcad_chunked.io.sources import discover_sources
 from deepcad_chunked.io.stats import BlockStats
-from deepcad_chunked.io.tiff import TiffSource, inspect_tiff, read_frames
+from deepcad_chunked.io.tiff import SourcePlan, plan_sources
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class SourcePlan:
-    """The files of one recording, in order, and where each starts on the time axis."""
-
-    sources: tuple[TiffSource, ...]
-    starts: tuple[int, ...]
-
-    @property
-    def frames(self) -> int:
-        """Total number of time points."""
-        return self.starts[-1] + self.sources[-1].frames
-
-    @property
-    def first(self) -> TiffSource:
-        """The first file, whose layout every other file shares."""
-        return self.sources[0]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start:stop`` of the recording, across file boundaries."""
-        k = int(np.searchsorted(self.starts, start, side="right")) - 1
-        if stop <= self.starts[k] + self.sources[k].frames:  # within one file: no copy
-            return read_frames(self.sources[k], start - self.starts[k], stop - self.starts[k])
-        out = np.empty((stop - start, *self.first.frame_shape), dtype=self.first.dtype)
-        t = start
-        while t < stop:
-            src, s0 = self.sources[k], self.starts[k]
-            n = min(stop, s0 + src.frames) - t
-            out[t - start:t - start + n] = read_frames(src, t - s0, t - s0 + n)
-            t += n
-            k += 1
-        return out
-
-
-def plan_sources(paths: Sequence[Path]) -> SourcePlan:
-    """Inspect every file and check that they form one recording.
-
-    Parameters
-    ----------
-    paths : sequence of Path
-        Files in recording order.
-
-    Returns
-    -------
-    SourcePlan
-
-    Raises
-    ------
-    SourceError
-        When a file cannot be read or differs from the first in frame shape, axes or dtype.
-    """
-    sources = [inspect_tiff(p) for p in paths]
-    first = sources[0]
-    for src in sources[1:]:
-        if src.frame_shape != first.frame_shape or src.axes != first.axes:
-            raise SourceError(
-                f"{Path(src.path).name} has frames of shape {src.frame_shape} (axes "
-                f"{''.join(src.axes)}) but {Path(first.path).name} has {first.frame_shape} "
-                f"(axes {''.join(first.axes)}); all files of a recording must match")
-        if src.dtype != first.dtype:
-            raise SourceError(f"{Path(src.path).name} holds {np.dtype(src.dtype)} samples but "
-                              f"{Path(first.path).name} holds {np.dtype(first.dtype)}")
-    starts = np.concatenate([[0], np.cumsum([s.frames for s in sources])[:-1]])
-    return SourcePlan(tuple(sources), tuple(int(s) for s in starts))
+#: File in a conversion's progress folder with the state (inode, times) of each source file.
+SOURCE_STATES = "sources.json"
 
 
 @dataclass(frozen=True)
@@ -147,13 +82,14 @@ def _resolve_chunks(chunks: tuple[int, int, int] | None, shape: tuple[int, ...]
     return tuple(max(1, min(c, s)) for c, s in zip(full, shape, strict=True))
 
 
-def _fingerprint(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
-                 config: ConvertConfig) -> str:
-    return fingerprint({
-        "sources": [(s.path, s.size, s.mtime_ns) for s in plan.sources],
-        "shape": shape, "chunks": chunks, "dtype": plan.first.dtype,
+def _identity(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
+              config: ConvertConfig) -> dict[str, Any]:
+    return {
+        "sources": [{"path": s.path, "series": s.series, "size": s.size,
+                     "mtime_ns": s.mtime_ns, "sample": s.sample} for s in plan.sources],
+        "shape": list(shape), "chunks": list(chunks), "dtype": plan.first.dtype,
         "zarr_format": config.zarr_format, "compression": config.compression.model_dump(),
-    })
+    }
 
 
 def _scales(plan: SourcePlan, frame_rate: float | None) -> dict[str, Any]:
@@ -209,59 +145,112 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
     """
     config = config or ConvertConfig()
     output = Path(output).expanduser().absolute()
-    plan = plan_sources(discover_sources(sources))
+    named = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    files = discover_sources(named)
+    # the folders named as sources are inputs too: the output may not lie inside them
+    folders = [Path(s).expanduser() for s in named if Path(s).expanduser().is_dir()]
+    plan = plan_sources(files)
     first = plan.first
     if plan.frames < 2:
         raise SourceError(f"{first.path} holds a single frame; a time-lapse recording needs "
                           "at least 2")
     shape = (plan.frames, *first.frame_shape)
     chunks = _resolve_chunks(config.chunks, shape)
-    job_id = _fingerprint(plan, shape, chunks, config)
-    markers = progress_dir(output, "convert")
-    resume = can_resume(output, "convert", job_id, config.overwrite)
+    identity = _identity(plan, shape, chunks, config)
+    check_disjoint(output, [*files, *folders])  # before a cluster is started
     # Join or start the cluster before touching the output: a bad --cluster leaves nothing.
-    with connect(cluster, workers=workers) as client:
-        if resume:
-            log.info("resuming the unfinished conversion in %s", output)
-            remove_partial_writes(output / ARRAY_PATH)
+    with connect(cluster, workers=workers) as client, \
+            open_store(output, command="convert", identity=identity,
+                       inputs=[*files, *folders], overwrite=config.overwrite) as job:
+        if job.resuming:
+            _check_sources_since(client, job, plan, chunks[0])
         else:
-            _create_store(output, plan, shape, chunks, job_id, config)
-            markers.mkdir(parents=True)
+            job.create(lambda: _create_store(output, plan, shape, chunks, job, config))
+            _save_states(job, plan)
         n_slabs = math.ceil(plan.frames / chunks[0])
         stats = BlockStats()
         done = set()
-        for marker in markers.glob("*.npz"):
+        for marker in job.progress.glob("*.npz"):
             stats.merge(BlockStats.load(marker))
             done.add(int(marker.stem))
         todo = [s for s in range(n_slabs) if s not in done]
         log.info("converting %d frames %s %s from %d file(s) into %s (chunks %s): %d of %d "
                  "slabs to do", plan.frames, first.frame_shape, np.dtype(first.dtype),
-                 len(plan.sources), output, chunks, len(todo), n_slabs)
+                 len(plan.paths), output, chunks, len(todo), n_slabs)
         if todo:
-            job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
-                           progress=str(markers))
+            slab_job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
+                                progress=str(job.progress))
             with writing(output):
-                _run_slabs(client, job, todo, stats, progress)
-    summary = stats.summary(np.dtype(first.dtype))
-    if summary.get("nonfinite"):
-        log.warning("%d samples are NaN or infinite: stored as they are, but training and "
-                    "denoising refuse the recording until they are replaced",
-                    summary["nonfinite"])
-    attrs = read_group_attrs(output)[ATTRS_KEY]
-    provenance = {**attrs["provenance"], "completed": now()}
-    update_attrs(output, statistics=summary, provenance=provenance, complete=True)
-    shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
+                _run_slabs(client, slab_job, todo, stats, progress)
+        summary = stats.summary(np.dtype(first.dtype))
+        if summary.get("nonfinite"):
+            log.warning("%d samples are NaN or infinite: stored as they are, but training "
+                        "and denoising refuse the recording until they are replaced",
+                        summary["nonfinite"])
+        job.finalise(statistics=summary)
     return open_recording(output)
 
 
+def _save_states(job: StoreJob, plan: SourcePlan) -> None:
+    """Record each source file's state (inode, status-change time) for a later resume."""
+    states = {p: file_state(p) for p in plan.paths}
+    with writing(job.path):
+        (job.progress / SOURCE_STATES).write_text(json.dumps(states))
+
+
+def _check_sources_since(client: Client, job: StoreJob, plan: SourcePlan,
+                         slab_frames: int) -> None:
+    """Before resuming: every source file whose state changed since the conversion started
+    (same size, times and sampled bytes, so the same identity, but written or replaced
+    since) must still hold exactly the frames already converted from it.
+
+    Raises
+    ------
+    SourceError
+        Naming the file and the first frames that differ.
+    """
+    try:
+        before = json.loads((job.progress / SOURCE_STATES).read_text())
+    except (OSError, ValueError):
+        before = {}
+    changed = [p for p in plan.paths if before.get(p) != file_state(p)]
+    if not changed:
+        return
+    done = sorted(int(m.stem) for m in job.progress.glob("*.npz"))
+    suspect = [s for s in done
+               if any(part.path in changed for part in plan.parts_of(
+                   s * slab_frames, min(plan.frames, (s + 1) * slab_frames)))]
+    log.info("%s changed on disk since the conversion started; checking the %d slabs "
+             "already converted from it against the file", Path(changed[0]).name, len(suspect))
+    slab_job = _SlabJob(plan=plan, store=str(job.path), slab_frames=slab_frames,
+                        progress=str(job.progress))
+    futures = client.map(_slab_differs, suspect, job=slab_job, pure=False)
+    for slab in results_as_completed(client, futures):
+        if slab is not None:
+            t0 = slab * slab_frames
+            t1 = min(plan.frames, t0 + slab_frames)
+            raise SourceError(f"{changed[0]} changed since the unfinished conversion in "
+                              f"{job.path} started (frames {t0}–{t1 - 1} differ from those "
+                              "converted); pass --overwrite to convert it again from the start")
+    _save_states(job, plan)
+
+
+def _slab_differs(slab: int, job: _SlabJob) -> int | None:
+    """``slab`` if the store's frames differ from the sources' now, else None."""
+    t0 = slab * job.slab_frames
+    t1 = min(job.plan.frames, t0 + job.slab_frames)
+    stored = zarr.open_array(f"{job.store}/{ARRAY_PATH}", mode="r")[t0:t1]
+    source = job.plan.read(t0, t1)
+    return None if stored.tobytes() == source.tobytes() else slab
+
+
 def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
-                  chunks: tuple[int, ...], job_id: str, config: ConvertConfig) -> None:
-    prepare_output(output, config.overwrite)
+                  chunks: tuple[int, ...], job: StoreJob, config: ConvertConfig) -> None:
     scales = _scales(plan, config.frame_rate)
     scale, units = _ngff_scale(plan.first.axes, scales)
     attrs = {
         "format": 1, "kind": "recording", "complete": False,
-        "job": {"command": "convert", "fingerprint": job_id},
+        "job": job.job_attrs(),
         **scales,
         "provenance": {
             "tool": "deepcad-chunked", "version": __version__, "started": now(),

@@ -11,7 +11,7 @@ from deepcad_chunked.errors import SourceError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 _DIGITS = re.compile(r"(\d+)")
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def natural_key(path: Path) -> tuple[tuple[int, int | str], ...]:
@@ -76,7 +76,7 @@ def _expand_one(item: str) -> Iterable[Path]:
         if not path.is_file():
             raise SourceError(f"{path} is not a regular file")
         return [path]
-    if _GLOB_CHARS.search(item):
+    if GLOB_CHARS.search(item):
         matches = [Path(m) for m in glob.glob(str(path)) if Path(m).is_file()]
         if not matches:
             raise SourceError(f"pattern {item!r} matches no file")

@@ -9,12 +9,15 @@ sent over the network.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import os
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +57,14 @@ class TiffSource:
     ----------
     path : str
         Absolute path of the file.
-    size, mtime_ns : int
-        File size and modification time when inspected; reads check them.
+    size, mtime_ns, ino, ctime_ns : int
+        File size, modification time, inode and status-change time when inspected; every
+        read checks them, so a file written or replaced while it is read is refused.
+    sample : str
+        SHA-256 of the file's first and last 64 KiB: part of a conversion's identity.
     series : int
-        Index of the tifffile image series read.
+        Index of the tifffile image series read (a file of several series that continue
+        one another is read as several sources, in order).
     kind : str
         tifffile's name for the series' flavour (``imagej``, ``ome``, ``scanimage``, …).
     dtype : str
@@ -81,6 +88,9 @@ class TiffSource:
     path: str
     size: int
     mtime_ns: int
+    ino: int
+    ctime_ns: int
+    sample: str
     series: int
     kind: str
     dtype: str
@@ -130,8 +140,13 @@ class _WarningCatcher(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def inspect_tiff(path: str | Path) -> TiffSource:
+def inspect_tiff(path: str | Path) -> tuple[TiffSource, ...]:
     """Map the frames of a TIFF file onto its pages and check that all of them are present.
+
+    A file normally holds one image series. Several series of the same frames (pages appended
+    to a file by successive writes) are read one after the other, every frame in order; any
+    other mix of series (pages of different sizes, OME images of several positions) is
+    refused rather than read in part.
 
     Parameters
     ----------
@@ -140,18 +155,20 @@ def inspect_tiff(path: str | Path) -> TiffSource:
 
     Returns
     -------
-    TiffSource
-        A small, picklable description from which :func:`read_frames` reads.
+    tuple of TiffSource
+        One small, picklable description per series, in file order, from which
+        :func:`read_frames` reads.
 
     Raises
     ------
     SourceError
-        When the file is missing, not a TIFF, truncated, holds RGB samples or has axes that
-        cannot be read as a time series.
+        When the file is missing, not a TIFF, truncated, holds RGB samples, has axes that
+        cannot be read as a time series, or holds series that do not continue one another.
     """
     path = Path(path).resolve()
     try:
         stat = path.stat()
+        sample = _sample_digest(path, stat.st_size)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     catcher = _WarningCatcher()
@@ -159,8 +176,13 @@ def inspect_tiff(path: str | Path) -> TiffSource:
     tlog.addHandler(catcher)
     try:
         with _open_tiff(path) as tif:
-            source = _describe(tif, path, stat)
-            _check_complete(tif, source, stat.st_size)
+            if not tif.series:
+                raise SourceError(f"{path} holds no images")
+            parts = tuple(_describe(tif, path, stat, sample, i) for i in range(len(tif.series)))
+            if len(parts) > 1:
+                _check_continuous(tif, parts, path)
+            for part in parts:
+                _check_complete(tif, part, stat.st_size)
     except SourceError:
         raise
     except Exception as exc:  # tifffile raises many types on damaged files
@@ -170,15 +192,45 @@ def inspect_tiff(path: str | Path) -> TiffSource:
     damage = [m for m in catcher.messages if "offset" in m or "truncat" in m or "corrupt" in m]
     if damage:
         raise SourceError(f"{path} is truncated or damaged: {damage[0]}")
-    return source
+    return parts
 
 
-def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result) -> TiffSource:
-    if not tif.series:
-        raise SourceError(f"{path} holds no images")
-    series = tif.series[0]
-    if len(tif.series) > 1:
-        log.warning("%s holds %d image series; reading the first", path.name, len(tif.series))
+#: Series kinds that are plain runs of pages; several of them in one file continue each other.
+_APPENDABLE = ("shaped", "uniform", "generic")
+
+
+def _check_continuous(tif: tifffile.TiffFile, parts: tuple[TiffSource, ...], path: Path) -> None:
+    """Refuse several series unless they are runs of the same frames, one after the other."""
+    first = parts[0]
+    pages = [[p.index for p in tif.series[s.series].pages if p is not None] for s in parts]
+    joinable = (all(s.kind in _APPENDABLE for s in parts)
+                and all(s.frame_shape == first.frame_shape and s.axes == first.axes
+                        and s.dtype == first.dtype for s in parts)
+                and all(a and b and max(a) < min(b) for a, b in itertools.pairwise(pages)))
+    if not joinable:
+        described = "; ".join(
+            f"series {s.series + 1}: {s.frames} × {'×'.join(map(str, s.frame_shape))} "
+            f"{np.dtype(s.dtype)} ({s.kind})" for s in parts[:4])
+        more = f"; and {len(parts) - 4} more" if len(parts) > 4 else ""
+        raise SourceError(f"{path} holds {len(parts)} image series that are not one "
+                          f"recording ({described}{more}); split it into one file per "
+                          "recording and convert those")
+    log.info("%s holds %d series of the same frames (appended pages); reading all %d frames "
+             "in order", path.name, len(parts), sum(s.frames for s in parts))
+
+
+def _sample_digest(path: Path, size: int, span: int = 65536) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(span))
+        fh.seek(max(0, size - span))
+        h.update(fh.read(span))
+    return h.hexdigest()
+
+
+def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result, sample: str,
+              index: int) -> TiffSource:
+    series = tif.series[index]
     axes = series.axes.upper()
     shape = tuple(int(s) for s in series.shape)
     if len(axes) < 2 or axes[-2:] != "YX":
@@ -207,7 +259,8 @@ def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result) -> TiffS
     if contiguous is not None and int(series.nbytes) != math.prod(shape) * dtype.itemsize:
         contiguous = None
     return TiffSource(
-        path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, series=0,
+        path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino,
+        ctime_ns=stat.st_ctime_ns, sample=sample, series=index,
         kind=str(series.kind), dtype=dtype.newbyteorder("=").str, frames=frames, extra=extra,
         height=int(height), width=int(width), strides=strides,
         contiguous_offset=None if contiguous is None else int(contiguous),
@@ -436,15 +489,13 @@ class _HandleCache(threading.local):
     limit = 8
 
     def __init__(self) -> None:
-        self.files: OrderedDict[tuple[str, int, int], tifffile.TiffFile] = OrderedDict()
+        self.files: OrderedDict[tuple[str, int, int, int, int], tifffile.TiffFile] = \
+            OrderedDict()
 
     def get(self, source: TiffSource) -> tifffile.TiffFile:
-        key = (source.path, source.size, source.mtime_ns)
+        key = (source.path, source.size, source.mtime_ns, source.ino, source.ctime_ns)
         tif = self.files.get(key)
         if tif is None:
-            stat = os.stat(source.path)
-            if (stat.st_size, stat.st_mtime_ns) != (source.size, source.mtime_ns):
-                raise SourceError(f"{source.path} changed while it was being read")
             tif = _open_tiff(Path(source.path))
             self.files[key] = tif
             while len(self.files) > self.limit:
@@ -453,6 +504,23 @@ class _HandleCache(threading.local):
         else:
             self.files.move_to_end(key)
         return tif
+
+
+def check_unchanged(source: TiffSource) -> None:
+    """Refuse to go on reading a file that was written or replaced since it was inspected.
+
+    Raises
+    ------
+    SourceError
+    """
+    try:
+        st = os.stat(source.path)
+        now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    except OSError:
+        now = None
+    if now != (source.size, source.mtime_ns, source.ino, source.ctime_ns):
+        raise SourceError(f"{source.path} changed while it was being read (written, replaced "
+                          "or removed); the output is left incomplete")
 
 
 _handles = _HandleCache()
@@ -498,6 +566,7 @@ def read_frames(source: TiffSource, start: int, stop: int) -> np.ndarray:
     numpy.ndarray
         Shape ``(stop - start, [c], [z], y, x)``, native byte order, dtype ``source.dtype``.
     """
+    check_unchanged(source)
     index = page_indices(source, start, stop)
     flat = index.ravel()
     tif = _handles.get(source)
@@ -508,6 +577,7 @@ def read_frames(source: TiffSource, start: int, stop: int) -> np.ndarray:
         key = range(int(flat[0]), int(flat[-1]) + 1) if consecutive else [int(i) for i in flat]
         data = tif.asarray(key=key, series=source.series, maxworkers=1)
     data = np.asarray(data).reshape(*index.shape, source.height, source.width)
+    check_unchanged(source)  # not written while these frames were being read
     return data.astype(source.dtype, copy=False)
 
 
@@ -533,3 +603,81 @@ def _readinto(fh: tifffile.FileHandle, out: np.ndarray, path: str) -> None:
     got = fh.readinto(view)
     if got != view.nbytes:
         raise SourceError(f"{path} is truncated: a read of {view.nbytes} bytes got {got}")
+
+
+# --------------------------------------------------------------------------- recordings
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """The parts of one recording (files, or series of a file), in order, and where each
+    starts on the time axis."""
+
+    sources: tuple[TiffSource, ...]
+    starts: tuple[int, ...]
+
+    @property
+    def frames(self) -> int:
+        """Total number of time points."""
+        return self.starts[-1] + self.sources[-1].frames
+
+    @property
+    def first(self) -> TiffSource:
+        """The first part, whose layout every other part shares."""
+        return self.sources[0]
+
+    @property
+    def paths(self) -> list[str]:
+        """The files, in order, each once."""
+        return list(dict.fromkeys(s.path for s in self.sources))
+
+    def parts_of(self, start: int, stop: int) -> list[TiffSource]:
+        """The parts that hold frames ``start:stop``."""
+        return [s for s, s0 in zip(self.sources, self.starts, strict=True)
+                if s0 < stop and s0 + s.frames > start]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` of the recording, across part boundaries."""
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        if stop <= self.starts[k] + self.sources[k].frames:  # within one part: no copy
+            return read_frames(self.sources[k], start - self.starts[k], stop - self.starts[k])
+        out = np.empty((stop - start, *self.first.frame_shape), dtype=self.first.dtype)
+        t = start
+        while t < stop:
+            src, s0 = self.sources[k], self.starts[k]
+            n = min(stop, s0 + src.frames) - t
+            out[t - start:t - start + n] = read_frames(src, t - s0, t - s0 + n)
+            t += n
+            k += 1
+        return out
+
+
+def plan_sources(paths: Sequence[str | Path]) -> SourcePlan:
+    """Inspect every file and check that they form one recording.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        Files in recording order.
+
+    Returns
+    -------
+    SourcePlan
+
+    Raises
+    ------
+    SourceError
+        When a file cannot be read or differs from the first in frame shape, axes or dtype.
+    """
+    sources = [part for p in paths for part in inspect_tiff(p)]
+    first = sources[0]
+    for src in sources[1:]:
+        if src.frame_shape != first.frame_shape or src.axes != first.axes:
+            raise SourceError(
+                f"{Path(src.path).name} has frames of shape {src.frame_shape} (axes "
+                f"{''.join(src.axes)}) but {Path(first.path).name} has {first.frame_shape} "
+                f"(axes {''.join(first.axes)}); all files of a recording must match")
+        if src.dtype != first.dtype:
+            raise SourceError(f"{Path(src.path).name} holds {np.dtype(src.dtype)} samples but "
+                              f"{Path(first.path).name} holds {np.dtype(first.dtype)}")
+    starts = np.concatenate([[0], np.cumsum([s.frames for s in sources])[:-1]])
+    return SourcePlan(tuple(sources), tuple(int(s) for s in starts))
