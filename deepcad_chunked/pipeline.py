@@ -9,8 +9,8 @@ result and draws the report.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,9 @@ from deepcad_chunked.config import (
 )
 from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.io import convert, export, open_recording
+from deepcad_chunked.io.lifecycle import check_disjoint, open_folder, remove_store
 from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
-from deepcad_chunked.io.sources import discover_sources
+from deepcad_chunked.io.sources import GLOB_CHARS, discover_sources
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +81,73 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
     Returns
     -------
     RunResult
+
+    Raises
+    ------
+    OutputExistsError
+        When a product would be, contain or lie inside a source (``-o`` a source folder, say),
+        or a finished product was made from other sources or with another model.
+    LockedError
+        When another ``run`` works in ``outdir``, or another command writes one of its
+        products.
     """
     outdir = Path(outdir).expanduser().absolute()
-    files = [str(p) for p in discover_sources(sources)]
-    if not outdir.parent.is_dir():
-        raise SourceError(f"folder {outdir.parent} does not exist")
-    outdir.mkdir(exist_ok=True)
-    if overwrite:
-        for name in PRODUCTS:
-            path = outdir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    named = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    files = [str(p) for p in discover_sources(named)]
+    folders = [str(Path(p).expanduser()) for p in named if Path(p).expanduser().is_dir()]
     store, run_dir = outdir / "recording.zarr", outdir / "model"
     denoised, exported = outdir / "denoised.zarr", outdir / "denoised.ome.tif"
-    with connect(cluster, workers=workers) as client:
-        if _complete(store):
-            converted = [s["path"] for s in
-                         open_recording(store).attrs["provenance"]["sources"]]
-            if converted != files:
-                raise OutputExistsError(f"{store} was converted from other files; pass "
-                                        "--overwrite to start again")
-            log.info("%s is already converted", store)
-        else:
-            convert(files, store, config=convert_config, cluster=client, progress=progress)
-        result = _train(store, run_dir, train_config, progress,
-                        None if _is_local(cluster) else client)
-        if _complete(denoised):
-            log.info("%s is already denoised", denoised)
-        else:
-            from deepcad_chunked.infer import denoise
+    for product in (store, run_dir, denoised, exported):  # before anything is touched
+        check_disjoint(product, [*files, *folders])
+        _check_patterns(named, product)
+    if not outdir.parent.is_dir():
+        raise SourceError(f"folder {outdir.parent} does not exist")
+    with open_folder(outdir, command="run"):
+        if overwrite:
+            for path in (store, run_dir, denoised, exported):
+                remove_store(path, command="run --overwrite")
+        with connect(cluster, workers=workers) as client:
+            if _complete(store):
+                converted = list(dict.fromkeys(
+                    s["path"] for s in open_recording(store).attrs["provenance"]["sources"]))
+                if converted != files:
+                    raise OutputExistsError(f"{store} was converted from other files; pass "
+                                            "--overwrite to start again")
+                log.info("%s is already converted", store)
+            else:
+                convert(files, store, config=convert_config, cluster=client, progress=progress)
+            result = _train(store, run_dir, train_config, progress,
+                            None if _is_local(cluster) else client)
+            if _complete(denoised):
+                _check_denoised_with(denoised, result)
+                log.info("%s is already denoised", denoised)
+            else:
+                from deepcad_chunked.infer import denoise
 
-            denoise(store, result, denoised, config=denoise_config, cluster=client,
-                    progress=progress)
-    if export_tiff and not exported.exists():
-        export(denoised, exported, progress=progress)
+                denoise(store, result, denoised, config=denoise_config, cluster=client,
+                        progress=progress)
+        if export_tiff and not exported.exists():
+            export(denoised, exported, progress=progress)
     return RunResult(store, result, denoised, exported if export_tiff else None)
+
+
+def _check_patterns(named: Sequence[str | Path], product: Path) -> None:
+    """Refuse a product that a glob pattern among the sources would take on a rerun."""
+    for item in named:
+        text = str(Path(item).expanduser().absolute())
+        if GLOB_CHARS.search(str(item)) and fnmatch.fnmatch(str(product), text):
+            raise OutputExistsError(f"the source pattern {str(item)!r} would take the output "
+                                    f"{product} as a source when the command is rerun; choose "
+                                    "an output folder the pattern does not match")
+
+
+def _check_denoised_with(denoised: Path, model: Path) -> None:
+    from deepcad_chunked.model import Checkpoint
+
+    made_with = (open_recording(denoised).attrs.get("model") or {}).get("digest")
+    if made_with != Checkpoint.load(model).digest:
+        raise OutputExistsError(f"{denoised} was denoised with another model than {model}; "
+                                "pass --overwrite to start again")
 
 
 def _train(store: Path, run_dir: Path, config: TrainConfig | None,

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
+from deepcad_chunked.io.lifecycle import check_disjoint
 from deepcad_chunked.metrics import Frames
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def preview(raw: str | Path, denoised: str | Path, output: str | Path, *,
 
     output = Path(output).expanduser().absolute()
     for path in (output, Path(movie) if movie else None):
+        if path is not None:
+            check_disjoint(path, [raw, denoised, *([footprints] if footprints else [])])
         if path is not None and path.exists() and not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
         if path is not None and not path.parent.is_dir():

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import product
@@ -37,7 +36,7 @@ from deepcad_chunked.cluster import (
     wait_for_a_worker,
 )
 from deepcad_chunked.config import DenoiseConfig
-from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.errors import ConfigError, ModelOutputError
 from deepcad_chunked.infer.memory import (
     bytes_per_voxel,
     fit_block,
@@ -46,30 +45,29 @@ from deepcad_chunked.infer.memory import (
 )
 from deepcad_chunked.infer.predict import (
     check_blocks,
+    check_halo,
     default_halo,
     denoise_dask,
     receptive_radius,
 )
+from deepcad_chunked.io.lifecycle import (
+    StoreJob,
+    StorePin,
+    check_disjoint,
+    file_state,
+    now,
+    open_store,
+    store_identity,
+    writing,
+)
 from deepcad_chunked.io.omezarr import (
-    ARRAY_PATH,
     ATTRS_KEY,
     Compression,
     Recording,
     create_image,
     open_for_writing,
     open_recording,
-    prepare_output,
     read_group_attrs,
-    update_attrs,
-)
-from deepcad_chunked.io.resumable import (
-    PROGRESS_DIR,
-    can_resume,
-    fingerprint,
-    now,
-    progress_dir,
-    remove_partial_writes,
-    writing,
 )
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
@@ -133,10 +131,6 @@ def plan_layout(client: Client, rec: Recording, features: int,
         max_voxels = min(w["bytes"] // bytes_per_voxel(features, config.precision, w["device"])
                          for w in workers.values())
     halo = default_halo() if config.halo is None else config.halo
-    if halo < receptive_radius():
-        log.warning("halo %d is smaller than the network's receptive radius (%d): the result "
-                    "is no longer exact and block borders may show; the default halo %d is "
-                    "exact", halo, receptive_radius(), default_halo())
     frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
     storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
     slots = (len(workers) if device == "cuda"
@@ -159,6 +153,10 @@ def plan_layout(client: Client, rec: Recording, features: int,
     per_frame_row = math.prod(math.ceil(n / b) for n, b in zip(frames_yx[1:], block[1:],
                                                                 strict=True))
     rows = math.ceil(max(4, 2 * slots) / per_frame_row)
+    if halo < receptive_radius():  # said once every check has passed: never before an error
+        log.warning("halo %d is smaller than the network's receptive radius (%d): the result "
+                    "is no longer exact and block borders may show; the default halo %d is "
+                    "exact", halo, receptive_radius(), default_halo())
     return Layout(block=tuple(block), halo=halo, device=device, max_voxels=int(max_voxels),
                   pieces=tuple(pieces), segment=math.ceil(rows * block[0] / unit) * unit)
 
@@ -168,21 +166,35 @@ def _worker_memory(client: Client, device: str) -> dict[str, dict[str, Any]]:
     return client.run(worker_memory, device)
 
 
-def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...],
-                 marker: str) -> int:
-    """Write one finished block to the output store, then leave its marker."""
-    open_for_writing(store)[region] = data
+def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...], marker: str,
+                 dtype: str, precision: str) -> int:
+    """Check one finished block (float32, raw units), cast it to the output's dtype, write it
+    to the output store, then leave its marker."""
+    _require_finite(data, precision)
+    open_for_writing(store)[region] = _cast(data, np.dtype(dtype))
     tmp = Path(marker + ".tmp")
     tmp.write_bytes(b"")
     tmp.replace(marker)
     return int(data.size)
 
 
-def _cast(x: Any, dtype: np.dtype) -> Any:
+def _require_finite(values: np.ndarray, precision: str) -> None:
+    """Refuse results that are NaN or infinite: they must never be stored as a result."""
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        hint = ("--precision fp32 may avoid the overflow" if precision != "fp32" else
+                "the model is unusable for this recording (a diverged training run?): use an "
+                "earlier checkpoint, or train again with a lower --lr")
+        raise ModelOutputError(f"the network produced {bad} NaN or infinite values in a "
+                               f"block of {values.shape} voxels; nothing was stored for it, "
+                               f"and the output stays incomplete: {hint}")
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return x.round().clip(info.min, info.max).astype(dtype)
-    return x.astype(dtype)
+    return x.astype(dtype, copy=False)
 
 
 def denoise(data: str | Path, model: str | Path, output: str | Path, *,
@@ -222,50 +234,91 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     model_path = Path(model).expanduser().absolute()
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
+    model_state = file_state(model_path)
     output = Path(output).expanduser().absolute()
-    if config.block is not None:  # fail before starting a cluster
-        check_blocks(config.block, default_halo() if config.halo is None else config.halo,
-                     (rec.shape[0], rec.shape[-2], rec.shape[-1]))
+    check_disjoint(output, [rec.path, model_path])  # before a cluster is started
+    # every option that can be checked without the workers is checked before the cluster
+    halo = default_halo() if config.halo is None else check_halo(config.halo)
+    if config.block is not None:
+        check_blocks(config.block, halo, (rec.shape[0], rec.shape[-2], rec.shape[-1]))
     out_dtype = rec.dtype if config.dtype == "same" else np.dtype(np.float32)
+    stored = _unfinished_block(output, config)
     with connect(cluster, workers=workers) as client:
-        layout = plan_layout(client, rec, ckpt.features, config)
-        job_id = fingerprint({"input": str(rec.path.absolute()),
-                              "input_job": rec.attrs.get("job"), "model": ckpt.digest,
-                              "block": layout.block, "halo": layout.halo,
-                              "precision": config.precision, "dtype": out_dtype.str})
-        markers = progress_dir(output, "denoise")
-        if can_resume(output, "denoise", job_id, config.overwrite):
-            log.info("resuming the unfinished denoise in %s", output)
-            remove_partial_writes(output / ARRAY_PATH)
-        else:
-            _create_output(output, rec, out_dtype, job_id, ckpt.digest, model_path, layout,
-                           config)
-            markers.mkdir(parents=True)
-        job = _Job(rec, model_path, output, markers, layout, out_dtype, config,
-                   gpu=advertises_gpus(client))
-        todo, total = job.count()
-        log.info("denoising %s with %s on %s (block %s, halo %d, segments of %d frames): "
-                 "%d of %d blocks to do", rec.path, model_path.name, layout.device,
-                 layout.block, layout.halo, layout.segment, todo, total)
-        if todo:
-            with writing(output):
-                _run(client, job.segments(), job.per_segment(), total, total - todo,
-                     progress)
-    provenance = {**read_group_attrs(output)[ATTRS_KEY]["provenance"], "completed": now()}
-    update_attrs(output, provenance=provenance, complete=True)
-    shutil.rmtree(output / PROGRESS_DIR, ignore_errors=True)
+        layout = plan_layout(client, rec, ckpt.features,
+                             config if stored is None else config.model_copy(
+                                 update={"block": stored}))
+        identity = {"input": str(rec.path), "input_store": store_identity(rec.path),
+                    "model": ckpt.digest, "block": list(layout.block), "halo": layout.halo,
+                    "precision": config.precision, "dtype": out_dtype.str}
+        with open_store(output, command="denoise", identity=identity,
+                        inputs=[rec.path, model_path], overwrite=config.overwrite,
+                        pins=[StorePin(rec.path)]) as store:
+            if not store.resuming:
+                store.create(lambda: _create_output(output, rec, out_dtype, store, ckpt.digest,
+                                                    model_path, layout, config))
+            pinned = _pin_model(store, ckpt)
+            job = _Job(rec, pinned, output, store.progress, layout, out_dtype, config,
+                       gpu=advertises_gpus(client), pinned=(ckpt.normalization, ckpt.digest),
+                       check=store.check)
+            todo, total = job.count()
+            log.info("denoising %s with %s on %s (block %s, halo %d, segments of %d frames): "
+                     "%d of %d blocks to do", rec.path, model_path.name, layout.device,
+                     layout.block, layout.halo, layout.segment, todo, total)
+            if todo:
+                with writing(output):
+                    _run(client, job.segments(), job.per_segment(), total, total - todo,
+                         progress)
+            store.finalise()
+    if _changed(model_path, model_state):
+        log.warning("%s changed while the job ran; %s was made entirely with the model as it "
+                    "was at the start (digest %s…)", model_path, output, ckpt.digest[:12])
     return open_recording(output)
 
 
-def _create_output(output: Path, rec: Recording, dtype: np.dtype, job_id: str, digest: str,
+def _changed(path: Path, state: dict[str, int]) -> bool:
+    try:
+        return file_state(path) != state
+    except OSError:
+        return True
+
+
+def _unfinished_block(output: Path, config: DenoiseConfig) -> tuple[int, int, int] | None:
+    """The block of an unfinished denoise in ``output``, to resume it with the same one
+    (the default block depends on the workers, which may differ from the first run's)."""
+    if config.block is not None or config.overwrite:
+        return None
+    ours = (read_group_attrs(output) or {}).get(ATTRS_KEY) if output.is_dir() else None
+    if not isinstance(ours, dict) or ours.get("complete"):
+        return None
+    block = ((ours.get("job") or {}).get("identity") or {}).get("block")
+    return tuple(block) if isinstance(block, list) and len(block) == 3 else None
+
+
+#: Name of the job's own copy of the model, in its progress folder.
+PINNED_MODEL = "model.pt"
+
+
+def _pin_model(store: StoreJob, ckpt: Checkpoint) -> Path:
+    """The job's own copy of the network, which every worker loads: replacing the user's model
+    file while the job runs (a training run rewriting ``last.pt``) cannot mix two models."""
+    pinned = store.progress / PINNED_MODEL
+    if pinned.is_file() and Checkpoint.load(pinned).digest == ckpt.digest:
+        return pinned
+    with writing(store.path):
+        Checkpoint(model_state=ckpt.model_state, features=ckpt.features,
+                   normalization=ckpt.normalization, config=ckpt.config, epoch=ckpt.epoch,
+                   step=ckpt.step).save(pinned)
+    return pinned
+
+
+def _create_output(output: Path, rec: Recording, dtype: np.dtype, store: StoreJob, digest: str,
                    model_path: Path, layout: Layout, config: DenoiseConfig) -> None:
-    prepare_output(output, config.overwrite)
     scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
     units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
     keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
     attrs = {
         "format": 1, "kind": "denoised", "complete": False,
-        "job": {"command": "denoise", "fingerprint": job_id},
+        "job": store.job_attrs(),
         **{k: rec.attrs.get(k) for k in keep},
         "model": {"path": str(model_path), "digest": digest},
         "parameters": {"block": list(layout.block), "halo": layout.halo,
@@ -291,6 +344,10 @@ class _Job:
     dtype: np.dtype
     config: DenoiseConfig
     gpu: bool
+    #: the model's (normalisation, digest), read once by the driver
+    pinned: tuple[dict[str, Any], str] | None = None
+    #: called before each segment is submitted (the store's lock and pinned inputs)
+    check: Callable[[], None] | None = None
     source: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -331,6 +388,8 @@ class _Job:
             for frames in self._frames():
                 if all(m.exists() for m in self._markers(plane, frames)):
                     continue
+                if self.check is not None:
+                    self.check()  # still ours, and the input still the one pinned
                 yield self._segment(plane, frames)
 
     def _segment(self, plane: tuple[int, ...], frames: tuple[int, int]) -> list[Any]:
@@ -340,8 +399,8 @@ class _Job:
             out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
                                device=self.config.device, precision=self.config.precision,
                                frames=frames, max_voxels=layout.max_voxels,
-                               recording_mean=(self.rec.statistics or {}).get("mean"))
-        out = _cast(out, self.dtype)
+                               recording_mean=(self.rec.statistics or {}).get("mean"),
+                               pinned=self.pinned)
         if layout.pieces != layout.block:
             out = out.rechunk(layout.pieces)  # a block off the chunk grid: write whole chunks
         pieces = out.to_delayed()
@@ -356,7 +415,8 @@ class _Job:
                 continue
             full = (region[0], *plane, *region[1:])
             tasks.append(dask.delayed(_write_block)(pieces[index], str(self.output), full,
-                                                    str(marker),
+                                                    str(marker), self.dtype.str,
+                                                    self.config.precision,
                                                     dask_key_name=f"write-{marker.stem}"))
         return tasks
 

@@ -251,7 +251,8 @@ def block_chunks(n: int, block: int, halo: int) -> tuple[int, ...]:
 def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, int],
                  halo: int | None = None, device: str = "cpu", precision: str = "fp32",
                  frames: tuple[int, int] | None = None,
-                 max_voxels: int | None = None, recording_mean: float | None = None) -> Any:
+                 max_voxels: int | None = None, recording_mean: float | None = None,
+                 pinned: tuple[dict[str, Any], str] | None = None) -> Any:
     """The lazy graph of a chunked denoise of a ``(t, y, x)`` dask array.
 
     Parameters
@@ -276,6 +277,9 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
     recording_mean : float, optional
         Mean of the whole recording, for models that subtract it (DeepCAD-RT's); computed
         from ``array`` when such a model needs it and it is not given.
+    pinned : (normalization, digest), optional
+        The checkpoint's normalisation and weights digest, as the caller read them once:
+        the file is then not read here, and every worker refuses a file with other weights.
 
     Returns
     -------
@@ -297,9 +301,11 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         raise ConfigError(f"frames {start}:{stop} must lie in 0:{n} and start and end on "
                           f"blocks of {block[0]}")
     path = Path(model_path).absolute()
-    stat = path.stat() if path.is_file() else None
-    norm, digest = _normalization_and_digest(
-        str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    if pinned is None:
+        stat = path.stat() if path.is_file() else None
+        pinned = _normalization_and_digest(
+            str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    norm, digest = pinned
     if norm["mean"] == RECORDING_MEAN and recording_mean is None:
         recording_mean = float(array.mean(dtype=np.float64).compute())
     mean, std = (np.float32(v) for v in resolve_normalization(norm, recording_mean))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import tifffile
 from tqdm.auto import tqdm
 
-from deepcad_chunked.errors import OutputExistsError, StoreError
+from deepcad_chunked.errors import StoreError
+from deepcad_chunked.io.lifecycle import StorePin, open_file
 from deepcad_chunked.io.omezarr import Recording, open_recording
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,9 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
            progress: bool | None = None) -> Path:
     """Write a recording to an OME-TIFF (BigTIFF), one page per frame, dtype kept.
 
-    The file is written under a ``.partial`` name and renamed when complete, so an
-    interrupted export never leaves a complete-looking TIFF.
+    The file is written under its writer lock, to a temporary name of this process's, and
+    renamed when complete, so an interrupted export never leaves a complete-looking TIFF and
+    two exports to one file never mix.
 
     Parameters
     ----------
@@ -63,16 +64,16 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
     -------
     Path
         The written file.
+
+    Raises
+    ------
+    OutputExistsError, LockedError, StoreError
+        An existing output (without ``overwrite``), an output that is or lies inside the
+        source, another export writing the same file, an unwritable folder, or a source
+        store rewritten while it was read.
     """
     rec = open_recording(source)
     output = Path(output).expanduser().absolute()
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output {output} already exists; pass --overwrite to replace it")
-    if output.is_dir():
-        raise OutputExistsError(f"output {output} is a directory")
-    if not output.parent.is_dir():
-        raise StoreError(f"cannot write {output}: folder {output.parent} does not exist")
-    partial = output.with_name(output.name + ".partial")
     axes = "".join(_OME_AXES[a] for a in rec.axes)
     metadata: dict[str, object] = {"axes": axes}
     if rec.frame_interval_s:
@@ -83,21 +84,18 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
                         PhysicalSizeX=size[1], PhysicalSizeXUnit="µm")
     if rec.attrs.get("z_spacing_um"):
         metadata.update(PhysicalSizeZ=rec.attrs["z_spacing_um"], PhysicalSizeZUnit="µm")
-    bar = tqdm(total=rec.shape[0], unit="frame", desc="export",
-               disable=None if progress is None else not progress)
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tw:
-            tw.write(_pages(rec, bar), shape=rec.shape, dtype=rec.dtype,
-                     photometric="minisblack", metadata=metadata)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {output}: {exc.strerror or exc}") from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    os.replace(partial, output)
+    with open_file(output, command="export", inputs=[rec.path], overwrite=overwrite,
+                   pins=[StorePin(rec.path)]) as partial:
+        bar = tqdm(total=rec.shape[0], unit="frame", desc="export",
+                   disable=None if progress is None else not progress)
+        try:
+            with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tw:
+                tw.write(_pages(rec, bar), shape=rec.shape, dtype=rec.dtype,
+                         photometric="minisblack", metadata=metadata)
+        except OSError as exc:
+            raise StoreError(f"cannot write {output}: {exc.strerror or exc}") from None
+        finally:
+            bar.close()
     log.info("exported %s frames to %s (%.1f MiB)", rec.shape[0], output,
              output.stat().st_size / 2**20)
     return output

@@ -139,7 +139,7 @@ class Checkpoint:
             raise CheckpointError(f"{path} is not a readable model file (truncated or damaged: "
                                   f"{str(exc).splitlines()[0][:160]})") from None
         if looks_like_deepcad_rt(raw):
-            return cls.from_deepcad_rt(raw, path)
+            return cls.from_deepcad_rt(raw, path).require_finite(path)
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a deepcad-chunked checkpoint nor a "
                                   "DeepCAD-RT model")
@@ -160,7 +160,23 @@ class Checkpoint:
             raise CheckpointError(f"{path} is a damaged checkpoint (missing {exc})") from None
         if ckpt.digest and weights_digest(ckpt.model_state) != ckpt.digest:
             raise CheckpointError(f"{path} is damaged: its weights do not match their digest")
-        return ckpt
+        return ckpt.require_finite(path)
+
+    def require_finite(self, path: str | Path) -> Checkpoint:
+        """Refuse weights with NaN or infinite values (a training run that diverged).
+
+        Raises
+        ------
+        CheckpointError
+        """
+        bad = [name for name, t in self.model_state.items()
+               if torch.is_tensor(t) and t.is_floating_point()
+               and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]}, …): it "
+                                  "comes from a training run that diverged; use an earlier "
+                                  "epoch's checkpoint, or train again with a lower --lr")
+        return self
 
     @classmethod
     def from_deepcad_rt(cls, state: dict[str, Any], path: Path) -> Checkpoint:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
+from deepcad_chunked.io.lifecycle import check_disjoint
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN
 from deepcad_chunked.model.unet3d import GRID, UNet3D
@@ -79,6 +80,7 @@ def export_onnx(model: str | Path, output: str | Path, *, normalize: bool = Fals
         raise ConfigError("export-onnx needs the onnx package: pip install "
                           "'deepcad-chunked[onnx]'") from None
     output = Path(output).expanduser().absolute()
+    check_disjoint(output, [model])  # -o the model itself would replace it
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
     if not output.parent.is_dir():

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepcad_chunked.config import TrainConfig
-from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError
+from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
+from deepcad_chunked.io.lifecycle import StorePin, open_folder
 from deepcad_chunked.io.omezarr import Recording, open_recording
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
@@ -106,9 +108,46 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
                            "it or choose another output directory")
 
 
+#: A loss above this (in normalised units, where a useless constant output scores about 1)
+#: means the run has diverged even while it is still finite.
+DIVERGED_LOSS = 1e9
+
+
+def _require_finite(value: float, epoch: int, where: str, lr: float) -> None:
+    """Stop a run whose loss (or weights) stopped being finite, or exploded: it diverged.
+
+    Raises
+    ------
+    TrainingError
+        Naming the epoch and what to do; no checkpoint of the diverged weights is written.
+    """
+    if math.isfinite(value) and value < DIVERGED_LOSS:
+        return
+    earlier = (f"--resume continues from epoch {epoch - 1}'s checkpoint" if epoch > 1
+               else "no checkpoint was written")
+    raise TrainingError(f"training diverged in epoch {epoch} ({where}: the loss is {value:.3g}); "
+                        f"lower --lr (it is {lr:g}) and train again ({earlier})")
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """Tile loaders leave Ctrl-C and SIGTERM to the training process, which stops them."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _next_batch(batches: Any) -> Any:
+    """The next batch; a loader that died because the command is being stopped is an
+    interruption, not an error."""
+    try:
+        return next(batches)
+    except RuntimeError:
+        check_interrupt()
+        raise
+
+
 def _publish(checkpoint: Path, name: Path) -> None:
     """Copy an epoch's checkpoint to ``best.pt`` or ``last.pt`` atomically."""
-    tmp = name.with_name(f".{name.name}.tmp")
+    tmp = name.with_name(f".{name.name}.{os.getpid()}.tmp")
     shutil.copyfile(checkpoint, tmp)
     os.replace(tmp, name)
 
@@ -132,7 +171,7 @@ def _write_logs(run_dir: Path, history: list[dict[str, float]]) -> None:
     writer.writerows(history)
     for name, content in (("log.csv", text.getvalue()), ("log.json", json.dumps(history,
                                                                                   indent=1))):
-        tmp = run_dir / f".{name}.tmp"
+        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
         tmp.write_text(content)
         os.replace(tmp, run_dir / name)
 
@@ -152,7 +191,8 @@ def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torc
 
 def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
           config: TrainConfig | None = None, resume: bool = False,
-          progress: bool | None = None, cluster: str | Any | None = None) -> TrainResult:
+          progress: bool | None = None, cluster: str | Any | None = None,
+          lock: bool = True) -> TrainResult:
     """Train the denoiser on one or more recordings, streaming tiles from their stores.
 
     Parameters
@@ -172,6 +212,9 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         cluster (``--cluster`` kinds and addresses, or a client): a GPU node of a batch
         system, say. The stores and ``run_dir`` must then be on a filesystem the workers
         share, under the same paths.
+    lock : bool
+        Hold the run directory's writer lock while training (the default); False only where
+        the caller holds it (the cluster task of a driver that does).
 
     Returns
     -------
@@ -181,24 +224,32 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     ------
     StoreError, ConfigError, DeepCADError
         Incomplete or foreign stores, recordings smaller than a tile, an unwritable run
-        directory, or a ``resume`` whose checkpoint was made with other options or data.
+        directory, a run directory that is or lies inside a store, or a ``resume`` whose
+        checkpoint was made with other options or data.
+    LockedError
+        Another process is training into ``run_dir``.
+    TrainingError
+        The loss stopped being finite (training diverged).
     """
     config = config or TrainConfig()
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
         raise StoreError("no training data given")
+    recordings = [open_recording(p) for p in paths]
+    _check_sizes(recordings, config)  # refuse bad data before anything is started
+    run_dir = Path(run_dir).expanduser().absolute()
+    if lock:
+        with open_folder(run_dir, command="train", inputs=[r.path for r in recordings]):
+            return train(paths, run_dir, config=config, resume=resume, progress=progress,
+                         cluster=cluster, lock=False)
     if cluster is not None:
         from deepcad_chunked.cluster import connect
         from deepcad_chunked.training.remote import train_on_cluster
 
-        for p in paths:  # refuse missing, incomplete or non-finite stores before submitting
-            open_recording(p).require_finite()
         with connect(cluster, workers=1) as client:
             return train_on_cluster(client, paths, run_dir, config=config, resume=resume)
-    recordings = [open_recording(p) for p in paths]
-    _check_sizes(recordings, config)
-    run_dir = Path(run_dir).expanduser().absolute()
     _prepare_run_dir(run_dir, resume)
+    pins = [StorePin(r.path) for r in recordings]
     stores = [str(r.path.absolute()) for r in recordings]
     norm = pooled_normalization(recordings)
     tile = config.tile
@@ -251,7 +302,8 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     loader = DataLoader(train_set, batch_size=config.batch_size,
                         sampler=range(start_epoch * per_epoch, config.epochs * per_epoch),
                         num_workers=config.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if config.workers else None)
+                        persistent_workers=False, prefetch_factor=4 if config.workers else None,
+                        worker_init_fn=_loader_worker_init)
     log.info("training %d-feature network on %d recording(s), tiles %s, %d steps × %d epochs "
              "on %s", config.features, len(stores), tile, steps, config.epochs, device)
     bar = tqdm(total=(config.epochs - start_epoch) * steps, unit="step", desc="train",
@@ -263,17 +315,24 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
             started, total = time.perf_counter(), 0.0
             for step in range(steps):
                 check_interrupt()
-                inp, tgt = make_pairs(next(batches).to(device, non_blocking=True), norm)
+                inp, tgt = make_pairs(_next_batch(batches).to(device, non_blocking=True), norm)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = loss_fn(model(inp).float(), tgt)
+                value = float(loss.detach())
+                _require_finite(value, epoch + 1, f"step {step + 1}", config.lr)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                total += float(loss.detach())
+                total += value
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
             val = _validate(model, val_set, val_draws, device, amp)
+            _require_finite(val, epoch + 1, "validation", config.lr)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                _require_finite(math.nan, epoch + 1, "the weights", config.lr)
+            for pin in pins:  # the recordings are still the ones training started on
+                pin.verify()
             history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val,
                             "seconds": time.perf_counter() - started})
             ckpt = Checkpoint(model_state=model.state_dict(), features=config.features,

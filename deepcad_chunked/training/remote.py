@@ -122,7 +122,8 @@ def _train_task(data: list[str], run_dir: str, config: TrainConfig, resume: bool
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
-        result = train(data, run_dir, config=config, resume=resume or again, progress=False)
+        result = train(data, run_dir, config=config, resume=resume or again, progress=False,
+                       lock=False)  # the driver holds the run directory's lock
     finally:
         torch.set_num_threads(threads)
     return result, _where()
