@@ -8,8 +8,11 @@ library function. Errors caused by the user's input are printed as one line and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -27,6 +30,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -310,22 +315,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 1 for errors in the user's input or files, 3 for internal errors,
-        130 when interrupted.
+        130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM), 141 when the reader
+        of the standard output went away.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     interrupt.install()
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a reader gone away shows here, inside the try
+        return code
     except DeepCADError as exc:
         if args.debug:
             log.exception("error")
         log.error("error: %s", exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        if interrupt.received() == signal.SIGTERM:
+            log.error("terminated (SIGTERM); rerun the same command to resume where it stopped")
+            return EXIT_TERMINATED
         log.error("interrupted; rerun the same command to resume where it stopped")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our output went away (``info ... | head -1``): not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if args.debug:
             log.exception("error")

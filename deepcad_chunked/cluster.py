@@ -39,6 +39,32 @@ WORKER_MALLOC_ENV = {
 }
 
 
+#: Most local worker processes per CPU core: more only add memory and start-up time.
+MAX_WORKERS_PER_CORE = 2
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def local_workers(asked: int | None) -> int:
+    """Worker processes of a local cluster: one per core by default, at most
+    :data:`MAX_WORKERS_PER_CORE` per core (more asked for is capped, with a warning)."""
+    cores = cpu_cores()
+    if asked is None:
+        return cores
+    cap = MAX_WORKERS_PER_CORE * cores
+    if asked > cap:
+        log.warning("--workers %d is more than %d per CPU core on this machine (%d cores): "
+                    "starting %d", asked, MAX_WORKERS_PER_CORE, cores, cap)
+        return cap
+    return asked
+
+
 #: The dask configuration key of the interface local clusters listen on (``--host``).
 HOST_KEY = "deepcad_chunked.host"
 LOOPBACK = "127.0.0.1"
@@ -119,7 +145,7 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
             yield client
         return
     if cluster in (None, "local"):
-        n = workers or max(1, os.cpu_count() or 1)
+        n = local_workers(workers)
         host = str(dask.config.get(HOST_KEY, default=LOOPBACK))
         if host not in (LOOPBACK, "localhost", "::1"):
             log.warning("the local cluster's scheduler and dashboard listen on %s: other "

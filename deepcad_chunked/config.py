@@ -14,7 +14,7 @@ DEFAULT_CHUNKS: tuple[int, int, int] = (32, 128, 128)
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def build(cls, **values: object) -> _Config:

@@ -1,4 +1,4 @@
-"""A Ctrl-C that is not lost.
+"""A Ctrl-C (or a SIGTERM) that is not lost.
 
 Python raises KeyboardInterrupt wherever the main thread happens to be; when that is inside a
 finaliser or a callback (dask futures release themselves in ``__del__``, distributed watches
@@ -6,6 +6,10 @@ the garbage collector), the exception is printed as "ignored", with a traceback,
 command runs on. The command's handler also records the request, the long loops
 (:func:`check` between results, between training steps) stop on it, and such a swallowed
 KeyboardInterrupt is not printed.
+
+SIGTERM — what ``kill`` sends by default, and what batch systems send at ``scancel`` or at the
+end of a job's walltime — is the same request: the command stops as after a Ctrl-C, leaves
+its outputs resumable and says how to resume.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import threading
 from types import FrameType
 from typing import Any
 
-#: Set once the user asked to stop.
+#: Set once the user (or the batch system) asked to stop.
 REQUESTED = threading.Event()
+#: The signals handled, and the one received.
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     REQUESTED.set()
     raise KeyboardInterrupt
 
@@ -32,12 +40,19 @@ def _unraisable(unraisable: Any) -> None:
 
 
 def install() -> None:
-    """Handle SIGINT in this process (call from the main thread)."""
-    signal.signal(signal.SIGINT, _handler)
+    """Handle SIGINT and SIGTERM in this process (call from the main thread)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
     sys.unraisablehook = _unraisable
 
 
+def received() -> int:
+    """The first stop signal received (SIGINT when none was: a KeyboardInterrupt raised
+    some other way)."""
+    return _received[0] if _received else int(signal.SIGINT)
+
+
 def check() -> None:
-    """Raise KeyboardInterrupt if the user asked to stop and it was swallowed somewhere."""
+    """Raise KeyboardInterrupt if a stop was asked for and it was swallowed somewhere."""
     if REQUESTED.is_set():
         raise KeyboardInterrupt
