@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +51,70 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
     return subprocess.run([sys.executable, "-m", "deepcad_chunked.cli.main", *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
                           **kwargs)
+
+
+COMMAND = [sys.executable, "-m", "deepcad_chunked.cli.main"]
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """Start ``deepcad-chunked ARGS`` as a real process in a process group of its own (the
+    command, its scheduler and workers: what a terminal's Ctrl-C or a batch job's SIGTERM
+    reaches); its standard error is captured."""
+    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen[str] | None = None,
+               timeout: float = 240) -> None:
+    """Poll for an event (a file appearing, a count reached) of a running command.
+
+    Fails the test if the command ends first or nothing happens within ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError("the command ended before the awaited event: "
+                                 + (proc.stderr.read() if proc.stderr else ""))
+        if time.monotonic() > deadline:
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the awaited event did not happen")
+        time.sleep(0.01)
+
+
+@contextmanager
+def paused(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Stop a command's whole process group (SIGSTOP) for the duration, then let it go on."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
+    """Wait for a started command; return its standard error."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return err
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The process id written in a writer lock, or None when there is no lock."""
+    try:
+        return int(json.loads(lock.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def group_alive(group: int) -> bool:
+    """Whether a process of the group is still running (zombies awaiting reaping aside)."""
+    out = subprocess.run(["ps", "-o", "stat=", "-g", str(group)], capture_output=True,
+                         text=True).stdout
+    return any(not state.startswith("Z") for state in out.split())
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -24,23 +24,22 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.model import Checkpoint
-from tests.conftest import run_cli, stored_chunks
+from tests.conftest import group_alive, run_cli, start_cli, stored_chunks
 from tests.tiffs import write_plain
 
 SEED = int(os.environ.get("DEEPCAD_CRASH_SEED", "20261123"))
-COMMAND = [sys.executable, "-m", "deepcad_chunked.cli.main"]
 
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_cli(*args)
 
 
 def _stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool], sig: int,
                timeout: float = 240) -> str:
     """Send ``sig`` to the command's process group once ``ready()``; return its stderr.
 
-    After a SIGINT the command must have exited with 130 and left no process behind.
+    After a SIGINT (SIGTERM) the command must have exited with 130 (143) and left no process
+    behind.
     """
     deadline = time.monotonic() + timeout
     while not ready():
@@ -59,21 +58,14 @@ def _stop_when(proc: subprocess.Popen[str], ready: Callable[[], bool], sig: int,
             os.killpg(proc.pid, signal.SIGKILL)
     if sig == signal.SIGKILL:
         return err
-    assert proc.returncode == 130, err
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
     deadline = time.monotonic() + 10
-    while _alive(proc.pid):  # nothing of the command may outlive a Ctrl-C
+    while group_alive(proc.pid):  # nothing of the command may outlive a Ctrl-C
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("processes of the interrupted command are still running")
         time.sleep(0.1)
     return err
-
-
-def _alive(group: int) -> bool:
-    """Whether a process of the group is still running (zombies awaiting reaping aside)."""
-    out = subprocess.run(["ps", "-o", "stat=", "-g", str(group)], capture_output=True,
-                         text=True).stdout
-    return any(not state.startswith("Z") for state in out.split())
 
 
 def _count(folder: Path, pattern: str) -> int:
@@ -182,10 +174,12 @@ def test_train_killed_at_several_points(tmp_path: Path, store: Path) -> None:
     assert Checkpoint.load(run / "last.pt").epoch == 5
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("command", ["convert", "denoise", "train"])
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, tmp_path: Path,
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, sig: int, tmp_path: Path,
                                                      movie: Path, store: Path,
                                                      model: Path) -> None:
+    """Ctrl-C, and SIGTERM (a batch system's scancel or walltime), alike."""
     out = tmp_path / ("run" if command == "train" else "out.zarr")
     if command == "convert":
         args = _convert(movie, out)
@@ -196,10 +190,12 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, tmp_path: Pat
     else:
         args = _train(store, out)
         ready = lambda: (out / "epoch_0001.pt").exists()  # noqa: E731
-    err = _stop_when(_start(args), ready, signal.SIGINT)
+    err = _stop_when(_start(args), ready, sig)
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert lines[-1] == ("deepcad-chunked: interrupted; rerun the same command to resume "
+    assert "leaked" not in err, err  # no semaphore left behind by a killed process
+    said = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert lines[-1] == (f"deepcad-chunked: {said}; rerun the same command to resume "
                          "where it stopped"), err
     assert not any(" - ERROR - " in line or " - WARNING - " in line for line in lines), err
     result = run_cli(*args)

@@ -208,7 +208,7 @@ def test_incomplete_store_is_refused(tmp_path: Path, store: Path) -> None:
 
 def test_cli_errors(tmp_path: Path, store: Path, readonly_dir: Path) -> None:
     assert_clean_error(run_cli("train", str(store), "-o", str(readonly_dir / "run"),
-                               "--patch", "8,16,16"), "cannot write the run directory")
+                               "--patch", "8,16,16"), "cannot write", "read-only")
     assert_clean_error(run_cli("train", str(store), "-o", str(tmp_path / "r"), "--patch",
                                "8,12,16"), "multiples of 8")
     assert_clean_error(run_cli("train", str(tmp_path / "none.zarr"), "-o", str(tmp_path / "r")),

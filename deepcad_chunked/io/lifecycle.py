@@ -86,6 +86,18 @@ def writing(output: Path) -> Iterator[None]:
                          ) from None
 
 
+def _cannot_write(path: Path, exc: OSError) -> StoreError:
+    why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+    return StoreError(f"cannot write {path}: {why}")
+
+
+def _output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
+    """The absolute path of an output, refused if it overlaps an input."""
+    path = Path(output).expanduser().absolute()
+    check_disjoint(path, inputs)
+    return path
+
+
 # --------------------------------------------------------------------------- inputs
 
 def _real(path: Path) -> Path:
@@ -303,8 +315,7 @@ def _make_room(path: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
-        raise StoreError(f"cannot write {path}: {why}") from None
+        raise _cannot_write(path, exc) from None
     return True
 
 
@@ -375,8 +386,7 @@ def open_store(output: str | Path, *, command: str, identity: dict[str, Any],
     StoreError
         The store's folder cannot be written.
     """
-    path = Path(output).expanduser().absolute()
-    check_disjoint(path, inputs)
+    path = _output(output, inputs)
     created = _make_room(path)
     try:
         lock = WriterLock.acquire(path / LOCK_NAME, output=path, command=command)
@@ -452,8 +462,7 @@ def open_file(output: str | Path, *, command: str, inputs: Sequence[str | Path] 
     OutputExistsError, LockedError, StoreError
         As :func:`open_store`.
     """
-    path = Path(output).expanduser().absolute()
-    check_disjoint(path, inputs)
+    path = _output(output, inputs)
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a directory")
     if not path.parent.is_dir():
@@ -485,16 +494,14 @@ def open_folder(output: str | Path, *, command: str,
     OutputExistsError, LockedError, StoreError
         As :func:`open_store`.
     """
-    path = Path(output).expanduser().absolute()
-    check_disjoint(path, inputs)
+    path = _output(output, inputs)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a folder")
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
-        raise StoreError(f"cannot write {path}: {why}") from None
+        raise _cannot_write(path, exc) from None
     try:
         with WriterLock.acquire(path / LOCK_NAME, output=path, command=command) as lock:
             yield lock
