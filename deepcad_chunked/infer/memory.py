@@ -1,11 +1,12 @@
 """Memory of a forward pass: what it needs, what a worker may spend, and blocks that fit.
 
 A forward pass of the U-Net over ``v`` input voxels keeps about ``v × bytes_per_voxel`` bytes
-of activations alive at its peak (the full-resolution decoder level: skip, upsampled features,
-their concatenation and two convolution outputs). The figures below were measured on the CPU
-(peak RSS of a forward pass, ``f`` = 4, 8, 16: 208–253, 402–548 and 669–724 B per voxel) and
-derived for the GPU (eight full-resolution feature maps of ``f`` channels, in the precision's
-element size), with a margin.
+of activations alive at its peak. On the CPU inference runs the memory-lean pass
+(:mod:`deepcad_chunked.model.lean`, channels-last), measured by ``benchmarks/forward.py``
+(peak RSS of one pass, ``f`` = 2, 4, 8, 16: 269, 241, 162 and 197 B per voxel; the module's
+own forward needed 303, 239, 459 and 696); the estimate below covers those with a margin.
+The GPU figures are derived (eight full-resolution feature maps of ``f`` channels, in the
+precision's element size), not measured yet.
 
 Blocks are chosen so that one task's forward pass fits the worker's memory; a block that does
 not fit (a user's choice, or a worker with less memory than the rest) is cut into tiles inside
@@ -43,7 +44,7 @@ def bytes_per_voxel(features: int, precision: str, device: str) -> int:
         Where it runs.
     """
     if device == "cpu":
-        return 56 * features + 64
+        return 272 + 8 * features
     width = 4 if precision == "fp32" else 2
     return 10 * width * features + 64
 
