@@ -3,8 +3,8 @@
 A forward pass of the U-Net over ``v`` input voxels keeps about ``v × bytes_per_voxel`` bytes
 of activations alive at its peak. On the CPU inference runs the memory-lean pass
 (:mod:`deepcad_chunked.model.lean`, channels-last), measured by ``benchmarks/forward.py``
-(peak RSS of one pass, ``f`` = 2, 4, 8, 16: 269, 241, 162 and 197 B per voxel; the module's
-own forward needed 303, 239, 459 and 696); the estimate below covers those with a margin.
+(peak RSS of one pass, ``f`` = 2, 4, 8, 16: 284, 262, 201 and 208 B per voxel; the module's
+own forward needed 322, 265, 481 and 722); the estimate below covers those with a margin.
 The GPU figures are derived (eight full-resolution feature maps of ``f`` channels, in the
 precision's element size), not measured yet.
 
@@ -44,7 +44,7 @@ def bytes_per_voxel(features: int, precision: str, device: str) -> int:
         Where it runs.
     """
     if device == "cpu":
-        return 272 + 8 * features
+        return 288 + 8 * features
     width = 4 if precision == "fp32" else 2
     return 10 * width * features + 64
 
