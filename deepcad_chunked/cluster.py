@@ -39,6 +39,19 @@ WORKER_MALLOC_ENV = {
 }
 
 
+#: glibc malloc settings for the local workers that run the network. A forward pass allocates
+#: and frees activations of hundreds of MiB; glibc maps each afresh (and, in a worker's task
+#: thread, from a per-thread arena that maps them too), so every pass faulted in and zeroed its
+#: whole peak again: 25 % system time and 1.47× the wall time of a pass that reuses its memory
+#: (benchmarks/RESULTS.md). One arena, no mapping and no trimming keep the memory of the
+#: largest pass for the next; an inference worker runs one pass at a time, so that is its peak.
+INFERENCE_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": 1,
+    "MALLOC_MMAP_MAX_": 0,
+    "MALLOC_TRIM_THRESHOLD_": 2**40,
+}
+
+
 #: Most local worker processes per CPU core: more only add memory and start-up time.
 MAX_WORKERS_PER_CORE = 2
 
@@ -63,6 +76,29 @@ def local_workers(asked: int | None) -> int:
                     "starting %d", asked, MAX_WORKERS_PER_CORE, cores, cap)
         return cap
     return asked
+
+
+def inference_workers(asked: int | None) -> tuple[int, dict[str, Any]]:
+    """Worker processes of a local cluster that runs the network, and their environment.
+
+    One process by default, whose single task thread runs the network on every core
+    (``torch`` threads = cores ÷ processes): a forward pass on two threads is as fast as two
+    passes on one thread each, and a lone task may use the whole machine's memory, so blocks
+    are larger and the halo costs less (benchmarks/RESULTS.md, "Inference on the CPU").
+
+    Parameters
+    ----------
+    asked : int, optional
+        ``--workers``; default one.
+
+    Returns
+    -------
+    (int, dict)
+        Processes, and the environment variables each starts with.
+    """
+    n = local_workers(asked or 1)
+    threads = max(1, cpu_cores() // n)
+    return n, {**INFERENCE_MALLOC_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 #: The dask configuration key of the interface local clusters listen on (``--host``).
@@ -110,8 +146,8 @@ LAUNCHED = ("slurm", "pbs", "sge", "lsf", "cuda")
 
 @contextmanager
 def connect(cluster: str | Client | None = "local", *, workers: int | None = None,
-            threads_per_worker: int = 1,
-            jobqueue: JobQueueOptions | None = None) -> Iterator[Client]:
+            threads_per_worker: int = 1, jobqueue: JobQueueOptions | None = None,
+            worker_env: dict[str, Any] | None = None) -> Iterator[Client]:
     """Yield a client of the cluster a job should run on.
 
     Parameters
@@ -130,6 +166,9 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
         Threads in each LocalCluster worker.
     jobqueue : JobQueueOptions, optional
         Jobs, cores, memory, GPUs, walltime, queue and account of a batch-system cluster.
+    worker_env : dict, optional
+        Environment variables of a LocalCluster's workers, over the defaults
+        (:data:`WORKER_MALLOC_ENV`); :func:`inference_workers` gives those of inference.
 
     Yields
     ------
@@ -151,12 +190,9 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
             log.warning("the local cluster's scheduler and dashboard listen on %s: other "
                         "machines that reach it can submit work to it", host)
         dashboard = _dashboard_address(host)
-        environ: dict[str, Any] = {f"distributed.nanny.pre-spawn-environ.{k}": v
-                                   for k, v in WORKER_MALLOC_ENV.items()}
-        environ["distributed.worker.preload"] = ["deepcad_chunked.local_worker"]
-        with dask.config.set(environ), LocalCluster(
-                n_workers=n, threads_per_worker=threads_per_worker, processes=True,
-                host=host, dashboard_address=dashboard) as lc, Client(lc) as client:
+        with _start_local(n, threads_per_worker, host, dashboard,
+                          {**WORKER_MALLOC_ENV, **(worker_env or {})}) as lc, \
+                Client(lc) as client:
             if not log.isEnabledFor(logging.DEBUG):
                 client.register_plugin(QuietTaskFailures())
             if dashboard:
@@ -198,6 +234,30 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
                           ) from None
     with client:
         yield client
+
+
+def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
+                 env: dict[str, Any]) -> LocalCluster:
+    """A LocalCluster whose workers start with ``env`` over distributed's own settings.
+
+    distributed writes a worker's start-up environment into this process's ``os.environ``
+    before spawning it, and lets a variable already there win over its configuration: a
+    second cluster of one command (``run``'s denoise after its convert) or of a test session
+    would silently start with the first one's variables. They are taken out for the start,
+    and the command's own environment is restored afterwards.
+    """
+    spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env}
+    saved = os.environ.copy()
+    for key in spawn:
+        os.environ.pop(key, None)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn,
+                              "distributed.worker.preload": ["deepcad_chunked.local_worker"]}):
+            return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                host=host, dashboard_address=dashboard)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def wait_for_a_worker(client: Client, timeout: float = WORKER_WAIT_S) -> None:

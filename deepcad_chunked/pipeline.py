@@ -124,7 +124,10 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
             else:
                 from deepcad_chunked.infer import denoise
 
-                denoise(store, result, denoised, config=denoise_config, cluster=client,
+                # a local cluster of its own: inference splits the machine differently
+                denoise(store, result, denoised, config=denoise_config,
+                        cluster="local" if cluster in (None, "local") else client,
+                        workers=workers,
                         progress=progress)
         if export_tiff and not exported.exists():
             export(denoised, exported, progress=progress)

@@ -63,7 +63,7 @@ def test_default_blocks_tiled_to_a_small_memory_equal_monolithic(tmp_path: Path,
     store = _store(tmp_path, raw, client)
     out = tmp_path / "o.zarr"
     result = run_cli("denoise", str(store), "-m", str(model_path), "-o", str(out),
-                     "--dtype", "float32", "--tile-memory", "400MB", "--workers", "2",
+                     "--dtype", "float32", "--tile-memory", "200MB", "--workers", "2",
                      "--device", "cpu", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "tiles inside its task" in result.stderr

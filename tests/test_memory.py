@@ -69,8 +69,8 @@ def test_fit_block_keeps_workers_busy_and_covers_short_recordings() -> None:
 def test_memory_estimates_grow_with_the_network_and_shrink_with_precision() -> None:
     assert bytes_per_voxel(16, "fp32", "cpu") > bytes_per_voxel(4, "fp32", "cpu")
     assert bytes_per_voxel(16, "bf16", "cuda") < bytes_per_voxel(16, "fp32", "cuda")
-    # measured on the CPU, lean pass: 201–284 B per voxel at f = 2…16 (module docstring)
-    assert all(bytes_per_voxel(f, "fp32", "cpu") >= 1.05 * b
-               for f, b in ((2, 284), (4, 262), (8, 201), (16, 208)))
+    # measured on the CPU, lean pass in an inference worker (module docstring)
+    assert all(bytes_per_voxel(f, "fp32", "cpu") >= b
+               for f, b in ((2, 42), (4, 74), (8, 110), (16, 248)))
     here = worker_memory("cpu")
     assert here["device"] == "cpu" and here["bytes"] > 2**20

@@ -2,11 +2,13 @@
 
 A forward pass of the U-Net over ``v`` input voxels keeps about ``v × bytes_per_voxel`` bytes
 of activations alive at its peak. On the CPU inference runs the memory-lean pass
-(:mod:`deepcad_chunked.model.lean`, channels-last), measured by ``benchmarks/forward.py``
-(peak RSS of one pass, ``f`` = 2, 4, 8, 16: 284, 262, 201 and 208 B per voxel; the module's
-own forward needed 322, 265, 481 and 722); the estimate below covers those with a margin.
-The GPU figures are derived (eight full-resolution feature maps of ``f`` channels, in the
-precision's element size), not measured yet.
+(:mod:`deepcad_chunked.model.lean`, channels-last) in a worker whose allocator keeps freed
+memory for the next pass (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`); its peak,
+after passes of one size have run (so with the heap's fragmentation), measured on
+160×352×352 inputs at ``f`` = 2, 4, 8, 16: 42, 74, 110 and 199–213 B per voxel, and 248 at
+``f`` = 16 on 96×512×512 (benchmarks/RESULTS.md, "Inference on the CPU"); the estimate below
+covers those. The GPU figures are derived (eight full-resolution feature maps of ``f``
+channels, in the precision's element size), not measured yet.
 
 Blocks are chosen so that one task's forward pass fits the worker's memory; a block that does
 not fit (a user's choice, or a worker with less memory than the rest) is cut into tiles inside
@@ -44,7 +46,7 @@ def bytes_per_voxel(features: int, precision: str, device: str) -> int:
         Where it runs.
     """
     if device == "cpu":
-        return 288 + 8 * features
+        return 64 + 12 * features
     width = 4 if precision == "fp32" else 2
     return 10 * width * features + 64
 
