@@ -16,6 +16,7 @@ from typing import Any
 
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
+from distributed.system import MEMORY_LIMIT
 
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
@@ -245,6 +246,10 @@ def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
     second cluster of one command (``run``'s denoise after its convert) or of a test session
     would silently start with the first one's variables. They are taken out for the start,
     and the command's own environment is restored afterwards.
+
+    Each worker may use an equal share of the machine's memory (distributed's default gives a
+    worker the share of its threads among the cores: half the machine to one single-threaded
+    inference worker that runs the network on both cores).
     """
     spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env}
     saved = os.environ.copy()
@@ -254,7 +259,8 @@ def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
         with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn,
                               "distributed.worker.preload": ["deepcad_chunked.local_worker"]}):
             return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                                host=host, dashboard_address=dashboard)
+                                host=host, dashboard_address=dashboard,
+                                memory_limit=MEMORY_LIMIT // workers)
     finally:
         os.environ.clear()
         os.environ.update(saved)

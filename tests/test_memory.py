@@ -8,6 +8,7 @@ import pytest
 
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import (
+    CPU_FRACTION,
     bytes_per_voxel,
     fit_block,
     network_voxels,
@@ -74,3 +75,13 @@ def test_memory_estimates_grow_with_the_network_and_shrink_with_precision() -> N
                for f, b in ((2, 42), (4, 74), (8, 110), (16, 248)))
     here = worker_memory("cpu")
     assert here["device"] == "cpu" and here["bytes"] > 2**20
+
+
+def test_each_worker_reports_its_own_memory_limit_and_threads() -> None:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, memory_limit="3GiB",
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        (got,) = client.run(worker_memory, "cpu").values()
+    assert got == {"device": "cpu", "bytes": int(3 * 2**30 * CPU_FRACTION / 2)}

@@ -51,11 +51,13 @@ def bytes_per_voxel(features: int, precision: str, device: str) -> int:
     return 10 * width * features + 64
 
 
-def worker_memory(device: str = "auto") -> dict[str, Any]:
+def worker_memory(device: str = "auto", dask_worker: Any = None) -> dict[str, Any]:
     """What the calling process (a dask worker) may spend on one forward pass.
 
-    Run on every worker with ``client.run``. Deterministic for a given machine and cluster
-    (total memory, not what is free at the moment), so that a rerun picks the same blocks.
+    Run on every worker with ``client.run``, which passes the worker as ``dask_worker``
+    (``distributed.get_worker`` finds none outside a task). Deterministic for a given machine
+    and cluster (the worker's memory limit, not what is free at the moment), so that a rerun
+    picks the same blocks. Outside a worker: this machine's memory shared by its cores.
 
     Returns
     -------
@@ -69,13 +71,8 @@ def worker_memory(device: str = "auto") -> dict[str, Any]:
         total = torch.cuda.get_device_properties(index).total_memory
         return {"device": "cuda", "bytes": int(total * GPU_FRACTION)}
     limit, threads = None, 1
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
-        limit, threads = worker.memory_manager.memory_limit, worker.state.nthreads
-    except ValueError:  # not in a worker
-        pass
+    if dask_worker is not None:
+        limit, threads = dask_worker.memory_manager.memory_limit, dask_worker.state.nthreads
     if not limit:
         import psutil
 
