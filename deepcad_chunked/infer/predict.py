@@ -87,9 +87,19 @@ def _forward(model: torch.nn.Module, volume: np.ndarray, device: torch.device,
 def inference_layout(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
     """Put a network in the memory layout its inference runs fastest in (channels-last on the
     CPU); the same weights, so the same function. Done once per loaded model: never while
-    another thread may be running it."""
+    another thread may be running it.
+
+    On CUDA it also sets this process's cuDNN to autotune its convolutions (every block of a
+    job has one of a few shapes) and to compute fp32 in fp32: cuDNN's default, TF32, rounds
+    inputs to 10 bits of mantissa, and ``--precision fp32`` promises fp32's results
+    (``benchmarks/gpu.py`` measures what TF32 would gain and cost).
+    """
     if torch.device(device).type == "cpu":
         model.to(memory_format=torch.channels_last_3d)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return model
 
 
