@@ -2,17 +2,22 @@
 
 Side by side, each in a fresh process (peak RSS above what the process held before the pass):
 the module's own forward (``UNet3D.forward``, what inference used before the lean pass), the
-lean pass (:mod:`deepcad_chunked.model.lean`) on contiguous tensors, and the lean pass
-channels-last — what ``denoise`` runs on the CPU. fp32, one volume, ``torch`` with the threads
-of the machine. Appends the table to benchmarks/RESULTS.md with ``--record``.
+lean pass (:mod:`deepcad_chunked.model.lean`) on contiguous tensors, the lean pass
+channels-last, and the same in a process with the allocator settings of an inference worker
+(:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`) — what ``denoise`` runs on the CPU.
+fp32, one volume, ``torch`` with the threads of the machine; the best time of ``--repeats``
+passes, the peak memory after all of them (so with the heap's fragmentation). Appends the
+table to benchmarks/RESULTS.md with ``--record``.
 
-    python benchmarks/forward.py [--shape 64,160,160] [--features 4 8 16] [--record]
+    python benchmarks/forward.py [--shape 64,160,160] [--features 4 8 16] [--modes ...]
+        [--repeats 2] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,7 +26,9 @@ from pathlib import Path
 
 from _common import machine
 
-MODES = ("module", "lean", "lean channels-last")
+from deepcad_chunked.cluster import INFERENCE_MALLOC_ENV
+
+MODES = ("module", "lean", "lean channels-last", "inference worker")
 
 
 def _child(mode: str, features: int, shape: tuple[int, int, int], repeats: int) -> dict:
@@ -32,7 +39,7 @@ def _child(mode: str, features: int, shape: tuple[int, int, int], repeats: int) 
 
     torch.manual_seed(0)
     model = UNet3D(features=features).eval()
-    layout = (torch.channels_last_3d if mode.endswith("channels-last")
+    layout = (torch.channels_last_3d if mode in ("lean channels-last", "inference worker")
               else torch.contiguous_format)
     model = model.to(memory_format=layout)
     x = torch.randn(1, 1, *shape).contiguous(memory_format=layout)
@@ -57,6 +64,7 @@ def main() -> None:
     parser.add_argument("--shape", default="64,160,160", help="input t,y,x (multiples of 8)")
     parser.add_argument("--features", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "F", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -67,19 +75,22 @@ def main() -> None:
         return
     rows = []
     for features in args.features:
-        for mode in MODES:
+        for mode in args.modes:
+            env = {**os.environ, **({k: str(v) for k, v in INFERENCE_MALLOC_ENV.items()}
+                                    if mode == "inference worker" else {})}
             out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats),
                                   "--child", mode, str(features), args.shape],
-                                 capture_output=True, text=True, check=True).stdout
+                                 capture_output=True, text=True, check=True, env=env).stdout
             rows.append(json.loads(out))
             print(rows[-1], flush=True)
-    lines = [f"### Forward pass on the CPU (`python benchmarks/forward.py --shape {args.shape}`)",
+    command = " ".join(a for a in sys.argv[1:] if a != "--record")
+    lines = [f"### Forward pass on the CPU (`python benchmarks/forward.py {command}`)",
              "", f"{machine()}; input {args.shape.replace(',', '×')}, fp32, best of "
              f"{args.repeats}, each mode in a fresh process.", "",
-             "| f | forward | peak B/voxel | s | Mvoxel/s | time ÷ module's |",
+             f"| f | forward | peak B/voxel | s | Mvoxel/s | time ÷ {args.modes[0]}'s |",
              "|---|---|---|---|---|---|"]
     for features in args.features:
-        base = next(r for r in rows if r["features"] == features and r["mode"] == "module")
+        base = next(r for r in rows if r["features"] == features)
         for r in (r for r in rows if r["features"] == features):
             lines.append(f"| {features} | {r['mode']} | {r['bytes_per_voxel']:.0f} | "
                          f"{r['seconds']:.2f} | {r['mvoxels_per_s']:.2f} | "

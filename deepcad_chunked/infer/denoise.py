@@ -79,8 +79,8 @@ log = logging.getLogger(__name__)
 #: pass would not fit the worker's memory (:func:`~deepcad_chunked.infer.memory.fit_block`).
 #: A CPU worker runs one block at a time on every core with the machine's memory
 #: (:func:`~deepcad_chunked.cluster.inference_workers`): with the default halo of 48 a long
-#: 512×512 recording at f = 16 is passed 2.6× through the network on a 24 GiB machine
-#: (256×256×256 blocks), 2.9× with the GPU block.
+#: 512×512 recording at f = 16 is passed 2.7× through the network on a 24 GiB machine
+#: (224×256×256 blocks), 2.9× with the GPU block.
 DEFAULT_BLOCKS = {"cpu": (256, 512, 512), "cuda": (192, 384, 384)}
 
 

@@ -3,12 +3,14 @@
 A forward pass of the U-Net over ``v`` input voxels keeps about ``v × bytes_per_voxel`` bytes
 of activations alive at its peak. On the CPU inference runs the memory-lean pass
 (:mod:`deepcad_chunked.model.lean`, channels-last) in a worker whose allocator keeps freed
-memory for the next pass (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`); its peak,
-after passes of one size have run (so with the heap's fragmentation), measured on
-160×352×352 inputs at ``f`` = 2, 4, 8, 16: 42, 74, 110 and 199–213 B per voxel, and 248 at
-``f`` = 16 on 96×512×512 (benchmarks/RESULTS.md, "Inference on the CPU"); the estimate below
-covers those. The GPU figures are derived (eight full-resolution feature maps of ``f``
-channels, in the precision's element size), not measured yet.
+memory for the next pass (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`). Its peak
+after several passes — so with the heap's fragmentation, which depends on the order of the
+allocations — measured on 160×352×352 inputs at ``f`` = 4, 8, 16: 52, 104 and 352 B per voxel
+(``benchmarks/forward.py``; 199–213 at ``f`` = 16 in another order of the same passes), and
+a whole inference worker peaked at 283 B per voxel of its largest block above its idle size
+(``benchmarks/cpu_split.py``); the estimate below covers the largest. The GPU figures are
+derived (eight full-resolution feature maps of ``f`` channels, in the precision's element
+size), not measured yet.
 
 Blocks are chosen so that one task's forward pass fits the worker's memory; a block that does
 not fit (a user's choice, or a worker with less memory than the rest) is cut into tiles inside
@@ -27,8 +29,9 @@ from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.model.unet3d import GRID
 
 #: Fraction of a CPU worker's memory limit (per thread) one forward pass may use; the rest
-#: holds the model, the task's input and output and the blocks queued on the worker.
-CPU_FRACTION = 0.5
+#: holds the model, the task's input and output and the blocks queued on the worker, below
+#: the 80 % at which distributed pauses a worker.
+CPU_FRACTION = 0.6
 #: Fraction of a GPU's total memory one forward pass may use.
 GPU_FRACTION = 0.8
 
@@ -46,7 +49,7 @@ def bytes_per_voxel(features: int, precision: str, device: str) -> int:
         Where it runs.
     """
     if device == "cpu":
-        return 64 + 12 * features
+        return 64 + 18 * features
     width = 4 if precision == "fp32" else 2
     return 10 * width * features + 64
 
