@@ -6,6 +6,7 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -122,3 +123,14 @@ def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -
     stop.set()
     sampler.join()
     return Measured(seconds, peak, code, sum(own.values()))
+
+
+def publish(title: str, text: str, record: bool) -> None:
+    """Print a benchmark's table; with ``record``, append it to RESULTS.md under a heading
+    that names the command that made it (``--record`` left out)."""
+    print(text)
+    if record:
+        command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
+                            *(a for a in sys.argv[1:] if a != "--record")])
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(f"\n### {title} (`{command}`)\n\n{text}\n")

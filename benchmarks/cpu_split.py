@@ -23,7 +23,6 @@ import argparse
 import math
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from _common import machine, noisy_frames
+from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise
 from deepcad_chunked.cluster import INFERENCE_MALLOC_ENV, WORKER_MALLOC_ENV, connect, cpu_cores
@@ -111,12 +110,7 @@ def main() -> None:
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### Splitting the CPU for inference (`python benchmarks/cpu_split.py "
-                    f"{' '.join(a for a in sys.argv[1:] if a != '--record')}`)\n\n{text}\n")
+    publish("Splitting the CPU for inference", "\n".join(lines), args.record)
 
 
 if __name__ == "__main__":

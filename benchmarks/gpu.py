@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from _common import machine, noisy_frames
+from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
 from deepcad_chunked.infer.denoise import DEFAULT_BLOCKS
@@ -251,12 +251,7 @@ def main() -> None:
               f"| {e2e['cluster']} | {e2e['frames']}×{size}² | "
               f"{'×'.join(map(str, e2e['block']))} | {e2e['redundancy']:.2f} | "
               f"{e2e['seconds']:.1f} | {e2e['fps']:.0f} | {e2e['error']:.1e} |"]
-    text = "\n".join(lines)
-    print(text)
-    if args.record and not dry:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### Inference on a GPU (`python benchmarks/gpu.py "
-                    f"{' '.join(a for a in sys.argv[1:] if a != '--record')}`)\n\n{text}\n")
+    publish("Inference on a GPU", "\n".join(lines), args.record and not dry)
 
 
 if __name__ == "__main__":

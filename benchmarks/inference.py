@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from _common import machine, noisy_frames
+from _common import machine, noisy_frames, publish
 from denoise import deepcad_rt
 
 from deepcad_chunked import predict_array
@@ -135,12 +135,7 @@ def main() -> None:
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        with open(here / "RESULTS.md", "a") as f:
-            f.write(f"\n### Inference end to end (`python benchmarks/inference.py "
-                    f"{' '.join(a for a in sys.argv[1:] if a != '--record')}`)\n\n{text}\n")
+    publish("Inference end to end", "\n".join(lines), args.record)
 
 
 if __name__ == "__main__":
