@@ -14,6 +14,7 @@ its outputs resumable and says how to resume.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -39,11 +40,29 @@ def _unraisable(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+class CancelRace(logging.Filter):
+    """Drops tornado's report of distributed's failed cancel of an interrupted call.
+
+    A Ctrl-C that lands in ``distributed.utils.sync`` before the call it waits for has started
+    makes its cancel callback read a variable not yet set; tornado then logs the NameError,
+    with a traceback, to the terminal. Nothing is left running (the call never started) and
+    the command reports the interrupt itself.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (REQUESTED.is_set() and isinstance(error, NameError)
+                    and "'future'" in str(error))
+
+
 def install() -> None:
     """Handle SIGINT and SIGTERM in this process (call from the main thread)."""
     for sig in SIGNALS:
         signal.signal(sig, _handler)
     sys.unraisablehook = _unraisable
+    target = logging.getLogger("tornado.application")
+    if not any(isinstance(f, CancelRace) for f in target.filters):
+        target.addFilter(CancelRace())
 
 
 def received() -> int:

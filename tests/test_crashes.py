@@ -227,3 +227,33 @@ def test_a_ctrl_c_swallowed_in_a_callback_still_stops_the_command() -> None:
                             timeout=120)
     assert result.stdout.strip() == "stopped", result.stdout + result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+
+
+CANCEL_RACE = """
+import logging, os, signal, threading, time
+from distributed.utils import LoopRunner, sync
+from deepcad_chunked import interrupt
+logging.basicConfig()
+interrupt.install()
+runner = LoopRunner(asynchronous=False)
+runner.start()
+runner.loop.add_callback(time.sleep, 1.0)  # the call cannot start before the Ctrl-C lands
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+async def work():
+    return 1
+try:
+    sync(runner.loop, work)
+    print("ran on")
+except KeyboardInterrupt:
+    print("stopped")
+time.sleep(1.5)  # the loop runs distributed's cancel of the interrupted call
+runner.stop()
+"""
+
+
+def test_a_ctrl_c_before_a_cluster_call_starts_prints_no_traceback() -> None:
+    # distributed's cancel of such a call fails with a NameError that tornado logs
+    result = subprocess.run([sys.executable, "-c", CANCEL_RACE], capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() == "stopped", result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "NameError" not in result.stderr, result.stderr
