@@ -7,8 +7,9 @@ memory for the next pass (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`)
 after several passes — so with the heap's fragmentation, which depends on the order of the
 allocations — measured on 160×352×352 inputs at ``f`` = 4, 8, 16: 52, 104 and 352 B per voxel
 (``benchmarks/forward.py``; 199–213 at ``f`` = 16 in another order of the same passes), and
-a whole inference worker peaked at 283 B per voxel of its largest block above its idle size
-(``benchmarks/cpu_split.py``); the estimate below covers the largest. The GPU figures are
+a whole inference worker peaked at 13.8 GiB with a largest input of 48.7 M voxels, 304 B per
+voxel for all of the process (``benchmarks/cpu_split.py``); the estimate below covers the
+largest pass. The GPU figures are
 derived (eight full-resolution feature maps of ``f`` channels, in the precision's element
 size), not measured yet.
 
