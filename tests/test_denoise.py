@@ -120,7 +120,10 @@ def test_sigkill_of_the_driver_then_rerun_is_byte_identical(tmp_path: Path, clie
                                                             model_path: Path) -> None:
     store = _store(tmp_path, _poisson((192, 96, 96)), client)
     reference = tmp_path / "reference.zarr"
-    assert run_cli(*_denoise_args(store, model_path, reference)).returncode == 0
+    first = run_cli(*_denoise_args(store, model_path, reference))
+    assert first.returncode == 0, first.stderr
+    # 4 × 2 × 2 blocks of 48³, each read with 48 more on every side: 3 × 3 × 3
+    assert "the network passes over each voxel 27.00 times" in first.stderr
 
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "deepcad_chunked.cli.main",

@@ -41,6 +41,7 @@ from deepcad_chunked.errors import ConfigError, ModelOutputError
 from deepcad_chunked.infer.memory import (
     bytes_per_voxel,
     fit_block,
+    network_voxels,
     plan_tiles,
     worker_memory,
 )
@@ -269,9 +270,12 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
                        gpu=advertises_gpus(client), pinned=(ckpt.normalization, ckpt.digest),
                        check=store.check)
             todo, total = job.count()
-            log.info("denoising %s with %s on %s (block %s, halo %d, segments of %d frames): "
-                     "%d of %d blocks to do", rec.path, model_path.name, layout.device,
-                     layout.block, layout.halo, layout.segment, todo, total)
+            series = (rec.shape[0], rec.shape[-2], rec.shape[-1])
+            log.info("denoising %s with %s on %s (block %s, halo %d: the network passes "
+                     "over each voxel %.2f times; segments of %d frames): %d of %d blocks "
+                     "to do", rec.path, model_path.name, layout.device, layout.block,
+                     layout.halo, network_voxels(series, layout.block, layout.halo)
+                     / math.prod(series), layout.segment, todo, total)
             if todo:
                 with writing(output):
                     _run(client, job.segments(), job.per_segment(), total, total - todo,
