@@ -24,7 +24,7 @@ import itertools
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from deepcad_chunked.model.unet3d import GRID, UNet3D
+from deepcad_chunked.model.unet3d import UNet3D, check_grid
 
 #: How the three taps (offsets -1, 0, +1) of a full-resolution kernel fall on the two
 #: low-resolution taps of a nearest-upsampled axis, for an even (0) and an odd (1) output.
@@ -88,8 +88,7 @@ def lean_forward(model: UNet3D, x: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         What ``model(x)`` returns, up to float rounding.
     """
-    if any(s % GRID for s in x.shape[-3:]):
-        raise ValueError(f"input t, y, x {tuple(x.shape[-3:])} must be multiples of {GRID}")
+    check_grid(x)
     with torch.no_grad():
         skips: list[torch.Tensor] = []
         for k, encoder in enumerate(model.encoders):

@@ -18,6 +18,17 @@ LEVELS = 4
 GRID = 2 ** (LEVELS - 1)
 
 
+def check_grid(x: torch.Tensor) -> None:
+    """Refuse an input ``(n, c, t, y, x)`` whose t, y or x is not a multiple of :data:`GRID`.
+
+    Raises
+    ------
+    ValueError
+    """
+    if any(s % GRID for s in x.shape[-3:]):
+        raise ValueError(f"input t, y, x {tuple(x.shape[-3:])} must be multiples of {GRID}")
+
+
 class DoubleConv(nn.Sequential):
     """Two 3×3×3 convolutions (padding 1), each followed by ReLU."""
 
@@ -60,8 +71,7 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise a batch ``(n, c, t, y, x)``; t, y and x must be multiples of 8."""
-        if any(s % GRID for s in x.shape[-3:]):
-            raise ValueError(f"input t, y, x {tuple(x.shape[-3:])} must be multiples of {GRID}")
+        check_grid(x)
         skips = []
         for k, encoder in enumerate(self.encoders):
             if k:
