@@ -33,7 +33,12 @@ import torch
 from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise
-from deepcad_chunked.cluster import INFERENCE_MALLOC_ENV, WORKER_MALLOC_ENV, connect, cpu_cores
+from deepcad_chunked.cluster import (
+    INFERENCE_MALLOC_ENV,
+    connect,
+    cpu_cores,
+    inference_workers,
+)
 from deepcad_chunked.infer.memory import network_voxels
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
@@ -44,10 +49,12 @@ def _usage() -> dict[str, float]:
     return {"minflt": own.ru_minflt, "sys": own.ru_stime, "maxrss": own.ru_maxrss * 1024}
 
 
-def _one(store: Path, model: Path, out: Path, workers: int, malloc: dict[str, int]
+def _one(store: Path, model: Path, out: Path, workers: int, keep_memory: bool
          ) -> dict[str, object]:
-    threads = max(1, cpu_cores() // workers)
-    env = {**malloc, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    workers, env = inference_workers(workers)
+    if not keep_memory:  # the allocator settings of other local workers (connect's default)
+        env = {k: v for k, v in env.items() if k not in INFERENCE_MALLOC_ENV}
+    threads = env["OMP_NUM_THREADS"]
     with connect("local", workers=workers, worker_env=env) as client:
         client.run(lambda: __import__("torch").get_num_threads())  # workers import torch
         before = client.run(_usage)
@@ -93,10 +100,9 @@ def main() -> None:
                                           "std": float(raw.std())}).save(work / "m.pt")
         first = None
         for workers in sorted({cores, 1}, reverse=True):
-            for name, malloc in (("default", WORKER_MALLOC_ENV),
-                                 ("inference", INFERENCE_MALLOC_ENV)):
+            for name, keep_memory in (("default", False), ("inference", True)):
                 out = work / f"out-{workers}-{name}.zarr"
-                r = _one(store, model, out, workers, malloc)
+                r = _one(store, model, out, workers, keep_memory)
                 first = r["data"] if first is None else first
                 diff = int(np.abs(r["data"].astype(np.int64) - first).max())
                 redundancy = network_voxels(shape, r["block"], r["halo"]) / math.prod(shape)

@@ -22,9 +22,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import machine
+from _common import machine, publish
 
 from deepcad_chunked.cluster import INFERENCE_MALLOC_ENV
 
@@ -83,9 +82,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True, env=env).stdout
             rows.append(json.loads(out))
             print(rows[-1], flush=True)
-    command = " ".join(a for a in sys.argv[1:] if a != "--record")
-    lines = [f"### Forward pass on the CPU (`python benchmarks/forward.py {command}`)",
-             "", f"{machine()}; input {args.shape.replace(',', '×')}, fp32, best of "
+    lines = [f"{machine()}; input {args.shape.replace(',', '×')}, fp32, best of "
              f"{args.repeats}, each mode in a fresh process.", "",
              f"| f | forward | peak B/voxel | s | Mvoxel/s | time ÷ {args.modes[0]}'s |",
              "|---|---|---|---|---|---|"]
@@ -95,12 +92,7 @@ def main() -> None:
             lines.append(f"| {features} | {r['mode']} | {r['bytes_per_voxel']:.0f} | "
                          f"{r['seconds']:.2f} | {r['mvoxels_per_s']:.2f} | "
                          f"{r['seconds'] / base['seconds']:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.record:
-        results = Path(__file__).with_name("RESULTS.md")
-        results.write_text(results.read_text().rstrip("\n") + "\n\n" + table)
-
+    publish("Forward pass on the CPU", "\n".join(lines), args.record)
 
 if __name__ == "__main__":
     main()

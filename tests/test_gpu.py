@@ -4,6 +4,7 @@ elsewhere."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dask.array as da
@@ -32,7 +33,7 @@ def model16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gpu_client() -> Client:
+def gpu_client() -> Iterator[Client]:
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0", resources={"GPU": 1}) as cluster, \
             Client(cluster) as client:
