@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from deepcad_chunked.cli.options import add_cluster_options, cluster_of, size, triple
+from deepcad_chunked.cli.options import add_cluster_options, cluster_of, shard, size, triple
 from deepcad_chunked.cli.workflow import add_commands
 
 from deepcad_chunked import interrupt
@@ -45,8 +45,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
     p.add_argument("--chunks", type=triple, metavar="T,Y,X",
                    help=f"storage chunk shape (default {','.join(map(str, DEFAULT_CHUNKS))})")
+    p.add_argument("--shard", type=shard, default="auto", metavar="T,Y,X",
+                   help="Zarr v3 shard shape, whole chunks: one file per shard (default auto: "
+                   "whole frames, about 64 MiB; none: one file per chunk)")
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
-                   help="3: Zarr v3 + NGFF 0.5 (default); 2: Zarr v2 + NGFF 0.4")
+                   help="3: Zarr v3 + NGFF 0.5, sharded (default); 2: Zarr v2 + NGFF 0.4, "
+                   "one file per chunk")
     p.add_argument("--frame-rate", type=float, metavar="HZ",
                    help="frames per second, overriding the files' metadata")
     p.add_argument("--compression", metavar="CODEC", help="Blosc codec: zstd, lz4, lz4hc, "
@@ -63,7 +67,9 @@ def _run_convert(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.convert import convert
 
     config = ConvertConfig.build(
-        chunks=args.chunks, zarr_format=args.zarr_format, frame_rate=args.frame_rate,
+        chunks=args.chunks, zarr_format=args.zarr_format,
+        shards=args.shard,
+        frame_rate=args.frame_rate,
         compression=CompressionConfig.build(**{k: v for k, v in (
             ("cname", args.compression), ("clevel", args.clevel)) if v is not None}),
         overwrite=args.overwrite)
@@ -199,6 +205,7 @@ def _run_info(args: argparse.Namespace) -> int:
         ("shape", " × ".join(map(str, info["shape"]))),
         ("dtype", info["dtype"]),
         ("chunks", " × ".join(map(str, info["chunks"]))),
+        ("shards", " × ".join(map(str, info["shards"])) if info["shards"] else "none"),
         ("compressor", ", ".join(info["compressor"])),
         ("size", f"{info['raw_bytes'] / 2**20:.1f} MiB raw, {info['stored_bytes'] / 2**20:.1f}"
                  f" MiB stored" + (f" (ratio {ratio:.2f})" if ratio else "")),

@@ -28,6 +28,12 @@ def triple(text: str) -> tuple[int, int, int]:
     return _integers(text, "T,Y,X")  # type: ignore[return-value]
 
 
+def shard(text: str) -> tuple[int, int, int] | str:
+    """``auto``, ``none`` or ``T,Y,X`` integers."""
+    word = text.strip().lower()
+    return word if word in ("auto", "none") else triple(text)
+
+
 def pair(text: str) -> tuple[int, int]:
     """``Y,X`` (or ``YxX``) integers."""
     return _integers(text, "Y,X")  # type: ignore[return-value]

@@ -5,12 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deepcad_chunked.errors import ConfigError
 
 #: Default storage chunk (t, y, x); see benchmarks/RESULTS.md, "Chunk shape".
 DEFAULT_CHUNKS: tuple[int, int, int] = (32, 128, 128)
+#: Raw bytes of one shard of a new Zarr v3 store (``shards="auto"``); see benchmarks/RESULTS.md,
+#: "Sharding".
+SHARD_BYTES: int = 64 * 2**20
 
 
 class _Config(BaseModel):
@@ -44,6 +54,10 @@ class ConvertConfig(_Config):
         Storage chunk shape; ``None`` picks :data:`DEFAULT_CHUNKS`, clipped to the recording.
     zarr_format : {2, 3}
         Zarr v3 with NGFF 0.5 (default) or Zarr v2 with NGFF 0.4.
+    shards : (t, y, x), "auto" or "none"
+        Zarr v3 shard shape, whole multiples of the chunks: each shard is one file holding
+        many chunks. ``auto`` (default) picks shards of whole frames and about
+        :data:`SHARD_BYTES`; ``none`` stores one file per chunk. Zarr v2 has no shards.
     frame_rate : float or None
         Frames per second, overriding the files' metadata.
     compression : CompressionConfig
@@ -54,6 +68,7 @@ class ConvertConfig(_Config):
 
     chunks: tuple[int, int, int] | None = None
     zarr_format: Literal[2, 3] = 3
+    shards: tuple[int, int, int] | Literal["auto", "none"] = "auto"
     frame_rate: float | None = Field(None, gt=0)
     compression: CompressionConfig = CompressionConfig()
     overwrite: bool = False
@@ -64,6 +79,20 @@ class ConvertConfig(_Config):
         if value is not None and min(value) < 1:
             raise ValueError(f"chunk sizes must be positive, got {value}")
         return value
+
+    @field_validator("shards")
+    @classmethod
+    def _positive_shards(cls, value: tuple[int, int, int] | str) -> tuple[int, int, int] | str:
+        if isinstance(value, tuple) and min(value) < 1:
+            raise ValueError(f"shard sizes must be positive, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _shards_need_v3(self) -> ConvertConfig:
+        if self.zarr_format == 2 and isinstance(self.shards, tuple):
+            raise ValueError("Zarr v2 stores have no shards; drop the shard shape or use "
+                             "Zarr v3")
+        return self
 
 
 def _multiple_of_8(value: tuple[int, int, int], what: str) -> tuple[int, int, int]:

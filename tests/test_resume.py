@@ -17,7 +17,8 @@ from deepcad_chunked.io.omezarr import open_recording
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
 
-FRAMES, CHUNK_T = 1200, 2  # 600 slabs: long enough to be killed half way
+FRAMES, CHUNK_T, SHARD_T = 1200, 2, 4
+SLABS = FRAMES // SHARD_T  # 300 slabs of one shard of two chunks: long enough to be killed
 
 
 def _chunk_files(store: Path) -> dict[str, tuple[bytes, int]]:
@@ -27,8 +28,8 @@ def _chunk_files(store: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def _convert_args(src: Path, out: Path) -> list[str]:
-    return ["convert", str(src), "-o", str(out), "--chunks", f"{CHUNK_T},48,48", "--workers",
-            "1", "--no-progress"]
+    return ["convert", str(src), "-o", str(out), "--chunks", f"{CHUNK_T},48,48", "--shard",
+            f"{SHARD_T},48,48", "--workers", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_sigkill_then_rerun_resumes_and_matches(tmp_path: Path, recording: Path)
 
     out = tmp_path / "killed.zarr"
     progress = out / ".progress" / "convert"
-    _kill_midway(_convert_args(recording, out), progress, at_least=FRAMES // CHUNK_T // 4)
+    _kill_midway(_convert_args(recording, out), progress, at_least=SLABS // 4)
     with pytest.raises(IncompleteStoreError):
         open_recording(out)
     info = run_cli("info", str(out), "--json")
@@ -73,20 +74,20 @@ def test_sigkill_then_rerun_resumes_and_matches(tmp_path: Path, recording: Path)
     assert_clean_error(run_cli("export", str(out), "-o", str(tmp_path / "x.tif")), "incomplete")
 
     finished = {int(p.stem) for p in progress.glob("*.npz")}
-    assert 0 < len(finished) < FRAMES // CHUNK_T
+    assert 0 < len(finished) < SLABS
     before = _chunk_files(out)
     time.sleep(0.05)
 
     result = run_cli(*_convert_args(recording, out))
     assert result.returncode == 0, result.stderr
-    todo = FRAMES // CHUNK_T - len(finished)
-    assert f"{todo} of {FRAMES // CHUNK_T} slabs to do" in result.stderr
+    todo = SLABS - len(finished)
+    assert f"{todo} of {SLABS} slabs to do" in result.stderr
 
     after = _chunk_files(out)
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in want.items()}
     untouched = [k for k in before if int(k.split("/")[1]) in finished]
     assert untouched and all(after[k][1] == before[k][1] for k in untouched), \
-        "chunks of finished slabs were written again"
+        "shards of finished slabs were written again"
     assert not (out / ".progress").exists()
     assert open_recording(out).statistics == open_recording(reference).statistics
 

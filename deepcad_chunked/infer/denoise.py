@@ -339,9 +339,26 @@ def _create_output(output: Path, rec: Recording, dtype: np.dtype, store: StoreJo
         "provenance": {"tool": "deepcad-chunked", "version": __version__, "started": now(),
                        "host": socket.gethostname(), "input": str(rec.path.absolute())},
     }
-    create_image(output, shape=rec.shape, dtype=dtype, chunks=rec.chunks, axes=rec.axes,
+    chunks, shards = output_layout(rec, layout)
+    create_image(output, shape=rec.shape, dtype=dtype, chunks=chunks, axes=rec.axes,
                  scale=scale, units=units, zarr_format=rec.zarr_format,
-                 compression=Compression(), attrs=attrs)
+                 compression=Compression(), attrs=attrs, shards=shards)
+
+
+def output_layout(rec: Recording, layout: Layout
+                  ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Chunks and shards of a denoised store.
+
+    The chunks are the input's (one plane each, as every plane is written by its own tasks);
+    a sharded input gets a sharded output whose shards are the blocks, so each write task
+    writes exactly one shard. Blocks off the chunk grid give an unsharded output, written a
+    chunk at a time.
+    """
+    chunks = (rec.chunks[0], *(1,) * (len(rec.shape) - 3), rec.chunks[-2], rec.chunks[-1])
+    if rec.shards is None or rec.zarr_format == 2 or layout.pieces != layout.block:
+        return chunks, None
+    block = layout.block
+    return chunks, (block[0], *(1,) * (len(rec.shape) - 3), block[1], block[2])
 
 
 @dataclass

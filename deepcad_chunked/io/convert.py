@@ -1,10 +1,11 @@
 """Lossless, out-of-core, resumable conversion of TIFF archives into OME-Zarr.
 
-The recording is cut into *slabs*: one storage chunk's worth of frames across the whole frame.
-Each slab is one task on the dask cluster: it reads its frames from the TIFF file(s), writes
-them to the store (whole chunks, so no two tasks touch one chunk), summarises them for the
-whole-recording statistics and leaves a marker with that summary. A rerun after an interruption
-skips slabs that have a marker; the statistics and completion flag are written last.
+The recording is cut into *slabs*: one shard's worth of frames (one chunk's in an unsharded
+store) across the whole frame. Each slab is one task on the dask cluster: it reads its frames
+from the TIFF file(s), writes them to the store (whole shards, so no two tasks touch one file),
+summarises them for the whole-recording statistics and leaves a marker with that summary. A
+rerun after an interruption skips slabs that have a marker; the statistics and completion flag
+are written last.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect, results_as_completed
-from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
-from deepcad_chunked.errors import SourceError
+from deepcad_chunked.config import DEFAULT_CHUNKS, SHARD_BYTES, ConvertConfig
+from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.io.lifecycle import (
     StoreJob,
     check_disjoint,
@@ -82,12 +83,55 @@ def _resolve_chunks(chunks: tuple[int, int, int] | None, shape: tuple[int, ...]
     return tuple(max(1, min(c, s)) for c, s in zip(full, shape, strict=True))
 
 
+#: Widest shard along y and x of ``shards="auto"``: larger frames get several shards per frame.
+SHARD_WIDTH = 1024
+#: ``shards="auto"`` keeps at least this many slabs (parallel tasks) in a short recording.
+MIN_SLABS = 8
+
+
+def resolve_shards(setting: tuple[int, int, int] | str, chunks: tuple[int, ...],
+                   shape: tuple[int, ...], itemsize: int, zarr_format: int
+                   ) -> tuple[int, ...] | None:
+    """The shard shape of a new store, in whole chunks, or None for an unsharded one.
+
+    ``auto`` gives shards of whole frames (up to :data:`SHARD_WIDTH` wide) holding about
+    :data:`SHARD_BYTES` of samples, but never so many frames that a short recording has fewer
+    than :data:`MIN_SLABS` slabs. It depends only on the recording's layout, so a resumed
+    conversion finds the shards it started with.
+
+    Raises
+    ------
+    ConfigError
+        When a given shard shape is not a whole number of chunks.
+    """
+    if zarr_format == 2 or setting == "none":
+        return None
+    ceil_to = lambda n, c: -(-n // c) * c  # noqa: E731
+    if isinstance(setting, tuple):
+        full = (setting[0], *(1,) * (len(shape) - 3), setting[1], setting[2])
+        shards = tuple(min(s, ceil_to(n, c)) for s, n, c in zip(full, shape, chunks,
+                                                                  strict=True))
+        for axis, s, c in zip("t" + "p" * (len(shape) - 3) + "yx", shards, chunks,
+                              strict=True):
+            if s % c:
+                raise ConfigError(f"the shard size {s} along {axis} is not a multiple of the "
+                                  f"chunk size {c}; shards hold whole chunks")
+        return shards
+    sy, sx = (min(ceil_to(n, c), c * max(1, SHARD_WIDTH // c))
+              for n, c in zip(shape[-2:], chunks[-2:], strict=True))
+    per_chunk_row = chunks[0] * sy * sx * itemsize
+    rows = -(-shape[0] // chunks[0])
+    k = max(1, min(SHARD_BYTES // per_chunk_row, rows // MIN_SLABS))
+    return (chunks[0] * k, *chunks[1:-2], sy, sx)
+
+
 def _identity(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
-              config: ConvertConfig) -> dict[str, Any]:
+              shards: tuple[int, ...] | None, config: ConvertConfig) -> dict[str, Any]:
     return {
         "sources": [{"path": s.path, "series": s.series, "size": s.size,
                      "mtime_ns": s.mtime_ns, "sample": s.sample} for s in plan.sources],
-        "shape": list(shape), "chunks": list(chunks), "dtype": plan.first.dtype,
+        "shape": list(shape), "chunks": list(chunks),
+        "shards": list(shards) if shards else None, "dtype": plan.first.dtype,
         "zarr_format": config.zarr_format, "compression": config.compression.model_dump(),
     }
 
@@ -156,29 +200,33 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
                           "at least 2")
     shape = (plan.frames, *first.frame_shape)
     chunks = _resolve_chunks(config.chunks, shape)
-    identity = _identity(plan, shape, chunks, config)
+    shards = resolve_shards(config.shards, chunks, shape, np.dtype(first.dtype).itemsize,
+                            config.zarr_format)
+    slab_frames = (shards or chunks)[0]
+    identity = _identity(plan, shape, chunks, shards, config)
     check_disjoint(output, [*files, *folders])  # before a cluster is started
     # Join or start the cluster before touching the output: a bad --cluster leaves nothing.
     with connect(cluster, workers=workers) as client, \
             open_store(output, command="convert", identity=identity,
                        inputs=[*files, *folders], overwrite=config.overwrite) as job:
         if job.resuming:
-            _check_sources_since(client, job, plan, chunks[0])
+            _check_sources_since(client, job, plan, slab_frames)
         else:
-            job.create(lambda: _create_store(output, plan, shape, chunks, job, config))
+            job.create(lambda: _create_store(output, plan, shape, chunks, shards, job, config))
             _save_states(job, plan)
-        n_slabs = math.ceil(plan.frames / chunks[0])
+        n_slabs = math.ceil(plan.frames / slab_frames)
         stats = BlockStats()
         done = set()
         for marker in job.progress.glob("*.npz"):
             stats.merge(BlockStats.load(marker))
             done.add(int(marker.stem))
         todo = [s for s in range(n_slabs) if s not in done]
-        log.info("converting %d frames %s %s from %d file(s) into %s (chunks %s): %d of %d "
-                 "slabs to do", plan.frames, first.frame_shape, np.dtype(first.dtype),
-                 len(plan.paths), output, chunks, len(todo), n_slabs)
+        log.info("converting %d frames %s %s from %d file(s) into %s (chunks %s, %s): %d of "
+                 "%d slabs to do", plan.frames, first.frame_shape, np.dtype(first.dtype),
+                 len(plan.paths), output, chunks,
+                 f"shards {shards}" if shards else "unsharded", len(todo), n_slabs)
         if todo:
-            slab_job = _SlabJob(plan=plan, store=str(output), slab_frames=chunks[0],
+            slab_job = _SlabJob(plan=plan, store=str(output), slab_frames=slab_frames,
                                 progress=str(job.progress))
             with writing(output):
                 _run_slabs(client, slab_job, todo, stats, progress)
@@ -245,7 +293,8 @@ def _slab_differs(slab: int, job: _SlabJob) -> int | None:
 
 
 def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
-                  chunks: tuple[int, ...], job: StoreJob, config: ConvertConfig) -> None:
+                  chunks: tuple[int, ...], shards: tuple[int, ...] | None, job: StoreJob,
+                  config: ConvertConfig) -> None:
     scales = _scales(plan, config.frame_rate)
     scale, units = _ngff_scale(plan.first.axes, scales)
     attrs = {
@@ -261,7 +310,8 @@ def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
     }
     create_image(output, shape=shape, dtype=np.dtype(plan.first.dtype), chunks=chunks,
                  axes=plan.first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
-                 compression=Compression(**config.compression.model_dump()), attrs=attrs)
+                 compression=Compression(**config.compression.model_dump()), attrs=attrs,
+                 shards=shards)
 
 
 def _run_slabs(client: Client, job: _SlabJob, todo: list[int], stats: BlockStats,

@@ -50,6 +50,8 @@ def describe(path: str | Path) -> dict[str, object]:
         "shape": list(rec.shape),
         "dtype": str(rec.dtype),
         "chunks": list(rec.chunks),
+        "shards": list(rec.shards) if rec.shards else None,
+        "files": sum(1 for f in (rec.path / "0").rglob("*") if f.is_file()),
         "compressor": [_codec_name(c) for c in compressors],
         "raw_bytes": raw,
         "stored_bytes": stored,

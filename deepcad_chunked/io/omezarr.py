@@ -126,7 +126,7 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
 def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
                  axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
                  zarr_format: Literal[2, 3], compression: Compression,
-                 attrs: dict[str, Any]) -> zarr.Array:
+                 attrs: dict[str, Any], shards: tuple[int, ...] | None = None) -> zarr.Array:
     """Create an empty OME-Zarr image group at ``path`` (an existing directory holding no
     Zarr metadata; see :func:`deepcad_chunked.io.lifecycle.open_store`).
 
@@ -144,6 +144,9 @@ def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks:
         The chunks' compressor.
     attrs : dict
         Our own attributes, stored under ``deepcad_chunked``.
+    shards : tuple, optional
+        Zarr v3 shard shape (whole multiples of ``chunks``): one file per shard instead of
+        one per chunk. Every writer must write whole shards.
 
     Returns
     -------
@@ -165,6 +168,8 @@ def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks:
         kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
     else:
         kwargs["dimension_names"] = list(axes)
+        if shards is not None:
+            kwargs["shards"] = tuple(shards)
     return group.create_array(ARRAY_PATH, **kwargs)
 
 
@@ -226,6 +231,17 @@ class Recording:
     def chunks(self) -> tuple[int, ...]:
         """Storage chunk shape."""
         return tuple(self.array.chunks)
+
+    @property
+    def shards(self) -> tuple[int, ...] | None:
+        """Shard shape of a sharded Zarr v3 array, else None."""
+        shards = getattr(self.array, "shards", None)
+        return tuple(shards) if shards else None
+
+    @property
+    def write_unit(self) -> tuple[int, ...]:
+        """The smallest piece a writer may write alone: a shard, or a chunk when unsharded."""
+        return self.shards or self.chunks
 
     @property
     def complete(self) -> bool:
