@@ -88,6 +88,11 @@ def _default(model: type, name: str) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _add_axes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--axes", metavar="TYX", help="axes of a plain Zarr array that does not "
+                   "name them: t, optionally c and z, then y and x (e.g. tyx, tzyx)")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from deepcad_chunked.config import TrainConfig as C
 
@@ -95,7 +100,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train DeepCAD-RT's 3D U-Net on one or more recordings, "
                        "streaming tile pairs (even frames → odd frames) from their stores. "
                        "Writes epoch_NNNN.pt, last.pt, best.pt, log.csv and log.json.")
-    p.add_argument("data", nargs="+", metavar="DATA.zarr", help="recording store(s)")
+    p.add_argument("data", nargs="+", metavar="DATA.zarr",
+                   help="recording store(s): ours, OME-Zarr images or Zarr arrays")
+    _add_axes(p)
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
                    help="folder for checkpoints and logs")
     p.add_argument("--epochs", type=int, help=f"epochs (default {_default(C, 'epochs')})")
@@ -131,7 +138,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config = TrainConfig.build(**{k: v for k, v in given.items() if v is not None})
     with cluster_of(args, workers=1) as cluster:
         result = train(args.data, args.output, config=config, resume=args.resume,
-                       progress=False if args.no_progress else None, cluster=cluster)
+                       progress=False if args.no_progress else None, cluster=cluster,
+                       axes=args.axes)
     best = min(result.history, key=lambda h: h["val_loss"])
     log.info("done: best validation loss %.5g at epoch %d -> %s", best["val_loss"],
              best["epoch"], result.best)
@@ -143,7 +151,9 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
                        description="Denoise a recording block by block (dask map_overlap with "
                        "halos) on a dask cluster; the result equals one monolithic pass and is "
                        "written to OME-Zarr as it goes. An interrupted run resumes when rerun.")
-    p.add_argument("data", metavar="DATA.zarr", help="recording store")
+    p.add_argument("data", metavar="DATA.zarr",
+                   help="recording store: ours, an OME-Zarr image or a Zarr array")
+    _add_axes(p)
     p.add_argument("-m", "--model", required=True, metavar="MODEL.pt", help="checkpoint")
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
     p.add_argument("--block", type=triple, metavar="T,Y,X",
@@ -174,7 +184,8 @@ def _run_denoise(args: argparse.Namespace) -> int:
                                  **{k: v for k, v in given.items() if v is not None})
     with cluster_of(args) as cluster:
         rec = denoise(args.data, args.model, args.output, config=config, cluster=cluster,
-                      workers=args.workers, progress=False if args.no_progress else None)
+                      workers=args.workers, progress=False if args.no_progress else None,
+                      axes=args.axes)
     log.info("wrote %s: %s %s", rec.path, "×".join(map(str, rec.shape)), rec.dtype)
     return 0
 
@@ -183,7 +194,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a recording store",
                        description="Shape, axes, dtype, chunks, compression ratio, frame rate, "
                        "statistics, and whether the store is complete.")
-    p.add_argument("path", metavar="PATH", help="OME-Zarr store")
+    p.add_argument("path", metavar="PATH", help="OME-Zarr store or Zarr array")
+    _add_axes(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_run_info)
 
@@ -191,7 +203,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.info import describe
 
-    info = describe(args.path)
+    info = describe(args.path, axes=args.axes)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -200,12 +212,15 @@ def _run_info(args: argparse.Namespace) -> int:
     rows = [
         ("path", info["path"]),
         ("complete", "yes" if info["complete"] else "NO (unfinished; rerun its command)"),
-        ("format", f"Zarr v{info['zarr_format']}, OME-NGFF {info['ngff_version']}"),
+        ("format", f"Zarr v{info['zarr_format']}, " + (
+            f"OME-NGFF {info['ngff_version']}" if info["ngff_version"] else "plain array")),
+        ("written by", info["written_by"]),
         ("axes", "".join(info["axes"])),
         ("shape", " × ".join(map(str, info["shape"]))),
         ("dtype", info["dtype"]),
         ("chunks", " × ".join(map(str, info["chunks"]))),
         ("shards", " × ".join(map(str, info["shards"])) if info["shards"] else "none"),
+        ("files", str(info["files"])),
         ("compressor", ", ".join(info["compressor"])),
         ("size", f"{info['raw_bytes'] / 2**20:.1f} MiB raw, {info['stored_bytes'] / 2**20:.1f}"
                  f" MiB stored" + (f" (ratio {ratio:.2f})" if ratio else "")),
@@ -231,7 +246,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="stream a store back to a BigTIFF",
                        description="Write a recording to an OME-TIFF (BigTIFF), one page per "
                        "frame, dtype kept, out of core.")
-    p.add_argument("source", metavar="IN.zarr", help="recording store")
+    p.add_argument("source", metavar="IN.zarr",
+                   help="recording store: ours, an OME-Zarr image or a Zarr array")
+    _add_axes(p)
     p.add_argument("-o", "--output", required=True, metavar="OUT.tif", help="TIFF to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -242,7 +259,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.export import export
 
     path = export(args.source, args.output, overwrite=args.overwrite,
-                  progress=False if args.no_progress else None)
+                  progress=False if args.no_progress else None, axes=args.axes)
     log.info("wrote %s", path)
     return 0
 

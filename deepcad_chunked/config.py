@@ -33,8 +33,9 @@ class _Config(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or cls.__name__
-            raise ConfigError(f"invalid {where}: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"invalid {where}: {msg}" if where else msg) from None
 
 
 class CompressionConfig(_Config):

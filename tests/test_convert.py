@@ -200,7 +200,7 @@ def test_readers_refuse_incomplete_and_foreign_stores(tmp_path: Path, client: Cl
         export(tmp_path / "a.zarr", tmp_path / "a.tif.out")
     assert info(tmp_path / "a.zarr")["complete"] is False
     zarr.create_group(str(tmp_path / "foreign.zarr")).create_array("0", shape=(2, 2), dtype="u1")
-    with pytest.raises(StoreError, match="not a deepcad-chunked recording"):
+    with pytest.raises(StoreError, match="neither a deepcad-chunked recording nor an OME"):
         open_recording(tmp_path / "foreign.zarr")
     with pytest.raises(StoreError, match="does not exist"):
         open_recording(tmp_path / "nothing.zarr")

@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, open_recording
+from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise
 from deepcad_chunked.config import SHARD_BYTES
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.io.convert import MIN_SLABS, resolve_shards

@@ -92,7 +92,7 @@ def test_loader_workers_do_not_change_the_result(tmp_path: Path, store: Path) ->
 
 def test_dataset_ships_only_paths_to_workers(store: Path) -> None:
     regions, _ = split_regions([(160, 32, 32)], (16, 16, 16), 0.1)
-    ds = TilePairDataset([str(store)], regions, (16, 16, 16), 0, Normalization(0.0, 1.0))
+    ds = TilePairDataset([str(store / "0")], regions, (16, 16, 16), 0, Normalization(0.0, 1.0))
     ds[0]  # opens the store in this process
     assert ds._arrays
     blob = pickle.dumps(ds)
@@ -108,9 +108,9 @@ def test_dataset_ships_only_paths_to_workers(store: Path) -> None:
 
 def test_windows_are_read_once_and_cover_the_recording(store: Path) -> None:
     regions, _ = split_regions([(160, 32, 32)], (16, 16, 16), 0.1)
-    ds = TilePairDataset([str(store)], regions, (16, 16, 16), 3, Normalization(0.0, 1.0),
+    ds = TilePairDataset([str(store / "0")], regions, (16, 16, 16), 3, Normalization(0.0, 1.0),
                          tiles_per_window=8, chunks=[(16, 16, 16)])
-    plain = TilePairDataset([str(store)], regions, (16, 16, 16), 3, Normalization(0.0, 1.0))
+    plain = TilePairDataset([str(store / "0")], regions, (16, 16, 16), 3, Normalization(0.0, 1.0))
     starts = set()
     for i in range(400):
         pair = ds[i]

@@ -204,7 +204,8 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def denoise(data: str | Path, model: str | Path, output: str | Path, *,
             config: DenoiseConfig | None = None, cluster: str | Client | None = "local",
-            workers: int | None = None, progress: bool | None = None) -> Recording:
+            workers: int | None = None, progress: bool | None = None,
+            axes: str | None = None) -> Recording:
     """Denoise a recording with a trained network, block by block, into a new store.
 
     The recording is done a segment of frames at a time (a few blocks per worker), each
@@ -214,7 +215,8 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     Parameters
     ----------
     data : str or Path
-        A complete recording store.
+        A complete recording store, an OME-Zarr image written by another tool, or a plain
+        Zarr array (with ``axes``).
     model : str or Path
         A checkpoint written by training.
     output : str or Path
@@ -228,6 +230,8 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
         (:func:`~deepcad_chunked.cluster.inference_workers`).
     progress : bool, optional
         Progress bar; default: when standard error is a terminal.
+    axes : str, optional
+        Axis names of a plain Zarr array that does not name them (``"tyx"``).
 
     Returns
     -------
@@ -235,7 +239,7 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
         The finished output store.
     """
     config = config or DenoiseConfig()
-    rec = open_recording(data)
+    rec = open_recording(data, axes=axes).with_statistics()
     rec.require_finite()
     model_path = Path(model).expanduser().absolute()
     ckpt = Checkpoint.load(model_path)

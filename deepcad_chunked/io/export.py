@@ -42,7 +42,7 @@ def _pages(rec: Recording, bar: tqdm) -> Iterator[np.ndarray]:
 
 
 def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
-           progress: bool | None = None) -> Path:
+           progress: bool | None = None, axes: str | None = None) -> Path:
     """Write a recording to an OME-TIFF (BigTIFF), one page per frame, dtype kept.
 
     The file is written under its writer lock, to a temporary name of this process's, and
@@ -59,6 +59,8 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
         Replace an existing file.
     progress : bool, optional
         Show a progress bar; default: when standard error is a terminal.
+    axes : str, optional
+        Axis names of a plain Zarr array that does not name them (``"tyx"``).
 
     Returns
     -------
@@ -72,7 +74,7 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
         source, another export writing the same file, an unwritable folder, or a source
         store rewritten while it was read.
     """
-    rec = open_recording(source)
+    rec = open_recording(source, axes=axes)
     output = Path(output).expanduser().absolute()
     axes = "".join(_OME_AXES[a] for a in rec.axes)
     metadata: dict[str, object] = {"axes": axes}

@@ -23,13 +23,15 @@ def stored_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def describe(path: str | Path) -> dict[str, object]:
+def describe(path: str | Path, axes: str | None = None) -> dict[str, object]:
     """A JSON-ready description of a recording store, complete or not.
 
     Parameters
     ----------
     path : str or Path
-        The store.
+        The store: ours, an OME-Zarr image written by another tool, or a plain Zarr array.
+    axes : str, optional
+        Axis names of a plain Zarr array that does not name them (``"tyx"``).
 
     Returns
     -------
@@ -37,21 +39,24 @@ def describe(path: str | Path) -> dict[str, object]:
         Shape, axes, dtype, chunks, compressor, sizes and compression ratio, scales,
         statistics, provenance, and whether it is complete.
     """
-    rec = open_recording(path, require_complete=False)
+    rec = open_recording(path, require_complete=False, axes=axes)
     raw = math.prod(rec.shape) * rec.dtype.itemsize
-    stored = stored_bytes(rec.path / "0")
+    array_dir = Path(rec.array_url)
+    stored = stored_bytes(array_dir)
     compressors = getattr(rec.array, "compressors", ())
     return {
         "path": str(rec.path),
         "complete": rec.complete,
         "zarr_format": rec.zarr_format,
-        "ngff_version": "0.4" if rec.zarr_format == 2 else "0.5",
+        "ngff_version": (rec.attrs.get("ngff_version") if rec.foreign
+                         else "0.4" if rec.zarr_format == 2 else "0.5"),
         "axes": list(rec.axes),
         "shape": list(rec.shape),
         "dtype": str(rec.dtype),
         "chunks": list(rec.chunks),
         "shards": list(rec.shards) if rec.shards else None,
-        "files": sum(1 for f in (rec.path / "0").rglob("*") if f.is_file()),
+        "files": sum(1 for f in array_dir.rglob("*") if f.is_file()),
+        "written_by": "another tool (read as it is)" if rec.foreign else "deepcad-chunked",
         "compressor": [_codec_name(c) for c in compressors],
         "raw_bytes": raw,
         "stored_bytes": stored,

@@ -146,8 +146,15 @@ class Pin(Protocol):
 
 
 def store_identity(path: Path) -> dict[str, Any]:
-    """What identifies one written state of a store: its job and when it was completed."""
-    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY) or {}
+    """What identifies one written state of a store: its job and when it was completed; for
+    a store written by another tool, the state of its files
+    (:func:`deepcad_chunked.io.foreign.state`)."""
+    attrs = read_group_attrs(path)
+    if attrs is not None and ATTRS_KEY not in attrs and path.is_dir():
+        from deepcad_chunked.io.foreign import state
+
+        return {"foreign": state(path)}
+    ours = (attrs or {}).get(ATTRS_KEY) or {}
     return {"job": (ours.get("job") or {}).get("fingerprint"),
             "completed": (ours.get("provenance") or {}).get("completed"),
             "complete": bool(ours.get("complete"))}

@@ -8,6 +8,7 @@ last, so a store without it is recognisably unfinished.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -116,7 +117,7 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
             return dict(meta.get("attributes", {}))
         if (path / ".zattrs").is_file():
             return dict(json.loads((path / ".zattrs").read_text()))
-        if (path / ".zgroup").is_file():
+        if (path / ".zgroup").is_file() or (path / ".zarray").is_file():
             return {}
     except (OSError, ValueError, AttributeError):
         return None
@@ -209,6 +210,11 @@ class Recording:
         Our attributes (statistics, provenance, scales, completion).
     ome : dict
         The NGFF multiscales entry.
+    array_path : str
+        Path of the full-resolution array inside the store ("" when the store is the array).
+    foreign : bool
+        Written by another tool (:mod:`deepcad_chunked.io.foreign`): read as it is, never
+        written into; its statistics live in a sidecar.
     """
 
     path: Path
@@ -216,6 +222,23 @@ class Recording:
     axes: tuple[str, ...]
     attrs: dict[str, Any]
     ome: dict[str, Any]
+    array_path: str = ARRAY_PATH
+    foreign: bool = False
+
+    @property
+    def array_url(self) -> str:
+        """Where the full-resolution array is, for ``zarr.open_array``."""
+        return f"{self.path}/{self.array_path}" if self.array_path else str(self.path)
+
+    def with_statistics(self) -> Recording:
+        """This recording with its whole-recording statistics: a foreign store's are read
+        from its sidecar or computed once (:mod:`deepcad_chunked.io.foreign`)."""
+        if self.statistics is not None or not self.foreign:
+            return self
+        from deepcad_chunked.io.foreign import statistics
+
+        summary = statistics(self.path, self.array, self.axes)
+        return dataclasses.replace(self, attrs={**self.attrs, "statistics": summary})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -284,28 +307,37 @@ class Recording:
         return da.from_zarr(self.array)
 
 
-def open_recording(path: str | Path, *, require_complete: bool = True) -> Recording:
-    """Open a recording written by this package.
+def open_recording(path: str | Path, *, require_complete: bool = True,
+                   axes: str | tuple[str, ...] | None = None) -> Recording:
+    """Open a recording: a store written by this package, an OME-Zarr image written by
+    another tool, or a plain Zarr array (:mod:`deepcad_chunked.io.foreign`).
 
     Parameters
     ----------
     path : str or Path
-        The OME-Zarr store.
+        The OME-Zarr store or Zarr array.
     require_complete : bool
-        Refuse stores whose completion flag is missing (the default).
+        Refuse stores of ours whose completion flag is missing (the default).
+    axes : str or tuple, optional
+        Axis names of a plain array without dimension names (``"tyx"``).
 
     Returns
     -------
     Recording
+        A foreign store's statistics are there when its sidecar holds them; see
+        :meth:`Recording.with_statistics`.
 
     Raises
     ------
     StoreError
-        When ``path`` is missing or is not a recording written by deepcad-chunked.
+        When ``path`` is missing, is not a Zarr store, or holds nothing that is a recording.
     IncompleteStoreError
-        When the store was never finished and ``require_complete`` is true.
+        When a store of ours was never finished and ``require_complete`` is true.
     """
+    from deepcad_chunked.io import foreign
+
     path = Path(path).expanduser()
+    names = foreign.parse_axes(axes) if isinstance(axes, str) else axes
     if not path.exists():
         raise StoreError(f"store {path} does not exist")
     if not is_zarr_store(path):
@@ -315,7 +347,12 @@ def open_recording(path: str | Path, *, require_complete: bool = True) -> Record
         raise StoreError(f"{path} has damaged Zarr metadata")
     ours = attrs.get(ATTRS_KEY)
     if not isinstance(ours, dict):
-        raise StoreError(f"{path} is a Zarr store but not a deepcad-chunked recording")
+        found = foreign.inspect(path, attrs, names)
+        kept = foreign.read_sidecar(path, foreign.state(path))
+        stats = (kept or {}).get("statistics")
+        return Recording(path=path, array=found.array, axes=found.axes,
+                         attrs={**found.attrs, **({"statistics": stats} if stats else {})},
+                         ome=found.ome, array_path=found.array_path, foreign=True)
     if require_complete and not ours.get("complete"):
         job = ours.get("job", {}).get("command", "the command that wrote it")
         raise IncompleteStoreError(
@@ -323,13 +360,14 @@ def open_recording(path: str | Path, *, require_complete: bool = True) -> Record
             "or pass --overwrite to start again")
     ome = attrs.get("ome", attrs)
     ms = (ome.get("multiscales") or [{}])[0]
-    axes = tuple(a["name"] for a in ms.get("axes", []))
+    found_axes = tuple(a["name"] for a in ms.get("axes", []))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             array = zarr.open_array(str(path / ARRAY_PATH), mode="r")
     except Exception as exc:
         raise StoreError(f"{path}: its array {ARRAY_PATH!r} cannot be opened ({exc})") from None
-    if len(axes) != array.ndim:
-        raise StoreError(f"{path}: axes {axes} do not match the array's {array.ndim} dimensions")
-    return Recording(path=path, array=array, axes=axes, attrs=ours, ome=ms)
+    if len(found_axes) != array.ndim:
+        raise StoreError(f"{path}: axes {found_axes} do not match the array's {array.ndim} "
+                         "dimensions")
+    return Recording(path=path, array=array, axes=found_axes, attrs=ours, ome=ms)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from deepcad_chunked.errors import SourceError
+from deepcad_chunked.io.omezarr import is_zarr_store
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 _DIGITS = re.compile(r"(\d+)")
@@ -68,6 +69,10 @@ def discover_sources(sources: Sequence[str | Path] | str | Path) -> list[Path]:
 def _expand_one(item: str) -> Iterable[Path]:
     path = Path(item).expanduser()
     if path.is_dir():
+        if is_zarr_store(path):
+            raise SourceError(f"{path} is a Zarr store, not TIFF files: train, denoise and "
+                              "export read it as it is (see: deepcad-chunked info "
+                              f"{path})")
         files = [p for p in path.iterdir() if p.is_file() and _is_tiff_name(p)]
         if not files:
             raise SourceError(f"directory {path} contains no TIFF files (*.tif, *.tiff)")

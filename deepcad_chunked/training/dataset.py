@@ -17,7 +17,6 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from deepcad_chunked.io.omezarr import ARRAY_PATH
 from deepcad_chunked.training.tiles import (
     Region,
     TileDraw,
@@ -46,7 +45,8 @@ class TilePairDataset(Dataset):
     Parameters
     ----------
     stores : list of str
-        Recording stores, in the order ``Region.recording`` refers to.
+        The recordings' full-resolution arrays (``Recording.array_url``), in the order
+        ``Region.recording`` refers to.
     regions : list of Region
         Where tiles may be cut.
     tile : (frames, rows, columns)
@@ -93,7 +93,7 @@ class TilePairDataset(Dataset):
     def _array(self, recording: int) -> zarr.Array:
         array = self._arrays.get(recording)
         if array is None:
-            array = zarr.open_array(f"{self.stores[recording]}/{ARRAY_PATH}", mode="r")
+            array = zarr.open_array(self.stores[recording], mode="r")
             self._arrays[recording] = array
         return array
 

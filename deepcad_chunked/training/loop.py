@@ -192,13 +192,14 @@ def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torc
 def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
           config: TrainConfig | None = None, resume: bool = False,
           progress: bool | None = None, cluster: str | Any | None = None,
-          lock: bool = True) -> TrainResult:
+          lock: bool = True, axes: str | None = None) -> TrainResult:
     """Train the denoiser on one or more recordings, streaming tiles from their stores.
 
     Parameters
     ----------
     data : path or sequence of paths
-        Complete recording stores written by :func:`deepcad_chunked.convert`.
+        Complete recording stores written by :func:`deepcad_chunked.convert`, OME-Zarr
+        images written by other tools, or plain Zarr arrays.
     run_dir : str or Path
         Folder for checkpoints and logs (created if needed).
     config : TrainConfig, optional
@@ -215,6 +216,8 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     lock : bool
         Hold the run directory's writer lock while training (the default); False only where
         the caller holds it (the cluster task of a driver that does).
+    axes : str, optional
+        Axis names of plain Zarr arrays that do not name them (``"tyx"``).
 
     Returns
     -------
@@ -235,22 +238,24 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
         raise StoreError("no training data given")
-    recordings = [open_recording(p) for p in paths]
+    recordings = [open_recording(p, axes=axes).with_statistics() for p in paths]
     _check_sizes(recordings, config)  # refuse bad data before anything is started
     run_dir = Path(run_dir).expanduser().absolute()
     if lock:
         with open_folder(run_dir, command="train", inputs=[r.path for r in recordings]):
             return train(paths, run_dir, config=config, resume=resume, progress=progress,
-                         cluster=cluster, lock=False)
+                         cluster=cluster, lock=False, axes=axes)
     if cluster is not None:
         from deepcad_chunked.cluster import connect
         from deepcad_chunked.training.remote import train_on_cluster
 
         with connect(cluster, workers=1) as client:
-            return train_on_cluster(client, paths, run_dir, config=config, resume=resume)
+            return train_on_cluster(client, paths, run_dir, config=config, resume=resume,
+                                    axes=axes)
     _prepare_run_dir(run_dir, resume)
     pins = [StorePin(r.path) for r in recordings]
     stores = [str(r.path.absolute()) for r in recordings]
+    arrays = [str(Path(r.array_url).absolute()) for r in recordings]
     norm = pooled_normalization(recordings)
     tile = config.tile
     train_regions, val_regions = split_regions([r.shape for r in recordings], tile,
@@ -293,9 +298,9 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         log.info("nothing to resume in %s; starting a new run", run_dir)
 
     chunks = [(r.chunks[0], r.chunks[-2], r.chunks[-1]) for r in recordings]
-    train_set = TilePairDataset(stores, train_regions, tile, config.seed, norm,
+    train_set = TilePairDataset(arrays, train_regions, tile, config.seed, norm,
                                 tiles_per_window=config.tiles_per_window, chunks=chunks)
-    val_set = TilePairDataset(stores, val_regions, tile, config.seed, norm, augment=False)
+    val_set = TilePairDataset(arrays, val_regions, tile, config.seed, norm, augment=False)
     val_draws = [draw(config.seed + 1, i, val_regions, tile, augment=False)
                  for i in range(config.val_tiles)]
     per_epoch = steps * config.batch_size

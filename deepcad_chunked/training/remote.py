@@ -36,7 +36,7 @@ JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID", "LSB_JOBID")
 
 def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | Path, *,
                      config: TrainConfig, resume: bool = False,
-                     poll_s: float = POLL_S) -> TrainResult:
+                     poll_s: float = POLL_S, axes: str | None = None) -> TrainResult:
     """Run :func:`~deepcad_chunked.training.train` as one task on a worker of ``client``.
 
     On a cluster whose workers advertise ``GPU`` resources the task asks for one GPU.
@@ -53,6 +53,8 @@ def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | 
         Continue the run in ``run_dir``.
     poll_s : float
         Seconds between progress reports.
+    axes : str, optional
+        Axis names of plain Zarr arrays that do not name them.
 
     Returns
     -------
@@ -63,7 +65,7 @@ def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | 
     wait_for_a_worker(client)
     gpus = advertises_gpus(client)
     submission = uuid.uuid4().hex
-    future = client.submit(_train_task, paths, str(run_dir), config, resume, submission,
+    future = client.submit(_train_task, paths, str(run_dir), config, resume, submission, axes,
                            resources={"GPU": 1} if gpus else None, pure=False,
                            key=f"train-{submission}")
     log.info("training submitted to the cluster%s; checkpoints in %s",
@@ -98,7 +100,7 @@ def _report_epochs(path: Path, reported: int, epochs: int) -> int:
 
 
 def _train_task(data: list[str], run_dir: str, config: TrainConfig, resume: bool,
-                submission: str) -> tuple[TrainResult, str]:
+                submission: str, axes: str | None = None) -> tuple[TrainResult, str]:
     """The task: train, resuming when an earlier attempt of this submission was cut."""
     marker = Path(run_dir) / ATTEMPT_FILE
     try:
@@ -123,7 +125,7 @@ def _train_task(data: list[str], run_dir: str, config: TrainConfig, resume: bool
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     try:
         result = train(data, run_dir, config=config, resume=resume or again, progress=False,
-                       lock=False)  # the driver holds the run directory's lock
+                       lock=False, axes=axes)  # the driver holds the run directory's lock
     finally:
         torch.set_num_threads(threads)
     return result, _where()
