@@ -375,6 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             log.exception("internal error")
+        from deepcad_chunked.io.location import service_error
+
+        if (said := service_error(exc)) is not None:  # endpoint, credentials, permissions
+            log.error("error: %s", said)
+            return EXIT_ERROR
         log.error("internal error: %s: %s (rerun with --debug for the traceback and please "
                   "report it)", exc.__class__.__name__, exc)
         return EXIT_BUG

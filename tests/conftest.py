@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
@@ -46,8 +51,9 @@ def stored_chunks(store: Path) -> dict[str, bytes]:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
             **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run ``deepcad-chunked ARGS`` in a real subprocess and capture its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run ``deepcad-chunked ARGS`` in a real subprocess and capture its output; ``env``
+    adds to (or overrides) this process's environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}  # type: ignore[dict-item]
     return subprocess.run([sys.executable, "-m", "deepcad_chunked.cli.main", *args],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
                           **kwargs)
@@ -165,3 +171,80 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
         if not ok:
             pytest.skip("cannot make a read-only directory here (root, and mounting refused)")
         yield ro
+
+
+@dataclass(frozen=True)
+class S3:
+    """A real S3 API server on loopback (moto's server mode) and a fresh bucket in it."""
+
+    endpoint: str
+    bucket: str
+
+    def url(self, key: str) -> str:
+        """``s3://BUCKET/KEY``."""
+        return f"s3://{self.bucket}/{key}"
+
+    @property
+    def fs(self) -> Any:
+        """An s3fs filesystem on the server, listing afresh every time."""
+        return _s3fs(self.endpoint)
+
+    def objects(self, key: str) -> dict[str, bytes]:
+        """Every object under ``KEY/`` by its path below it, with its bytes."""
+        root = f"{self.bucket}/{key}/"
+        found = self.fs.cat(sorted(self.fs.find(root)))  # fetched concurrently
+        return {k[len(root):]: v for k, v in sorted(found.items())}
+
+
+@functools.lru_cache(maxsize=2)
+def _s3fs(endpoint: str) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False,
+                             skip_instance_cache=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, for the whole session; the AWS_* variables that every
+    command (and every worker it starts) reads point at it, with dummy credentials."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> S3:
+    """A new, empty bucket on the loopback S3 server."""
+    store = S3(endpoint=s3_endpoint, bucket=f"test-{uuid.uuid4().hex[:12]}")
+    store.fs.mkdir(store.bucket)
+    return store

@@ -99,7 +99,8 @@ def model(tiny_model: Path) -> Path:
 
 
 def _convert(src: Path, out: Path) -> list[str]:
-    return ["convert", str(src), "-o", str(out), "--chunks", "2,48,48", "--workers", "1",
+    return ["convert", str(src), "-o", str(out), "--chunks", "2,48,48", "--shard", "2,48,48",
+            "--workers", "1",
             "--no-progress"]
 
 

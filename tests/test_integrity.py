@@ -176,6 +176,7 @@ def test_a_second_denoise_on_one_output_is_refused_naming_the_first(
 def test_two_converts_with_overwrite_on_one_store(world: Path, tmp_path: Path) -> None:
     out = tmp_path / "rec.zarr"
     args = ["convert", str(world / "raw" / "rec.tif"), "-o", str(out), "--chunks", "2,48,48",
+            "--shard", "2,48,48",
             "--workers", "1", "--no-progress", "--overwrite"]
     assert run_cli(*args).returncode == 0
     first = start_cli(*args)
@@ -317,7 +318,8 @@ def test_the_input_store_rewritten_while_denoise_runs(world: Path, tmp_path: Pat
 
 
 def _convert(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["convert", str(src), "-o", str(out), "--chunks", "2,48,48", "--workers", "1",
+    return ["convert", str(src), "-o", str(out), "--chunks", "2,48,48", "--shard", "2,48,48",
+            "--workers", "1",
             "--no-progress", *extra]
 
 

@@ -62,6 +62,7 @@ from deepcad_chunked.io.lifecycle import (
     store_identity,
     writing,
 )
+from deepcad_chunked.io.location import StorePath, resolve, write_atomic
 from deepcad_chunked.io.omezarr import (
     ATTRS_KEY,
     Compression,
@@ -177,9 +178,7 @@ def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...], marker
     to the output store, then leave its marker."""
     _require_finite(data, precision)
     open_for_writing(store)[region] = _cast(data, np.dtype(dtype))
-    tmp = Path(marker + ".tmp")
-    tmp.write_bytes(b"")
-    tmp.replace(marker)
+    write_atomic(resolve(marker), b"")
     return int(data.size)
 
 
@@ -216,11 +215,12 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     ----------
     data : str or Path
         A complete recording store, an OME-Zarr image written by another tool, or a plain
-        Zarr array (with ``axes``).
+        Zarr array (with ``axes``): a local path or an fsspec URL.
     model : str or Path
-        A checkpoint written by training.
+        A checkpoint written by training (a local path or a URL).
     output : str or Path
-        The OME-Zarr store to write (same axes, scales and chunks as the input).
+        The OME-Zarr store to write (same axes, scales and chunks as the input), local or
+        an fsspec URL (``s3://bucket/denoised.zarr``).
     config : DenoiseConfig, optional
         Block, halo, device, precision, output dtype, memory of a forward pass, overwrite.
     cluster : str or Client, optional
@@ -241,11 +241,11 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     config = config or DenoiseConfig()
     rec = open_recording(data, axes=axes).with_statistics()
     rec.require_finite()
-    model_path = Path(model).expanduser().absolute()
+    model_path = resolve(model)
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
     model_state = file_state(model_path)
-    output = Path(output).expanduser().absolute()
+    output = resolve(output)
     check_disjoint(output, [rec.path, model_path])  # before a cluster is started
     # every option that can be checked without the workers is checked before the cluster
     halo = default_halo() if config.halo is None else check_halo(config.halo)
@@ -291,14 +291,15 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
     return open_recording(output)
 
 
-def _changed(path: Path, state: dict[str, int]) -> bool:
+def _changed(path: StorePath, state: dict[str, Any]) -> bool:
     try:
         return file_state(path) != state
     except OSError:
         return True
 
 
-def _unfinished_block(output: Path, config: DenoiseConfig) -> tuple[int, int, int] | None:
+def _unfinished_block(output: StorePath, config: DenoiseConfig
+                      ) -> tuple[int, int, int] | None:
     """The block of an unfinished denoise in ``output``, to resume it with the same one
     (the default block depends on the workers, which may differ from the first run's)."""
     if config.block is not None or config.overwrite:
@@ -314,7 +315,7 @@ def _unfinished_block(output: Path, config: DenoiseConfig) -> tuple[int, int, in
 PINNED_MODEL = "model.pt"
 
 
-def _pin_model(store: StoreJob, ckpt: Checkpoint) -> Path:
+def _pin_model(store: StoreJob, ckpt: Checkpoint) -> StorePath:
     """The job's own copy of the network, which every worker loads: replacing the user's model
     file while the job runs (a training run rewriting ``last.pt``) cannot mix two models."""
     pinned = store.progress / PINNED_MODEL
@@ -327,8 +328,9 @@ def _pin_model(store: StoreJob, ckpt: Checkpoint) -> Path:
     return pinned
 
 
-def _create_output(output: Path, rec: Recording, dtype: np.dtype, store: StoreJob, digest: str,
-                   model_path: Path, layout: Layout, config: DenoiseConfig) -> None:
+def _create_output(output: StorePath, rec: Recording, dtype: np.dtype, store: StoreJob,
+                   digest: str, model_path: StorePath, layout: Layout,
+                   config: DenoiseConfig) -> None:
     scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
     units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
     keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
@@ -370,9 +372,9 @@ class _Job:
     """The pieces of a denoise job and, segment by segment, the graphs that write them."""
 
     rec: Recording
-    model_path: Path
-    output: Path
-    markers: Path
+    model_path: StorePath
+    output: StorePath
+    markers: StorePath
     layout: Layout
     dtype: np.dtype
     config: DenoiseConfig
@@ -382,11 +384,15 @@ class _Job:
     #: called before each segment is submitted (the store's lock and pinned inputs)
     check: Callable[[], None] | None = None
     source: Any = field(init=False, repr=False)
+    #: names of the markers there were when the job was counted (one listing, not one
+    #: request per marker: the store may be in an object store)
+    done: set[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.source = self.rec.to_dask()
+        self.done = {m.name for m in self.markers.glob("*.done")}
 
-    def _marker(self, plane: tuple[int, ...], index: tuple[int, ...]) -> Path:
+    def _marker(self, plane: tuple[int, ...], index: tuple[int, ...]) -> StorePath:
         """The marker of the piece ``index`` (in whole-recording piece units) of ``plane``."""
         return self.markers / ("_".join(map(str, (*plane, *index))) + ".done")
 
@@ -397,7 +403,8 @@ class _Job:
         n, step = self.rec.shape[0], self.layout.segment
         return [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    def _markers(self, plane: tuple[int, ...], frames: tuple[int, int]) -> Iterator[Path]:
+    def _markers(self, plane: tuple[int, ...], frames: tuple[int, int]
+                 ) -> Iterator[StorePath]:
         pieces = self.layout.pieces
         counts = [math.ceil(n / p) for n, p in zip((self.rec.shape[-2], self.rec.shape[-1]),
                                                     pieces[1:], strict=True)]
@@ -413,13 +420,13 @@ class _Job:
         """Pieces still to write, and all pieces."""
         markers = [m for plane in self._planes() for frames in self._frames()
                    for m in self._markers(plane, frames)]
-        return sum(not m.exists() for m in markers), len(markers)
+        return sum(m.name not in self.done for m in markers), len(markers)
 
     def segments(self) -> Iterator[list[Any]]:
         """One list of delayed writes per segment with unfinished pieces, built lazily."""
         for plane in self._planes():
             for frames in self._frames():
-                if all(m.exists() for m in self._markers(plane, frames)):
+                if all(m.name in self.done for m in self._markers(plane, frames)):
                     continue
                 if self.check is not None:
                     self.check()  # still ours, and the input still the one pinned
@@ -444,7 +451,7 @@ class _Job:
             region = tuple(slice(o + int(s[i]), o + int(s[i]) + c[i])
                            for o, s, c, i in zip(offset, starts, out.chunks, index, strict=True))
             marker = self._marker(plane, (index[0] + frames[0] // layout.pieces[0], *index[1:]))
-            if marker.exists():
+            if marker.name in self.done:
                 continue
             full = (region[0], *plane, *region[1:])
             tasks.append(dask.delayed(_write_block)(pieces[index], str(self.output), full,

@@ -11,6 +11,7 @@ at least its receptive radius every block of :func:`denoise_dask` equals the sam
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import plan_tiles
+from deepcad_chunked.io.location import file_state, resolve
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 from deepcad_chunked.model.lean import lean_forward
@@ -149,8 +151,7 @@ def _cached_model(path: str, digest: str, device: str) -> UNet3D:
 
 
 @functools.lru_cache(maxsize=4)
-def _normalization_and_digest(path: str, mtime_ns: int, size: int
-                              ) -> tuple[dict[str, Any], str]:
+def _normalization_and_digest(path: str, version: str) -> tuple[dict[str, Any], str]:
     """Normalisation and weights digest of a checkpoint, read once per file version.
 
     A long recording is denoised a segment at a time, each segment's graph built by
@@ -326,11 +327,13 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
             and (stop == n or stop % block[0] == 0)):
         raise ConfigError(f"frames {start}:{stop} must lie in 0:{n} and start and end on "
                           f"blocks of {block[0]}")
-    path = Path(model_path).absolute()
+    path = resolve(model_path)
     if pinned is None:
-        stat = path.stat() if path.is_file() else None
-        pinned = _normalization_and_digest(
-            str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+        try:
+            version = json.dumps(file_state(path), sort_keys=True)
+        except FileNotFoundError:
+            version = ""
+        pinned = _normalization_and_digest(str(path), version)
     norm, digest = pinned
     if norm["mean"] == RECORDING_MEAN and recording_mean is None:
         recording_mean = float(array.mean(dtype=np.float64).compute())

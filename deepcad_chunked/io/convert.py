@@ -36,6 +36,7 @@ from deepcad_chunked.io.lifecycle import (
     open_store,
     writing,
 )
+from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     Compression,
@@ -71,7 +72,7 @@ def _convert_slab(slab: int, job: _SlabJob) -> tuple[int, int, BlockStats]:
     data = job.plan.read(t0, t1)
     stats = BlockStats.of(data)
     open_for_writing(job.store)[t0:t1] = data
-    stats.save(Path(job.progress) / f"{slab:08d}.npz")
+    stats.save(resolve(job.progress) / f"{slab:08d}.npz")
     return slab, t1 - t0, stats
 
 
@@ -157,7 +158,7 @@ def _ngff_scale(axes: tuple[str, ...], scales: dict[str, Any]
             {a: units.get(a) if steps[a] else None for a in axes})
 
 
-def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
+def convert(sources: str | Path | Sequence[str | Path], output: str | Path | RemotePath, *,
             config: ConvertConfig | None = None, cluster: str | Client | None = "local",
             workers: int | None = None, progress: bool | None = None) -> Recording:
     """Convert a TIFF archive into a chunked OME-Zarr recording, out of core.
@@ -167,7 +168,8 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
     sources : path, glob, directory, or a sequence of them
         The TIFF file(s) of one recording, joined in natural sort order.
     output : str or Path
-        The OME-Zarr store to write (a directory, conventionally ``*.zarr``).
+        The OME-Zarr store to write (a directory, conventionally ``*.zarr``), or an fsspec
+        URL (``s3://bucket/rec.zarr``).
     config : ConvertConfig, optional
         Chunking, format, compression, frame rate and overwrite options.
     cluster : str or Client, optional
@@ -188,7 +190,7 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path, *,
         On bad input; nothing complete-looking is left behind.
     """
     config = config or ConvertConfig()
-    output = Path(output).expanduser().absolute()
+    output = resolve(output)
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
     files = discover_sources(named)
     # the folders named as sources are inputs too: the output may not lie inside them
@@ -292,7 +294,7 @@ def _slab_differs(slab: int, job: _SlabJob) -> int | None:
     return None if stored.tobytes() == source.tobytes() else slab
 
 
-def _create_store(output: Path, plan: SourcePlan, shape: tuple[int, ...],
+def _create_store(output: StorePath, plan: SourcePlan, shape: tuple[int, ...],
                   chunks: tuple[int, ...], shards: tuple[int, ...] | None, job: StoreJob,
                   config: ConvertConfig) -> None:
     scales = _scales(plan, config.frame_rate)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from deepcad_chunked.errors import StoreError
 from deepcad_chunked.io.lifecycle import StorePin, open_file
+from deepcad_chunked.io.location import resolve
 from deepcad_chunked.io.omezarr import Recording, open_recording
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
         store rewritten while it was read.
     """
     rec = open_recording(source, axes=axes)
-    output = Path(output).expanduser().absolute()
+    output = resolve(output)
+    if not isinstance(output, Path):
+        raise StoreError(f"{output}: export writes a local TIFF file (its source may be a URL)")
     axes = "".join(_OME_AXES[a] for a in rec.axes)
     metadata: dict[str, object] = {"axes": axes}
     if rec.frame_interval_s:

@@ -14,7 +14,6 @@ modification times, and its metadata): a store changed since is summarised again
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +29,7 @@ import numpy as np
 import zarr
 
 from deepcad_chunked.errors import StoreError
+from deepcad_chunked.io.location import RemotePath, StorePath, write_atomic
 from deepcad_chunked.io.stats import BlockStats
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _axis_names(entries: list[Any]) -> tuple[str, ...]:
     return tuple(n for n in names if n is not None)
 
 
-def check_axes(axes: tuple[str, ...], where: Path) -> None:
+def check_axes(axes: tuple[str, ...], where: StorePath) -> None:
     """Refuse axes that are not ``t[c][z]yx``.
 
     Raises
@@ -135,7 +135,7 @@ class Found:
     attrs: dict[str, Any]
 
 
-def _open_array(path: Path) -> zarr.Array:
+def _open_array(path: StorePath) -> zarr.Array:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -153,7 +153,7 @@ def _array_axes(array: zarr.Array) -> tuple[str, ...] | None:
     return None
 
 
-def inspect(path: Path, attrs: dict[str, Any], axes: tuple[str, ...] | None) -> Found:
+def inspect(path: StorePath, attrs: dict[str, Any], axes: tuple[str, ...] | None) -> Found:
     """Find the recording in a foreign store: an OME-Zarr image or a plain array.
 
     Parameters
@@ -216,7 +216,7 @@ def inspect(path: Path, attrs: dict[str, Any], axes: tuple[str, ...] | None) -> 
                         **_physical(axes, scale, units)})
 
 
-def _node_type(path: Path) -> str | None:
+def _node_type(path: StorePath) -> str | None:
     try:
         return json.loads((path / "zarr.json").read_text()).get("node_type")
     except (OSError, ValueError, AttributeError):
@@ -225,14 +225,21 @@ def _node_type(path: Path) -> str | None:
 
 # --------------------------------------------------------------------------- state, sidecar
 
-def state(path: Path) -> str:
+def state(path: StorePath) -> str:
     """A fingerprint of a foreign store as it is now: every file's name, size and
-    modification time, and the bytes of its root metadata."""
+    modification time (an object's size and ETag), and the bytes of its root metadata."""
     digest = hashlib.sha256()
     for name in _METADATA:
         with_meta = path / name
         if with_meta.is_file():
             digest.update(name.encode() + with_meta.read_bytes())
+    if isinstance(path, RemotePath):
+        found = path.fs.find(path.key, detail=True)
+        for key in sorted(found):
+            entry = found[key]
+            tag = entry.get("ETag") or entry.get("LastModified") or entry.get("mtime")
+            digest.update(f"{key}\0{entry.get('size')}\0{tag}\n".encode())
+        return digest.hexdigest()
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
@@ -251,13 +258,13 @@ def _cache_dir() -> Path:
     return Path(base) / "deepcad-chunked" / "sidecars"
 
 
-def sidecar_paths(path: Path) -> list[Path]:
+def sidecar_paths(path: StorePath) -> list[StorePath]:
     """Where a store's sidecar may be: beside the store, then in the user's cache folder."""
     key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
     return [path.with_name(path.name + SIDECAR_SUFFIX), _cache_dir() / f"{key}.json"]
 
 
-def read_sidecar(path: Path, current: str) -> dict[str, Any] | None:
+def read_sidecar(path: StorePath, current: str) -> dict[str, Any] | None:
     """The sidecar of ``path`` whose recorded state is ``current``, or None."""
     for candidate in sidecar_paths(path):
         try:
@@ -269,20 +276,17 @@ def read_sidecar(path: Path, current: str) -> dict[str, Any] | None:
     return None
 
 
-def write_sidecar(path: Path, data: dict[str, Any]) -> Path | None:
+def write_sidecar(path: StorePath, data: dict[str, Any]) -> StorePath | None:
     """Write a sidecar atomically beside the store, else in the cache folder; None if neither
     can be written (the statistics are then computed again next time)."""
-    text = json.dumps(data, indent=1)
+    text = json.dumps(data, indent=1).encode()
     for candidate in sidecar_paths(path):
-        tmp = candidate.with_name(f".{candidate.name}.{os.getpid()}.tmp")
         try:
             candidate.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            tmp.replace(candidate)
+            write_atomic(candidate, text)
             return candidate
         except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            continue
     log.warning("could not keep the statistics of %s anywhere (its folder and %s are not "
                 "writable): they will be computed again next time", path, _cache_dir())
     return None
@@ -296,7 +300,7 @@ def _slabs(array: zarr.Array) -> Iterator[tuple[int, int]]:
         yield t0, min(array.shape[0], t0 + step)
 
 
-def compute_statistics(array: zarr.Array, where: Path) -> dict[str, Any]:
+def compute_statistics(array: zarr.Array, where: StorePath) -> dict[str, Any]:
     """Whole-array statistics in one streaming pass (a few slabs read ahead on threads)."""
     log.info("computing the statistics of %s (%s %s), once: one pass over its samples",
              where, "×".join(map(str, array.shape)), array.dtype)
@@ -312,7 +316,7 @@ def compute_statistics(array: zarr.Array, where: Path) -> dict[str, Any]:
     return stats.summary(np.dtype(array.dtype))
 
 
-def statistics(path: Path, array: zarr.Array, axes: tuple[str, ...]) -> dict[str, Any]:
+def statistics(path: StorePath, array: zarr.Array, axes: tuple[str, ...]) -> dict[str, Any]:
     """The statistics of a foreign store: from its sidecar, or computed and kept in one."""
     current = state(path)
     kept = read_sidecar(path, current)

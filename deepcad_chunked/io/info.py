@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 from deepcad_chunked.io.omezarr import open_recording
 
 
@@ -18,12 +19,15 @@ def _codec_name(codec: object) -> str:
     return f"blosc/{value(cname)} level {getattr(codec, 'clevel', '?')} {value(shuffle)}"
 
 
-def stored_bytes(path: Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def stored_files(path: StorePath) -> list[int]:
+    """The size of every file (or object) under ``path``."""
+    if isinstance(path, RemotePath):
+        found = path.fs.find(path.key, detail=True)
+        return [int(e.get("size") or 0) for e in found.values()]
+    return [f.stat().st_size for f in path.rglob("*") if f.is_file()]
 
 
-def describe(path: str | Path, axes: str | None = None) -> dict[str, object]:
+def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str, object]:
     """A JSON-ready description of a recording store, complete or not.
 
     Parameters
@@ -41,8 +45,8 @@ def describe(path: str | Path, axes: str | None = None) -> dict[str, object]:
     """
     rec = open_recording(path, require_complete=False, axes=axes)
     raw = math.prod(rec.shape) * rec.dtype.itemsize
-    array_dir = Path(rec.array_url)
-    stored = stored_bytes(array_dir)
+    sizes = stored_files(resolve(rec.array_url))
+    stored = sum(sizes)
     compressors = getattr(rec.array, "compressors", ())
     return {
         "path": str(rec.path),
@@ -55,7 +59,7 @@ def describe(path: str | Path, axes: str | None = None) -> dict[str, object]:
         "dtype": str(rec.dtype),
         "chunks": list(rec.chunks),
         "shards": list(rec.shards) if rec.shards else None,
-        "files": sum(1 for f in array_dir.rglob("*") if f.is_file()),
+        "files": len(sizes),
         "written_by": "another tool (read as it is)" if rec.foreign else "deepcad-chunked",
         "compressor": [_codec_name(c) for c in compressors],
         "raw_bytes": raw,

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
+from deepcad_chunked.io.location import RemotePath, StorePath, resolve, rmtree
+from deepcad_chunked.io.location import file_state as location_file_state
 from deepcad_chunked.io.lock import WriterLock, lock_path
 from deepcad_chunked.io.omezarr import (
     ATTRS_KEY,
@@ -91,11 +92,19 @@ def _cannot_write(path: Path, exc: OSError) -> StoreError:
     return StoreError(f"cannot write {path}: {why}")
 
 
-def _output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
-    """The absolute path of an output, refused if it overlaps an input."""
-    path = Path(output).expanduser().absolute()
+def _output(output: str | Path | RemotePath, inputs: Iterable[str | Path | RemotePath]
+            ) -> StorePath:
+    """The absolute path (or URL) of an output, refused if it overlaps an input."""
+    path = resolve(output)
     check_disjoint(path, inputs)
     return path
+
+
+def _local(output: StorePath, what: str) -> Path:
+    """Refuse a URL where only a local path works (a TIFF file, a training run's folder)."""
+    if isinstance(output, RemotePath):
+        raise StoreError(f"{output}: {what} must be a local path (stores may be URLs)")
+    return output
 
 
 # --------------------------------------------------------------------------- inputs
@@ -122,9 +131,15 @@ def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
     OutputExistsError
         Naming the output, the input and how they overlap.
     """
-    out = _real(Path(output).expanduser().absolute())
+    target = resolve(output)
+    if isinstance(target, RemotePath):
+        _check_disjoint_urls(target, inputs)
+        return
+    out = _real(target)
     for item in inputs:
-        given = Path(item).expanduser().absolute()
+        given = resolve(item)
+        if isinstance(given, RemotePath):
+            continue  # a local output cannot overlap an object
         src = _real(given)
         if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
             how = "is"
@@ -138,6 +153,18 @@ def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
                                 "outside the command's inputs")
 
 
+def _check_disjoint_urls(out: RemotePath, inputs: Iterable[str | Path | RemotePath]) -> None:
+    for item in inputs:
+        src = resolve(item)
+        if not isinstance(src, RemotePath) or src.protocol != out.protocol:
+            continue
+        how = ("is" if src == out else "lies inside" if src in out.parents
+               else "contains" if out in src.parents else None)
+        if how:
+            raise OutputExistsError(f"output {out} {how} the input {src}; choose an output "
+                                    "outside the command's inputs")
+
+
 class Pin(Protocol):
     """An input pinned for the length of a job: :meth:`verify` fails if it changed."""
 
@@ -145,7 +172,7 @@ class Pin(Protocol):
         """Raise a :class:`~deepcad_chunked.errors.DeepCADError` if the input changed."""
 
 
-def store_identity(path: Path) -> dict[str, Any]:
+def store_identity(path: StorePath) -> dict[str, Any]:
     """What identifies one written state of a store: its job and when it was completed; for
     a store written by another tool, the state of its files
     (:func:`deepcad_chunked.io.foreign.state`)."""
@@ -164,7 +191,7 @@ def store_identity(path: Path) -> dict[str, Any]:
 class StorePin:
     """A complete input store that must stay the one it was (not rewritten, not replaced)."""
 
-    path: Path
+    path: StorePath
     identity: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -178,15 +205,10 @@ class StorePin:
                              "--overwrite to start again from the new input)")
 
 
-def file_state(path: str | Path) -> dict[str, int]:
-    """Device, inode, size, modification and status-change times of a file.
-
-    The status-change time (``ctime``) moves on every write and on every change of the
-    modification time, so a file rewritten and given back its old ``mtime`` still shows.
+def file_state(path: str | Path | RemotePath) -> dict[str, Any]:
+    """What changes when a file is rewritten (:func:`deepcad_chunked.io.location.file_state`).
     """
-    st = os.stat(path)
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    return location_file_state(resolve(path))
 
 
 # --------------------------------------------------------------------------- stores
@@ -197,7 +219,7 @@ class StoreJob:
 
     Attributes
     ----------
-    path : Path
+    path : Path or RemotePath
         The store.
     command : str
         ``convert``, ``denoise``, …
@@ -213,7 +235,7 @@ class StoreJob:
         Inputs checked again before the store is marked complete.
     """
 
-    path: Path
+    path: StorePath
     command: str
     identity: dict[str, Any]
     fingerprint: str
@@ -222,7 +244,7 @@ class StoreJob:
     pins: list[Pin]
 
     @property
-    def progress(self) -> Path:
+    def progress(self) -> StorePath:
         """The folder of this job's per-piece markers (and pinned copies of inputs)."""
         return self.path / PROGRESS_DIR / self.command
 
@@ -256,11 +278,13 @@ class StoreJob:
         provenance = {**(self.attrs.get("provenance") or {}), "completed": now()}
         with writing(self.path):
             update_attrs(self.path, **attrs, provenance=provenance, complete=True)
-        shutil.rmtree(self.path / PROGRESS_DIR, ignore_errors=True)
+        rmtree(self.path / PROGRESS_DIR)
 
     def remove_partial_writes(self) -> None:
         """Delete temporary files of chunk writes that a kill interrupted (zarr writes a chunk
-        to ``KEY.<uuid>.partial`` and renames it)."""
+        to ``KEY.<uuid>.partial`` and renames it; an object store has none)."""
+        if isinstance(self.path, RemotePath):
+            return
         for stray in self.path.rglob("*.partial"):
             stray.unlink(missing_ok=True)
 
@@ -270,18 +294,18 @@ class StoreJob:
 _ROOT_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
 
 
-def _clear(path: Path) -> None:
+def _clear(path: StorePath) -> None:
     """Delete everything in a store's folder but its lock, the root metadata last."""
     entries = sorted((e for e in path.iterdir() if e.name != LOCK_NAME),
                      key=lambda e: e.name in _ROOT_METADATA)
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            rmtree(entry)
         else:
             entry.unlink()
 
 
-def _only_lock_or_empty(path: Path) -> bool:
+def _only_lock_or_empty(path: StorePath) -> bool:
     return all(e.name == LOCK_NAME or e.name.startswith(f"{LOCK_NAME}.") for e in path.iterdir())
 
 
@@ -303,8 +327,16 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(words) or "inputs or options"
 
 
-def _make_room(path: Path) -> bool:
+def _make_room(path: StorePath) -> bool:
     """Check that ``path`` can become a store; create its folder. True if it was created."""
+    if isinstance(path, RemotePath):
+        if path.is_file():
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store; refusing "
+                                    "to touch it, even with --overwrite")
+        if path.exists() and not (is_zarr_store(path) or _only_lock_or_empty(path)):
+            raise OutputExistsError(f"output {path} exists and is not a Zarr store; refusing "
+                                    "to delete it, even with --overwrite")
+        return False  # an object store has no folders to create
     if path.is_symlink():
         raise OutputExistsError(f"output {path} is a symbolic link; give the path it points to")
     if path.exists():
@@ -326,7 +358,7 @@ def _make_room(path: Path) -> bool:
     return True
 
 
-def _resumable(path: Path, command: str, identity: dict[str, Any], job_fingerprint: str,
+def _resumable(path: StorePath, command: str, identity: dict[str, Any], job_fingerprint: str,
                overwrite: bool) -> bool:
     """Under the lock: True to resume; False after making the folder ready for a new store."""
     if not is_zarr_store(path):
@@ -356,15 +388,15 @@ def _resumable(path: Path, command: str, identity: dict[str, Any], job_fingerpri
 
 
 @contextmanager
-def open_store(output: str | Path, *, command: str, identity: dict[str, Any],
-               inputs: Sequence[str | Path] = (), overwrite: bool = False,
+def open_store(output: str | Path | RemotePath, *, command: str, identity: dict[str, Any],
+               inputs: Sequence[str | Path | RemotePath] = (), overwrite: bool = False,
                pins: Sequence[Pin] = ()) -> Iterator[StoreJob]:
     """Open a store for a job to write: checked, locked, and new or resumed.
 
     Parameters
     ----------
-    output : str or Path
-        The store.
+    output : str, Path or RemotePath
+        The store: a local path or an fsspec URL (``s3://bucket/rec.zarr``).
     command : str
         The job's name (its markers live under ``.progress/<command>``).
     identity : dict
@@ -416,8 +448,10 @@ def open_store(output: str | Path, *, command: str, identity: dict[str, Any],
         _remove_if_empty(path)
 
 
-def _remove_if_empty(path: Path) -> None:
+def _remove_if_empty(path: StorePath) -> None:
     """Remove a store folder this job created and never wrote into."""
+    if isinstance(path, RemotePath):
+        return
     try:
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
@@ -433,16 +467,18 @@ def remove_store(path: str | Path, *, command: str) -> None:
     LockedError
         When another process is writing it.
     """
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         return
+    if isinstance(path, RemotePath) and not path.is_dir():
+        raise StoreError(f"{path} is not a store; refusing to delete it")
     if not path.is_dir() or path.is_symlink():
         with open_file_lock(path, command=command):
             path.unlink()
         return
     with WriterLock.acquire(path / LOCK_NAME, output=path, command=command):
         _clear(path)
-    shutil.rmtree(path, ignore_errors=True)
+    rmtree(path)
 
 
 # --------------------------------------------------------------------------- files, folders
@@ -469,7 +505,7 @@ def open_file(output: str | Path, *, command: str, inputs: Sequence[str | Path] 
     OutputExistsError, LockedError, StoreError
         As :func:`open_store`.
     """
-    path = _output(output, inputs)
+    path = _local(_output(output, inputs), "a file output")
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a directory")
     if not path.parent.is_dir():
@@ -501,7 +537,7 @@ def open_folder(output: str | Path, *, command: str,
     OutputExistsError, LockedError, StoreError
         As :func:`open_store`.
     """
-    path = _output(output, inputs)
+    path = _local(_output(output, inputs), "a folder of outputs")
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output {path} exists and is not a folder")
     created = not path.exists()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numcodecs
@@ -22,6 +22,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from deepcad_chunked.errors import IncompleteStoreError, StoreError
+from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 
 ATTRS_KEY = "deepcad_chunked"
 ARRAY_PATH = "0"
@@ -103,13 +104,13 @@ def ome_attributes(ms: dict[str, Any], zarr_format: int) -> dict[str, Any]:
     return {"ome": {"version": "0.5", "multiscales": [ms]}}
 
 
-def is_zarr_store(path: Path) -> bool:
+def is_zarr_store(path: StorePath) -> bool:
     """True when ``path`` is a directory holding Zarr (v2 or v3) metadata at its root."""
     return path.is_dir() and any(
         (path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray", ".zattrs"))
 
 
-def read_group_attrs(path: Path) -> dict[str, Any] | None:
+def read_group_attrs(path: StorePath) -> dict[str, Any] | None:
     """The group attributes of a Zarr store, or None when ``path`` holds none that parse."""
     try:
         if (path / "zarr.json").is_file():
@@ -124,7 +125,8 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def create_image(path: Path, *, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
+                 chunks: tuple[int, ...],
                  axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
                  zarr_format: Literal[2, 3], compression: Compression,
                  attrs: dict[str, Any], shards: tuple[int, ...] | None = None) -> zarr.Array:
@@ -185,7 +187,7 @@ def open_for_writing(store: str) -> zarr.Array:
     return array.with_config({"write_empty_chunks": True})
 
 
-def update_attrs(path: Path, **changes: Any) -> dict[str, Any]:
+def update_attrs(path: StorePath, **changes: Any) -> dict[str, Any]:
     """Merge ``changes`` into the store's ``deepcad_chunked`` attributes and return them."""
     group = zarr.open_group(str(path), mode="r+")
     ours = dict(group.attrs.get(ATTRS_KEY, {}))
@@ -217,7 +219,7 @@ class Recording:
         written into; its statistics live in a sidecar.
     """
 
-    path: Path
+    path: StorePath
     array: zarr.Array
     axes: tuple[str, ...]
     attrs: dict[str, Any]
@@ -307,15 +309,16 @@ class Recording:
         return da.from_zarr(self.array)
 
 
-def open_recording(path: str | Path, *, require_complete: bool = True,
+def open_recording(path: str | os.PathLike[str] | RemotePath, *,
+                   require_complete: bool = True,
                    axes: str | tuple[str, ...] | None = None) -> Recording:
     """Open a recording: a store written by this package, an OME-Zarr image written by
     another tool, or a plain Zarr array (:mod:`deepcad_chunked.io.foreign`).
 
     Parameters
     ----------
-    path : str or Path
-        The OME-Zarr store or Zarr array.
+    path : str, Path or RemotePath
+        The OME-Zarr store or Zarr array: a local path or an fsspec URL.
     require_complete : bool
         Refuse stores of ours whose completion flag is missing (the default).
     axes : str or tuple, optional
@@ -336,7 +339,7 @@ def open_recording(path: str | Path, *, require_complete: bool = True,
     """
     from deepcad_chunked.io import foreign
 
-    path = Path(path).expanduser()
+    path = resolve(path)
     names = foreign.parse_axes(axes) if isinstance(axes, str) else axes
     if not path.exists():
         raise StoreError(f"store {path} does not exist")

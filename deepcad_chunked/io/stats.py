@@ -8,11 +8,13 @@ merged through their sample-weighted, piecewise-linear CDFs, so percentiles come
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from deepcad_chunked.io.location import StorePath, write_atomic
 
 PERCENTILES = (0.1, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9)
 _SKETCH_POINTS = 1025
@@ -175,8 +177,8 @@ class BlockStats:
             "percentiles_exact": self.histogram is not None,
         }
 
-    def save(self, path: Path) -> None:
-        """Write to ``path`` (an ``.npz`` file) atomically."""
+    def save(self, path: StorePath) -> None:
+        """Write to ``path`` (an ``.npz`` file, local or in an object store) atomically."""
         arrays: dict[str, np.ndarray] = {
             "scalars": np.array([self.mean, self.m2, self.minimum, self.maximum]),
             "counts": np.array([self.count, self.nonfinite], dtype=np.int64),
@@ -189,15 +191,14 @@ class BlockStats:
         for k, (sketch, n) in enumerate(self.sketches):
             arrays[f"sketch_{k}"] = sketch
             arrays[f"sketch_n_{k}"] = np.array([n], dtype=np.int64)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> BlockStats:
+    def load(cls, path: StorePath) -> BlockStats:
         """Read what :meth:`save` wrote."""
-        with np.load(path) as data:
+        with np.load(io.BytesIO(path.read_bytes())) as data:
             mean, m2, lo, hi = (float(v) for v in data["scalars"])
             count, nonfinite = (int(v) for v in data["counts"])
             stats = cls(count=count, mean=mean, m2=m2, minimum=lo, maximum=hi,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from deepcad_chunked.errors import DeepCADError
+from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 from deepcad_chunked.model.deepcad_rt import (
     convert_state,
     features_of,
@@ -83,9 +85,9 @@ class Checkpoint:
     history: list[dict[str, float]] = field(default_factory=list)
     digest: str = ""
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically to ``path`` and return it."""
-        path = Path(path)
+    def save(self, path: str | Path | RemotePath) -> StorePath:
+        """Write atomically to ``path`` (a local path or an object-store URL); return it."""
+        path = resolve(path)
         self.digest = weights_digest(self.model_state)
         payload = {
             "format": FORMAT,
@@ -100,6 +102,14 @@ class Checkpoint:
             "history": json.dumps(self.history),
             "digest": self.digest,
         }
+        if isinstance(path, RemotePath):
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            try:
+                path.write_bytes(buffer.getvalue())  # one PUT: whole or absent
+            except OSError as exc:
+                raise CheckpointError(f"cannot write {path}: {exc}") from None
+            return path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             torch.save(payload, tmp)
@@ -115,7 +125,8 @@ class Checkpoint:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    def load(cls, path: str | Path | RemotePath,
+             map_location: str | torch.device = "cpu") -> Checkpoint:
         """Read a checkpoint safely (``weights_only=True``).
 
         Raises
@@ -123,14 +134,17 @@ class Checkpoint:
         CheckpointError
             When the file is missing, truncated, contains pickled code, or is not ours.
         """
-        path = Path(path)
+        path = resolve(path)
         if not path.is_file():
             raise CheckpointError(f"model file {path} does not exist")
-        if not zipfile.is_zipfile(path):  # torch.save's format; never unpickle anything else
+        source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, RemotePath) else path
+        if not zipfile.is_zipfile(source):  # torch.save's format; never unpickle anything else
             raise CheckpointError(f"{path} is not a readable model file (not a PyTorch "
                                   "checkpoint, or truncated)")
+        if isinstance(source, io.BytesIO):
+            source.seek(0)  # is_zipfile read to the end
         try:
-            raw = torch.load(path, map_location=map_location, weights_only=True)
+            raw = torch.load(source, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
             raise CheckpointError(f"{path} was refused: it is not a plain weights file "

@@ -31,6 +31,7 @@ from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.io.lifecycle import StorePin, open_folder
+from deepcad_chunked.io.location import resolve
 from deepcad_chunked.io.omezarr import Recording, open_recording
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
@@ -240,7 +241,11 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         raise StoreError("no training data given")
     recordings = [open_recording(p, axes=axes).with_statistics() for p in paths]
     _check_sizes(recordings, config)  # refuse bad data before anything is started
-    run_dir = Path(run_dir).expanduser().absolute()
+    folder = resolve(run_dir)
+    if not isinstance(folder, Path):
+        raise StoreError(f"{run_dir}: the run directory must be a local folder (its "
+                         "recordings may be URLs)")
+    run_dir = folder
     if lock:
         with open_folder(run_dir, command="train", inputs=[r.path for r in recordings]):
             return train(paths, run_dir, config=config, resume=resume, progress=progress,
@@ -255,7 +260,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     _prepare_run_dir(run_dir, resume)
     pins = [StorePin(r.path) for r in recordings]
     stores = [str(r.path.absolute()) for r in recordings]
-    arrays = [str(Path(r.array_url).absolute()) for r in recordings]
+    arrays = [str(resolve(r.array_url)) for r in recordings]
     norm = pooled_normalization(recordings)
     tile = config.tile
     train_regions, val_regions = split_regions([r.shape for r in recordings], tile,
