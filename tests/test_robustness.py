@@ -120,7 +120,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "nan-denoise": ("denoise {w}/nan.zarr -m {w}/model.pt -o {o}/a.zarr", "NaN or infinite"),
     "empty-store": ("train {w}/emptydir.zarr -o {o}/run", "not a Zarr store"),
     "foreign-store": ("denoise {w}/foreign.zarr -m {w}/model.pt -o {o}/a.zarr",
-                      "not a deepcad-chunked recording"),
+                      "neither a deepcad-chunked recording nor an OME-Zarr image"),
     "incomplete-store": ("train {w}/incomplete.zarr -o {o}/run", "incomplete"),
     "incomplete-denoise": ("denoise {w}/incomplete.zarr -m {w}/model.pt -o {o}/a.zarr",
                            "incomplete"),
