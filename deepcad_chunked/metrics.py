@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from deepcad_chunked.errors import ConfigError, SourceError
+from deepcad_chunked.io.location import RemotePath, resolve
 from deepcad_chunked.simulate import Footprint, load_truth, output_paths
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,12 @@ class Frames:
     """A ``(t, y, x)`` recording in an OME-Zarr store or a TIFF file, read by frame ranges."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
+        self.path = resolve(path)
         if not self.path.exists():
             raise SourceError(f"{self.path} does not exist")
+        if isinstance(self.path, RemotePath) and not self.path.is_dir():
+            raise SourceError(f"{self.path}: TIFF files are read from local paths (stores may "
+                              "be URLs)")
         if self.path.is_dir():
             from deepcad_chunked.io.omezarr import open_recording
 

@@ -30,7 +30,7 @@ def _passes() -> dict[str, Any]:
     model = UNet3D(features=4).eval()
     x = torch.randn(1, 1, 64, 192, 192)
     faults = []
-    for _ in range(4):
+    for _ in range(6):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         lean_forward(model, x)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -51,13 +51,14 @@ def test_an_inference_worker_reuses_the_memory_of_its_last_pass(inference: bool)
     with connect("local", workers=workers,
                  worker_env=env if inference else WORKER_MALLOC_ENV) as client:
         (got,) = client.run(_passes).values()
-    first, *_, last = got["faults"]
+    first, *_ = got["faults"]
+    last = min(got["faults"][-3:])  # a busy machine may take one pass's pages away
     assert first > 20000  # the pass touches hundreds of MiB
     if inference:
         assert got["threads"] == cpu_cores() and got["omp"] == str(cpu_cores())
         # once the heap has the shape of a pass (a few passes), a pass finds all its memory
         # there: no fresh pages to fault in and zero
-        assert last < 0.05 * first
+        assert last < 0.05 * first, got["faults"]
     else:
         # the allocator of other workers maps and unmaps every large activation
-        assert last > 0.5 * first
+        assert last > 0.5 * first, got["faults"]
