@@ -10,8 +10,8 @@ TIFF of about MIB MiB (uint16 frames of SIZE²), then, one after the other:
 1. ``convert`` TIFF → local store, ``convert`` TIFF → ``s3://``, and an s3fs copy of the
    local store's files to the server;
 2. ``denoise`` local → local and ``s3://`` → ``s3://`` with a FEATURES-feature network of
-   random weights (the network's time is the same in both), and an s3fs copy of the local
-   result.
+   random weights (the network's time is the same in both), and the s3fs transfers of the
+   same bytes: a ``get`` of the input store and a ``put`` of the local result.
 
 Every command is a whole ``deepcad-chunked`` process (cluster start included). The s3 results
 are checked to be byte-identical to the local ones.
@@ -64,6 +64,12 @@ def _put(fs: s3fs.S3FileSystem, local: Path, key: str) -> float:
     return time.perf_counter() - start
 
 
+def _get(fs: s3fs.S3FileSystem, key: str, local: Path) -> float:
+    start = time.perf_counter()
+    fs.get(key, str(local), recursive=True)
+    return time.perf_counter() - start
+
+
 def _same(fs: s3fs.S3FileSystem, local: Path, key: str) -> bool:
     files = {p.relative_to(local).as_posix(): p.read_bytes()
              for p in (local / "0").rglob("*") if p.is_file()}
@@ -104,8 +110,10 @@ def main() -> None:
                           str(work / "dn.zarr"))
         s3_dn = _timed("denoise", "s3://bench/rec.zarr", "-m", str(model), "-o",
                        "s3://bench/dn.zarr")
-        copy_dn = _put(fs, work / "dn.zarr", "bench/copy-dn.zarr")
-        stored_dn = sum(p.stat().st_size for p in (work / "dn.zarr").rglob("*") if p.is_file())
+        copy_dn = (_get(fs, "bench/rec.zarr", work / "fetched.zarr")
+                   + _put(fs, work / "dn.zarr", "bench/copy-dn.zarr"))
+        stored_dn = stored + sum(p.stat().st_size for p in (work / "dn.zarr").rglob("*")
+                                 if p.is_file())
         rows.append((f"denoise (f = {args.features})", local_dn, s3_dn, copy_dn, stored_dn,
                      _same(fs, work / "dn.zarr", "bench/dn.zarr")))
     finally:
@@ -115,7 +123,7 @@ def main() -> None:
     lines = [f"machine: {machine()}; {frames} frames of {args.size}² uint16 "
              f"({frames * args.size**2 * 2 / 2**20:.0f} MiB raw); S3: moto's server on "
              "127.0.0.1 (one Python process)", "",
-             "| command | local s | s3 s | s3fs copy of the result s | stored MB | "
+             "| command | local s | s3 s | s3fs transfer of the same bytes s | MB moved | "
              "s3 − local s | (s3 − local) ÷ copy | s3 bytes = local |",
              "|---|---|---|---|---|---|---|---|"]
     for name, local, remote, copy, nbytes, same in rows:

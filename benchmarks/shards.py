@@ -12,8 +12,10 @@ the result, side by side:
 - conversion wall time ÷ ``cp`` + ``sync`` of the same TIFF;
 - training tile pairs per second from the store (the training dataset, default patch and
   windows, 2 loader workers);
-- denoise block reads per second: the 224×256×256 blocks with their 48-voxel halo that a
-  512×512 recording is denoised in (page cache dropped first).
+- denoise's reads: the whole recording read the way ``denoise`` reads it
+  (``Recording.to_dask``: by shard where sharded), MB/s with the page cache dropped first;
+  and the 224×256×256 blocks with their 48-voxel halo read one by one straight from Zarr
+  (what a reader without shard-sized reads gets).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import zarr
 from _common import drop_caches, machine, publish, run_measured, write_big_tiff
@@ -47,11 +50,21 @@ def _tile_rate(store: Path, batches: int) -> float:
     pt, py, px = config.patch
     tile = (2 * pt, py, px)
     regions, _ = split_regions([rec.shape], tile, 0.05)
-    dataset = TilePairDataset([str(store)], regions, tile, 0,
+    dataset = TilePairDataset([rec.array_url], regions, tile, 0,
                               Normalization(rec.statistics["mean"], rec.statistics["std"]),
                               tiles_per_window=config.tiles_per_window,
                               chunks=[(rec.chunks[0], rec.chunks[-2], rec.chunks[-1])])
     return _rate(dataset, 2, batches)
+
+
+def _dask_read(store: Path) -> tuple[int, float]:
+    """Bytes of the whole recording and seconds to read them as denoise does, cold."""
+    drop_caches([store])
+    rec = open_recording(store)
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=2):
+        rec.to_dask().sum().compute()
+    return rec.array.nbytes, time.perf_counter() - start
 
 
 def _block_reads(store: Path) -> tuple[int, int, float]:
@@ -93,8 +106,9 @@ def main() -> None:
              f"({tif.stat().st_size / 2**30:.2f} GiB TIFF), chunks 32×128×128, zstd 1; "
              f"cp + sync {cp:.1f} s; blocks {BLOCK} with halo {HALO}", "",
              "| shards | files | files per GB | list s | convert s | ÷ cp | "
-             "train pairs/s | blocks/s (cold) | MB/s read (cold) | rm s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "train pairs/s | denoise read MB/s (cold) | blocks/s, zarr (cold) | "
+             "MB/s, zarr blocks (cold) | rm s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting in args.shards:
         shard = "none" if setting == "none" else f"{setting},{args.size},{args.size}"
         store = work / "rec.zarr"
@@ -110,13 +124,14 @@ def main() -> None:
         listed = time.perf_counter() - t0
         stored = sum(f.stat().st_size for f in files)
         rate = _tile_rate(store, args.batches)
+        whole, read_s = _dask_read(store)
         count, halo_bytes, seconds = _block_reads(store)
         t0 = time.perf_counter()
         shutil.rmtree(store)
         removed = time.perf_counter() - t0
         lines.append(f"| {setting} | {len(files)} | {len(files) / (stored / 1e9):.0f} | "
                      f"{listed:.3f} | {conv.seconds:.1f} | {conv.seconds / cp:.2f} | "
-                     f"{rate:.0f} | {count / seconds:.2f} | "
+                     f"{rate:.0f} | {whole / read_s / 1e6:.0f} | {count / seconds:.2f} | "
                      f"{halo_bytes / seconds / 1e6:.0f} | {removed:.3f} |")
         print(lines[-1], flush=True)
     shutil.rmtree(work)

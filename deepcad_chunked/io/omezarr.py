@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from deepcad_chunked.errors import IncompleteStoreError, StoreError
 from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 
 ATTRS_KEY = "deepcad_chunked"
+#: Largest shard read whole as one dask chunk (:meth:`Recording.to_dask`).
+MAX_READ_BYTES = 256 * 2**20
 ARRAY_PATH = "0"
 AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
@@ -303,10 +306,14 @@ class Recording:
         return int(self.array.metadata.zarr_format)
 
     def to_dask(self) -> Any:
-        """The array as a dask array, one dask chunk per storage chunk."""
+        """The array as a dask array: one dask chunk per shard (one request, one file read)
+        when the store is sharded and its shards are not huge, else per storage chunk."""
         import dask.array as da
 
-        return da.from_zarr(self.array)
+        unit = self.shards
+        if unit is None or math.prod(unit) * self.dtype.itemsize > MAX_READ_BYTES:
+            unit = self.chunks
+        return da.from_zarr(self.array, chunks=unit)
 
 
 def open_recording(path: str | os.PathLike[str] | RemotePath, *,
