@@ -129,3 +129,37 @@ def test_object_store_mistakes_are_one_line(tmp_path: Path, s3: S3, tiny_model: 
     unreachable = run_cli("info", s3.url("rec.zarr"),
                           env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert_clean_error(unreachable, "object store could not be used")
+
+
+def test_a_lock_of_another_host_on_s3_is_respected(tmp_path: Path, s3: S3) -> None:
+    src = write_plain(tmp_path / "rec.tif", movie((16, 16, 16), "uint16"))
+    holder = {"host": "node-elsewhere", "pid": 4242, "process_start": 0.0,
+              "since": "2026-11-24T00:00:00+00:00", "command": "convert", "token": "x"}
+    s3.fs.pipe_file(f"{s3.bucket}/rec.zarr/.lock", json.dumps(holder).encode())
+    assert_clean_error(run_cli("convert", str(src), "-o", s3.url("rec.zarr"), "--no-progress"),
+                       "is being written by 'convert' (pid 4242 on host node-elsewhere")
+    assert s3.objects("rec.zarr") == {".lock": json.dumps(holder).encode()}
+
+
+def test_an_ome_zarr_image_in_a_bucket_is_read_as_it_is(tmp_path: Path, s3: S3) -> None:
+    import zarr
+
+    data = movie((24, 16, 16), "uint16")
+    group = zarr.open_group(s3.url("theirs.zarr"), mode="w", zarr_format=3)
+    group.create_array("full", data=data, chunks=(8, 16, 16), dimension_names=["t", "y", "x"])
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"},
+                 {"name": "x", "type": "space"}],
+        "datasets": [{"path": "full", "coordinateTransformations": [
+            {"type": "scale", "scale": [1, 1, 1]}]}]}]}
+    before = s3.objects("theirs.zarr")
+    _ok(run_cli("export", s3.url("theirs.zarr"), "-o", str(tmp_path / "t.tif"),
+                "--no-progress"))
+    assert tifffile.imread(tmp_path / "t.tif").tobytes() == data.tobytes()
+    assert s3.objects("theirs.zarr") == before
+    from deepcad_chunked import open_recording
+
+    stats = open_recording(s3.url("theirs.zarr")).with_statistics().statistics
+    assert stats["mean"] == data.mean(dtype=np.float64)
+    sidecar = json.loads(s3.fs.cat_file(f"{s3.bucket}/theirs.zarr.deepcad-chunked.json"))
+    assert sidecar["statistics"] == stats and s3.objects("theirs.zarr") == before
