@@ -56,13 +56,12 @@ from deepcad_chunked.io.lifecycle import (
     StoreJob,
     StorePin,
     check_disjoint,
-    file_state,
     now,
     open_store,
     store_identity,
     writing,
 )
-from deepcad_chunked.io.location import StorePath, resolve, write_atomic
+from deepcad_chunked.io.location import StorePath, file_state, resolve, write_atomic
 from deepcad_chunked.io.omezarr import (
     ATTRS_KEY,
     Compression,
@@ -361,7 +360,7 @@ def output_layout(rec: Recording, layout: Layout
     chunk at a time.
     """
     chunks = (rec.chunks[0], *(1,) * (len(rec.shape) - 3), rec.chunks[-2], rec.chunks[-1])
-    if rec.shards is None or rec.zarr_format == 2 or layout.pieces != layout.block:
+    if rec.shards is None or layout.pieces != layout.block:
         return chunks, None
     block = layout.block
     return chunks, (block[0], *(1,) * (len(rec.shape) - 3), block[1], block[2])

@@ -31,12 +31,11 @@ from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.io.lifecycle import (
     StoreJob,
     check_disjoint,
-    file_state,
     now,
     open_store,
     writing,
 )
-from deepcad_chunked.io.location import RemotePath, StorePath, resolve
+from deepcad_chunked.io.location import RemotePath, StorePath, file_state, resolve
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     Compression,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,32 +13,18 @@ from tqdm.auto import tqdm
 from deepcad_chunked.errors import StoreError
 from deepcad_chunked.io.lifecycle import StorePin, open_file
 from deepcad_chunked.io.location import resolve
-from deepcad_chunked.io.omezarr import Recording, open_recording
+from deepcad_chunked.io.omezarr import Recording, open_recording, read_slabs
 
 log = logging.getLogger(__name__)
 
 _OME_AXES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
 
-def _slabs(rec: Recording, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    """Yield the recording one chunk row at a time, reading the next while one is written."""
-    step = rec.chunks[0]
-    starts = range(0, rec.shape[0], step)
-    pending = None
-    for t0 in starts:
-        future = pool.submit(lambda a, b: rec.array[a:b], t0, min(rec.shape[0], t0 + step))
-        if pending is not None:
-            yield pending.result()
-        pending = future
-    if pending is not None:
-        yield pending.result()
-
-
 def _pages(rec: Recording, bar: tqdm) -> Iterator[np.ndarray]:
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for slab in _slabs(rec, pool):
-            yield from slab.reshape(-1, *rec.shape[-2:])
-            bar.update(slab.shape[0])
+    """The recording page by page, a chunk row read ahead while one is written."""
+    for slab in read_slabs(rec.array, rec.chunks[0]):
+        yield from slab.reshape(-1, *rec.shape[-2:])
+        bar.update(slab.shape[0])
 
 
 def export(source: str | Path, output: str | Path, *, overwrite: bool = False,

@@ -20,8 +20,6 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,8 @@ import numpy as np
 import zarr
 
 from deepcad_chunked.errors import StoreError
-from deepcad_chunked.io.location import RemotePath, StorePath, write_atomic
+from deepcad_chunked.io.location import StorePath, list_files, write_atomic
+from deepcad_chunked.io.omezarr import read_slabs
 from deepcad_chunked.io.stats import BlockStats
 
 log = logging.getLogger(__name__)
@@ -233,23 +232,8 @@ def state(path: StorePath) -> str:
         with_meta = path / name
         if with_meta.is_file():
             digest.update(name.encode() + with_meta.read_bytes())
-    if isinstance(path, RemotePath):
-        found = path.fs.find(path.key, detail=True)
-        for key in sorted(found):
-            entry = found[key]
-            tag = entry.get("ETag") or entry.get("LastModified") or entry.get("mtime")
-            digest.update(f"{key}\0{entry.get('size')}\0{tag}\n".encode())
-        return digest.hexdigest()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            try:
-                st = os.stat(full)
-            except OSError:
-                continue
-            rel = os.path.relpath(full, path)
-            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for name, size, tag in list_files(path):
+        digest.update(f"{name}\0{size}\0{tag}\n".encode())
     return digest.hexdigest()
 
 
@@ -292,27 +276,16 @@ def write_sidecar(path: StorePath, data: dict[str, Any]) -> StorePath | None:
     return None
 
 
-def _slabs(array: zarr.Array) -> Iterator[tuple[int, int]]:
+def compute_statistics(array: zarr.Array, where: StorePath) -> dict[str, Any]:
+    """Whole-array statistics in one streaming pass (two slabs read ahead on threads)."""
+    log.info("computing the statistics of %s (%s %s), once: one pass over its samples",
+             where, "×".join(map(str, array.shape)), array.dtype)
     step = max(1, int(array.chunks[0]))
     frame = int(np.prod(array.shape[1:])) * array.dtype.itemsize or 1
     step *= max(1, (64 * 2**20) // (step * frame))  # whole chunks, about 64 MiB a read
-    for t0 in range(0, array.shape[0], step):
-        yield t0, min(array.shape[0], t0 + step)
-
-
-def compute_statistics(array: zarr.Array, where: StorePath) -> dict[str, Any]:
-    """Whole-array statistics in one streaming pass (a few slabs read ahead on threads)."""
-    log.info("computing the statistics of %s (%s %s), once: one pass over its samples",
-             where, "×".join(map(str, array.shape)), array.dtype)
     stats = BlockStats()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending: list[Any] = []
-        for t0, t1 in _slabs(array):
-            pending.append(pool.submit(lambda a, b: array[a:b], t0, t1))
-            if len(pending) > 2:
-                stats.merge(BlockStats.of(np.asarray(pending.pop(0).result())))
-        for future in pending:
-            stats.merge(BlockStats.of(np.asarray(future.result())))
+    for slab in read_slabs(array, step, ahead=2):
+        stats.merge(BlockStats.of(slab))
     return stats.summary(np.dtype(array.dtype))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from deepcad_chunked.io.location import RemotePath, StorePath, resolve
+from deepcad_chunked.io.location import RemotePath, list_files, resolve
 from deepcad_chunked.io.omezarr import open_recording
 
 
@@ -17,14 +17,6 @@ def _codec_name(codec: object) -> str:
     shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(shuffle, shuffle)
     value = lambda v: getattr(v, "value", v)  # noqa: E731
     return f"blosc/{value(cname)} level {getattr(codec, 'clevel', '?')} {value(shuffle)}"
-
-
-def stored_files(path: StorePath) -> list[int]:
-    """The size of every file (or object) under ``path``."""
-    if isinstance(path, RemotePath):
-        found = path.fs.find(path.key, detail=True)
-        return [int(e.get("size") or 0) for e in found.values()]
-    return [f.stat().st_size for f in path.rglob("*") if f.is_file()]
 
 
 def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str, object]:
@@ -45,7 +37,7 @@ def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str
     """
     rec = open_recording(path, require_complete=False, axes=axes)
     raw = math.prod(rec.shape) * rec.dtype.itemsize
-    sizes = stored_files(resolve(rec.array_url))
+    sizes = [size for _, size, _ in list_files(resolve(rec.array_url))]
     stored = sum(sizes)
     compressors = getattr(rec.array, "compressors", ())
     return {

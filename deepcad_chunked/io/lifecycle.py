@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
 from deepcad_chunked.io.location import RemotePath, StorePath, resolve, rmtree
-from deepcad_chunked.io.location import file_state as location_file_state
 from deepcad_chunked.io.lock import WriterLock, lock_path
 from deepcad_chunked.io.omezarr import (
     ATTRS_KEY,
@@ -109,21 +108,24 @@ def _local(output: StorePath, what: str) -> Path:
 
 # --------------------------------------------------------------------------- inputs
 
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(path))
+def _real(path: StorePath) -> StorePath:
+    """A local path with its symbolic links resolved; a URL as it is."""
+    return path if isinstance(path, RemotePath) else Path(os.path.realpath(path))
 
 
-def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
+def check_disjoint(output: str | Path | RemotePath,
+                   inputs: Iterable[str | Path | RemotePath]) -> None:
     """Refuse an output that is, contains or lies inside one of the inputs.
 
     Symbolic links are resolved on both sides, and an existing output that is the same file
-    as an input under another name (a hard link) counts as the input.
+    as an input under another name (a hard link) counts as the input. URLs are compared as
+    keys (a local path never overlaps an object).
 
     Parameters
     ----------
-    output : str or Path
+    output : str, Path or RemotePath
         What the command will write (or delete, with ``--overwrite``).
-    inputs : iterable of str or Path
+    inputs : iterable of str, Path or RemotePath
         What it reads: files, stores and folders named as sources.
 
     Raises
@@ -131,17 +133,12 @@ def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
     OutputExistsError
         Naming the output, the input and how they overlap.
     """
-    target = resolve(output)
-    if isinstance(target, RemotePath):
-        _check_disjoint_urls(target, inputs)
-        return
-    out = _real(target)
+    out = _real(resolve(output))
     for item in inputs:
         given = resolve(item)
-        if isinstance(given, RemotePath):
-            continue  # a local output cannot overlap an object
         src = _real(given)
-        if out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        if out == src or (isinstance(out, Path) and isinstance(src, Path) and out.exists()
+                          and src.exists() and os.path.samefile(out, src)):
             how = "is"
         elif src in out.parents:
             how = "lies inside"
@@ -151,18 +148,6 @@ def check_disjoint(output: str | Path, inputs: Iterable[str | Path]) -> None:
             continue
         raise OutputExistsError(f"output {output} {how} the input {given}; choose an output "
                                 "outside the command's inputs")
-
-
-def _check_disjoint_urls(out: RemotePath, inputs: Iterable[str | Path | RemotePath]) -> None:
-    for item in inputs:
-        src = resolve(item)
-        if not isinstance(src, RemotePath) or src.protocol != out.protocol:
-            continue
-        how = ("is" if src == out else "lies inside" if src in out.parents
-               else "contains" if out in src.parents else None)
-        if how:
-            raise OutputExistsError(f"output {out} {how} the input {src}; choose an output "
-                                    "outside the command's inputs")
 
 
 class Pin(Protocol):
@@ -203,12 +188,6 @@ class StorePin:
             raise StoreError(f"the input {self.path} was replaced or rewritten while this "
                              "command ran; the output is left incomplete (rerun with "
                              "--overwrite to start again from the new input)")
-
-
-def file_state(path: str | Path | RemotePath) -> dict[str, Any]:
-    """What changes when a file is rewritten (:func:`deepcad_chunked.io.location.file_state`).
-    """
-    return location_file_state(resolve(path))
 
 
 # --------------------------------------------------------------------------- stores

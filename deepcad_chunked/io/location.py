@@ -22,7 +22,7 @@ import posixpath
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import Any, Union
 
 from deepcad_chunked.errors import StoreError
 
@@ -102,11 +102,6 @@ class RemotePath:
         return stem
 
     @property
-    def suffix(self) -> str:
-        """The last suffix of the name."""
-        return posixpath.splitext(self.name)[1]
-
-    @property
     def parent(self) -> RemotePath:
         """The folder (key prefix) holding this one."""
         return RemotePath(f"{self.protocol}://{posixpath.dirname(self.key) or self.key}")
@@ -161,15 +156,6 @@ class RemotePath:
         """Objects directly under this prefix whose names match ``pattern``."""
         return (p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
 
-    def rglob(self, pattern: str) -> Iterator[RemotePath]:
-        """Objects anywhere under this prefix whose names match ``pattern``."""
-        try:
-            keys = self.fs.find(self.key)
-        except FileNotFoundError:
-            return iter(())
-        return (RemotePath(f"{self.protocol}://{k}") for k in keys
-                if fnmatch.fnmatchcase(posixpath.basename(k), pattern))
-
     def info(self) -> dict[str, Any]:
         """The object's size and version tags (ETag, modification time)."""
         return dict(self.fs.info(self.key))
@@ -192,10 +178,6 @@ class RemotePath:
         """Write the whole object from UTF-8 text."""
         return self.write_bytes(text.encode())
 
-    def open(self, mode: str = "rb") -> IO[bytes]:
-        """A file object on the object."""
-        return self.fs.open(self.key, mode)
-
     def unlink(self, missing_ok: bool = False) -> None:
         """Remove the object."""
         try:
@@ -206,9 +188,6 @@ class RemotePath:
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: prefixes exist when objects are written under them."""
-
-    def rmdir(self) -> None:
-        """Nothing to do: an empty prefix does not exist."""
 
 
 StorePath = Union[Path, RemotePath]  # noqa: UP007 (a runtime alias)
@@ -249,6 +228,30 @@ def rmtree(path: StorePath) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def list_files(path: StorePath) -> list[tuple[str, int, str]]:
+    """Every file (or object) under ``path``, sorted: its path relative to ``path``, its size,
+    and a tag that changes when it is rewritten (its modification time, an object's ETag)."""
+    if isinstance(path, RemotePath):
+        try:
+            found = path.fs.find(path.key, detail=True)
+        except FileNotFoundError:
+            return []
+        prefix = f"{path.key}/"
+        return sorted((key.removeprefix(prefix), int(entry.get("size") or 0),
+                       str(entry.get("ETag") or entry.get("LastModified") or entry.get("mtime")))
+                      for key, entry in found.items())
+    files = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue  # removed while listed
+            files.append((os.path.relpath(full, path), st.st_size, str(st.st_mtime_ns)))
+    return sorted(files)
+
+
 def write_atomic(path: StorePath, data: bytes) -> None:
     """Write a whole file so that readers never see part of it: locally a temporary file
     renamed into place, on an object store one PUT."""
@@ -263,11 +266,12 @@ def write_atomic(path: StorePath, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def file_state(path: StorePath) -> dict[str, Any]:
+def file_state(path: str | os.PathLike[str] | RemotePath) -> dict[str, Any]:
     """What changes when a file is rewritten: device, inode, size, modification and
     status-change times locally (the status-change time moves on every write, so a file
     rewritten and given back its old ``mtime`` still shows); size and version tags of an
     object."""
+    path = resolve(path)
     if isinstance(path, RemotePath):
         try:
             info = path.info()

@@ -14,6 +14,9 @@ import json
 import math
 import os
 import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -179,6 +182,20 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
     return group.create_array(ARRAY_PATH, **kwargs)
 
 
+def read_slabs(array: zarr.Array, step: int, ahead: int = 1) -> Iterator[np.ndarray]:
+    """Yield ``array`` ``step`` frames at a time, the next ``ahead`` slabs being read on
+    threads while one is used."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        for t0 in range(0, array.shape[0], step):
+            pending.append(pool.submit(lambda a, b: np.asarray(array[a:b]), t0,
+                                       min(array.shape[0], t0 + step)))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 @functools.lru_cache(maxsize=4)
 def open_for_writing(store: str) -> zarr.Array:
     """The array at path ``0`` of a store, open for writing, cached per process.
@@ -265,11 +282,6 @@ class Recording:
         """Shard shape of a sharded Zarr v3 array, else None."""
         shards = getattr(self.array, "shards", None)
         return tuple(shards) if shards else None
-
-    @property
-    def write_unit(self) -> tuple[int, ...]:
-        """The smallest piece a writer may write alone: a shard, or a chunk when unsharded."""
-        return self.shards or self.chunks
 
     @property
     def complete(self) -> bool:
