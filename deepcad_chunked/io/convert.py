@@ -46,7 +46,7 @@ from deepcad_chunked.io.omezarr import (
 )
 from deepcad_chunked.io.sources import discover_sources
 from deepcad_chunked.io.stats import BlockStats
-from deepcad_chunked.io.tiff import SourcePlan, plan_sources
+from deepcad_chunked.io.tiff import PhysicalMetadata, SourcePlan, TiffSource, plan_sources
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def _convert_slab(slab: int, job: _SlabJob) -> tuple[int, int, BlockStats]:
     return slab, t1 - t0, stats
 
 
-def _resolve_chunks(chunks: tuple[int, int, int] | None, shape: tuple[int, ...]
-                    ) -> tuple[int, ...]:
+def resolve_chunks(chunks: tuple[int, int, int] | None, shape: tuple[int, ...]
+                   ) -> tuple[int, ...]:
+    """The chunk shape of a new store: ``chunks`` (default :data:`DEFAULT_CHUNKS`) with
+    one plane per chunk along extra axes, clipped to the recording."""
     ct, cy, cx = chunks or DEFAULT_CHUNKS
     extra = (1,) * (len(shape) - 3)
     full = (ct, *extra, cy, cx)
@@ -136,8 +138,9 @@ def _identity(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
     }
 
 
-def _scales(plan: SourcePlan, frame_rate: float | None) -> dict[str, Any]:
-    meta = plan.first.metadata
+def scales(meta: PhysicalMetadata, frame_rate: float | None) -> dict[str, Any]:
+    """The physical scales a recording store records, from its first file's metadata (a
+    given frame rate overrides the file's)."""
     interval = 1.0 / frame_rate if frame_rate else meta.frame_interval_s
     return {
         "frame_interval_s": interval,
@@ -200,7 +203,7 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path | Rem
         raise SourceError(f"{first.path} holds a single frame; a time-lapse recording needs "
                           "at least 2")
     shape = (plan.frames, *first.frame_shape)
-    chunks = _resolve_chunks(config.chunks, shape)
+    chunks = resolve_chunks(config.chunks, shape)
     shards = resolve_shards(config.shards, chunks, shape, np.dtype(first.dtype).itemsize,
                             config.zarr_format)
     slab_frames = (shards or chunks)[0]
@@ -296,21 +299,30 @@ def _slab_differs(slab: int, job: _SlabJob) -> int | None:
 def _create_store(output: StorePath, plan: SourcePlan, shape: tuple[int, ...],
                   chunks: tuple[int, ...], shards: tuple[int, ...] | None, job: StoreJob,
                   config: ConvertConfig) -> None:
-    scales = _scales(plan, config.frame_rate)
-    scale, units = _ngff_scale(plan.first.axes, scales)
+    create_recording(output, first=plan.first, shape=shape, chunks=chunks, shards=shards,
+                     job=job, config=config,
+                     sources=[{"path": s.path, "bytes": s.size, "frames": s.frames,
+                               "kind": s.kind} for s in plan.sources])
+
+
+def create_recording(output: StorePath, *, first: TiffSource, shape: tuple[int, ...],
+                     chunks: tuple[int, ...], shards: tuple[int, ...] | None, job: StoreJob,
+                     config: ConvertConfig, sources: list[dict[str, Any]]) -> None:
+    """Create the (empty, unfinished) store of a recording whose first file is ``first``:
+    what :func:`convert` writes, and ``follow`` while a recording is being acquired."""
+    found = scales(first.metadata, config.frame_rate)
+    scale, units = _ngff_scale(first.axes, found)
     attrs = {
         "format": 1, "kind": "recording", "complete": False,
         "job": job.job_attrs(),
-        **scales,
+        **found,
         "provenance": {
             "tool": "deepcad-chunked", "version": __version__, "started": now(),
-            "host": socket.gethostname(),
-            "sources": [{"path": s.path, "bytes": s.size, "frames": s.frames, "kind": s.kind}
-                        for s in plan.sources],
+            "host": socket.gethostname(), "sources": sources,
         },
     }
-    create_image(output, shape=shape, dtype=np.dtype(plan.first.dtype), chunks=chunks,
-                 axes=plan.first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
+    create_image(output, shape=shape, dtype=np.dtype(first.dtype), chunks=chunks,
+                 axes=first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
                  compression=Compression(**config.compression.model_dump()), attrs=attrs,
                  shards=shards)
 

@@ -268,6 +268,33 @@ def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result, sample: 
     )
 
 
+def describe_growing(path: str | Path) -> TiffSource | None:
+    """The layout and metadata of a TIFF file whose writer may not be done with it, read from
+    what it holds now (the first page's metadata, as :func:`inspect_tiff` reads it), or None
+    while it cannot be parsed yet. Its ``frames`` count only the pages there are now.
+
+    Raises
+    ------
+    SourceError
+        When the file is readable but cannot be a time series of grayscale frames.
+    """
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+        tif = tifffile.TiffFile(path)
+    except Exception:  # not enough of it written yet
+        return None
+    with tif:
+        try:
+            if not tif.series:
+                return None
+            return _describe(tif, path, stat, "", 0)
+        except SourceError:
+            raise
+        except Exception:
+            return None
+
+
 def _generic_layout(page_axes: str, page_shape: tuple[int, ...],
                     path: Path) -> tuple[dict[str, int], dict[str, int]]:
     """Output axis sizes and page strides for a series whose page axes tifffile named."""
