@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from deepcad_chunked.cli.live import add_follow
 from deepcad_chunked.cli.options import add_cluster_options, cluster_of, shard, size, triple
 from deepcad_chunked.cli.workflow import add_commands
 
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_export_onnx(sub)
     add_commands(sub)
+    add_follow(sub)
     return parser
 
 

@@ -31,7 +31,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                        "kinetics, neuropil, vessels, Poisson–Gaussian noise. Writes PREFIX.tif "
                        "(noisy uint16), PREFIX_clean.tif, PREFIX_truth.npz and "
                        "PREFIX_traces.npy, chunk by chunk (any length).")
-    p.add_argument("-o", "--output", required=True, metavar="PREFIX", help="path prefix")
+    p.add_argument("-o", "--output", metavar="PREFIX", help="path prefix")
+    p.add_argument("--acquire", metavar="DIR", help="instead: write the noisy frames into DIR "
+                   "in real time, as a microscope does (file_00001.tif, …, the newest growing "
+                   "page by page), for follow")
+    p.add_argument("--rate", type=float, metavar="HZ",
+                   help="with --acquire: frames written per second (default --frame-rate)")
+    p.add_argument("--frames-per-file", type=int, default=500, metavar="N",
+                   help="with --acquire: frames per file (default 500)")
+    p.add_argument("--stop", action="store_true",
+                   help="with --acquire: write DIR/STOP after the last frame")
     p.add_argument("--frames", type=int, help=f"frames (default {d.frames})")
     p.add_argument("--size", type=pair, metavar="Y,X",
                    help=f"frame size (default {d.size[0]},{d.size[1]})")
@@ -49,11 +58,22 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 def _run_simulate(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import SimulationConfig
+    from deepcad_chunked.errors import ConfigError
     from deepcad_chunked.simulate import simulate
 
     given = {k: getattr(args, k) for k in ("frames", "size", "seed", "photons", "frame_rate",
                                            "neurons", "gain", "offset", "read_noise")}
     config = SimulationConfig.build(**{k: v for k, v in given.items() if v is not None})
+    if (args.output is None) == (args.acquire is None):
+        raise ConfigError("give either -o PREFIX (files with ground truth) or --acquire DIR "
+                          "(frames written in real time)")
+    if args.acquire is not None:
+        from deepcad_chunked.acquire import acquire
+
+        written = acquire(args.acquire, config, rate=args.rate,
+                          frames_per_file=args.frames_per_file, stop=args.stop)
+        log.info("wrote %d frames into %s", written, args.acquire)
+        return 0
     files = simulate(args.output, config, overwrite=args.overwrite)
     log.info("wrote %s (noisy), %s, %s and %s", files.raw, files.clean.name, files.truth.name,
              files.traces.name)

@@ -211,6 +211,53 @@ class DenoiseConfig(_Config):
         return None if value is None else _multiple_of_8(value, "block")
 
 
+class FollowConfig(_Config):
+    """Options of :func:`deepcad_chunked.follow`.
+
+    Attributes
+    ----------
+    pattern : str or None
+        A glob on the names of the files to follow (``*_Ch1_*.tif``); default every TIFF.
+    idle_timeout : float
+        Seconds without a new frame after which the acquisition counts as over.
+    block_frames : int
+        Frames one task denoises while the denoising keeps up (a multiple of 8): the lag is
+        at least this plus the halo.
+    max_block_frames : int
+        Frames one task may take when the denoising has fallen behind (a multiple of
+        ``block_frames``): fewer halos per frame, so it catches up.
+    recording : ConvertConfig
+        Chunks, format, compression and frame rate of ``recording.zarr`` (as ``convert``).
+    denoise : DenoiseConfig
+        Halo, device, precision, output dtype and forward-pass memory (its ``block`` is
+        not used: a task is whole frames).
+    preview : Path or None
+        A PNG kept showing the newest denoised frame beside its raw frame.
+    overwrite : bool
+        Replace the outputs of an earlier run.
+    """
+
+    pattern: str | None = None
+    idle_timeout: float = Field(60.0, gt=0)
+    block_frames: int = Field(16, ge=8)
+    max_block_frames: int = Field(128, ge=8)
+    recording: ConvertConfig = ConvertConfig()
+    denoise: DenoiseConfig = DenoiseConfig()
+    preview: Path | None = None
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _blocks_on_the_grid(self) -> FollowConfig:
+        if self.block_frames % 8:
+            raise ValueError(f"block_frames must be a multiple of 8, got {self.block_frames}")
+        if self.max_block_frames % self.block_frames:
+            raise ValueError(f"max_block_frames ({self.max_block_frames}) must be a multiple "
+                             f"of block_frames ({self.block_frames})")
+        if self.denoise.block is not None:
+            raise ValueError("follow denoises whole frames; set block_frames, not a block")
+        return self
+
+
 class SimulationConfig(_Config):
     """Options of :func:`deepcad_chunked.simulate`.
 

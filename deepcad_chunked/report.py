@@ -9,6 +9,7 @@ GIF (or MP4, with ffmpeg) of a crop, raw beside denoised, on request.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,3 +210,39 @@ def _movie(x: np.ndarray, y: np.ndarray, path: Path, crop: tuple[int, int, int, 
                 image.set_data(data[t, y0:y1, x0:x1])
             writer.grab_frame()
     plt.close(fig)
+
+
+def write_live_preview(path: str | Path, raw: np.ndarray, denoised: np.ndarray, *,
+                       frame: int) -> Path:
+    """Replace ``path`` (a PNG) with one frame, raw on the left and denoised on the right.
+
+    Both halves share the raw frame's contrast (its 1st to 99.7th percentile), so what the
+    denoising removed is seen as it is. The picture is written beside ``path`` and renamed
+    over it: a viewer never sees half of one.
+
+    Parameters
+    ----------
+    path : str or Path
+        The PNG to keep up to date.
+    raw, denoised : numpy.ndarray
+        One frame ``(y, x)`` of each.
+    frame : int
+        Its index, written into the PNG's metadata.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import matplotlib.image
+
+    path = Path(path).expanduser()
+    low, high = np.percentile(raw, [1, 99.7])
+    scale = max(float(high - low), 1e-12)
+    gap = np.ones((raw.shape[0], max(2, raw.shape[1] // 64)))
+    picture = np.concatenate([(raw - low) / scale, gap, (denoised - low) / scale], axis=1)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    matplotlib.image.imsave(partial, np.clip(picture, 0, 1), cmap="gray", vmin=0, vmax=1,
+                            format="png", metadata={"Description": f"frame {frame}"})
+    os.replace(partial, path)
+    return path

@@ -124,17 +124,7 @@ def plan_layout(client: Client, rec: Recording, features: int,
         When ``--device cuda`` is asked of a worker without a GPU, no worker joins, or the
         block and halo cannot work.
     """
-    workers = _worker_memory(client, config.device)
-    device = "cuda" if all(w["device"] == "cuda" for w in workers.values()) else "cpu"
-    if config.device == "cuda" and device != "cuda":
-        cpu_only = sorted(a for a, w in workers.items() if w["device"] != "cuda")
-        raise ConfigError(f"--device cuda was asked for but worker {cpu_only[0]} has no CUDA "
-                          "device")
-    if config.tile_memory:
-        max_voxels = config.tile_memory // bytes_per_voxel(features, config.precision, device)
-    else:
-        max_voxels = min(w["bytes"] // bytes_per_voxel(features, config.precision, w["device"])
-                         for w in workers.values())
+    workers, device, max_voxels = forward_budget(client, features, config)
     halo = default_halo() if config.halo is None else config.halo
     frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
     storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
@@ -166,23 +156,49 @@ def plan_layout(client: Client, rec: Recording, features: int,
                   pieces=tuple(pieces), segment=math.ceil(rows * block[0] / unit) * unit)
 
 
-def _worker_memory(client: Client, device: str) -> dict[str, dict[str, Any]]:
+def forward_budget(client: Client, features: int, config: DenoiseConfig
+                   ) -> tuple[dict[str, dict[str, Any]], str, int]:
+    """The workers' memory, the device they run the network on, and the largest network
+    input (voxels) one forward pass may take.
+
+    Raises
+    ------
+    ConfigError
+        When ``--device cuda`` is asked of a worker without a GPU, or no worker joins.
+    """
     wait_for_a_worker(client)
-    return client.run(worker_memory, device)
+    workers = client.run(worker_memory, config.device)
+    device = "cuda" if all(w["device"] == "cuda" for w in workers.values()) else "cpu"
+    if config.device == "cuda" and device != "cuda":
+        cpu_only = sorted(a for a, w in workers.items() if w["device"] != "cuda")
+        raise ConfigError(f"--device cuda was asked for but worker {cpu_only[0]} has no CUDA "
+                          "device")
+    if config.tile_memory:
+        max_voxels = config.tile_memory // bytes_per_voxel(features, config.precision, device)
+    else:
+        max_voxels = min(w["bytes"] // bytes_per_voxel(features, config.precision, w["device"])
+                         for w in workers.values())
+    return workers, device, int(max_voxels)
 
 
 def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...], marker: str,
                  dtype: str, precision: str) -> int:
     """Check one finished block (float32, raw units), cast it to the output's dtype, write it
     to the output store, then leave its marker."""
-    _require_finite(data, precision)
-    open_for_writing(store)[region] = _cast(data, np.dtype(dtype))
+    require_finite(data, precision)
+    open_for_writing(store)[region] = cast_samples(data, np.dtype(dtype))
     write_atomic(resolve(marker), b"")
     return int(data.size)
 
 
-def _require_finite(values: np.ndarray, precision: str) -> None:
-    """Refuse results that are NaN or infinite: they must never be stored as a result."""
+def require_finite(values: np.ndarray, precision: str) -> None:
+    """Refuse results that are NaN or infinite: they must never be stored as a result.
+
+    Raises
+    ------
+    ModelOutputError
+        Saying how many there are and what may help.
+    """
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
         hint = ("--precision fp32 may avoid the overflow" if precision != "fp32" else
@@ -193,7 +209,9 @@ def _require_finite(values: np.ndarray, precision: str) -> None:
                                f"and the output stays incomplete: {hint}")
 
 
-def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def cast_samples(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Denoised values (float32, raw units) as samples of ``dtype``: integers rounded and
+    clipped to the type's range."""
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return x.round().clip(info.min, info.max).astype(dtype)
@@ -268,7 +286,7 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
             if not store.resuming:
                 store.create(lambda: _create_output(output, rec, out_dtype, store, ckpt.digest,
                                                     model_path, layout, config))
-            pinned = _pin_model(store, ckpt)
+            pinned = pin_model(store, ckpt)
             job = _Job(rec, pinned, output, store.progress, layout, out_dtype, config,
                        gpu=advertises_gpus(client), pinned=(ckpt.normalization, ckpt.digest),
                        check=store.check)
@@ -314,7 +332,7 @@ def _unfinished_block(output: StorePath, config: DenoiseConfig
 PINNED_MODEL = "model.pt"
 
 
-def _pin_model(store: StoreJob, ckpt: Checkpoint) -> StorePath:
+def pin_model(store: StoreJob, ckpt: Checkpoint) -> StorePath:
     """The job's own copy of the network, which every worker loads: replacing the user's model
     file while the job runs (a training run rewriting ``last.pt``) cannot mix two models."""
     pinned = store.progress / PINNED_MODEL

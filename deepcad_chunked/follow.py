@@ -1,0 +1,649 @@
+"""Denoising a recording while it is being acquired.
+
+:func:`follow` watches a folder that acquisition software fills with TIFF files
+(:mod:`deepcad_chunked.io.growing`), appends each complete frame to ``OUTDIR/recording.zarr``
+(the store ``convert`` would write of the same files) and denoises the recording a few frames
+at a time into ``OUTDIR/denoised.zarr`` as soon as the frames a block's halo needs exist.
+
+Exactness. A task denoises whole frames ``start:stop`` (``start`` on a block boundary) from
+frames ``start - halo : stop + halo`` of the recording, mirrored at its start exactly as
+:func:`~deepcad_chunked.infer.predict.denoise_dask` mirrors them. A task is only started once
+``stop + halo`` frames exist, so it never needs the recording's end, and its result is the one
+``denoise`` of the finished recording gives for those frames; the last blocks are done when
+the acquisition ends, with the end mirrored. Tasks take ``block_frames`` frames while the
+denoising keeps up (the least lag: a block plus the halo) and up to ``max_block_frames`` when
+it has fallen behind (fewer halos per frame, so it catches up).
+
+Both stores go through :mod:`deepcad_chunked.io.lifecycle` (locked, resumable, completion flag
+last): an interrupted run resumes where it stopped when it is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from distributed import Client, Future
+
+from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
+from deepcad_chunked.config import FollowConfig
+from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
+from deepcad_chunked.infer.denoise import cast_samples, forward_budget, pin_model, require_finite
+from deepcad_chunked.infer.predict import (
+    check_halo,
+    default_halo,
+    denoise_block,
+    mirror_indices,
+)
+from deepcad_chunked.io.convert import create_recording, resolve_chunks
+from deepcad_chunked.io.growing import FolderWatch
+from deepcad_chunked.io.lifecycle import (
+    StoreJob,
+    check_disjoint,
+    fingerprint,
+    now,
+    open_store,
+    writing,
+)
+from deepcad_chunked.io.location import resolve, write_atomic
+from deepcad_chunked.io.omezarr import (
+    ARRAY_PATH,
+    ATTRS_KEY,
+    Compression,
+    Recording,
+    create_image,
+    open_recording,
+    read_group_attrs,
+    update_attrs,
+)
+from deepcad_chunked.io.stats import BlockStats
+from deepcad_chunked.io.tiff import describe_growing
+from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
+
+log = logging.getLogger(__name__)
+
+RECORDING = "recording.zarr"
+DENOISED = "denoised.zarr"
+#: Seconds between two looks at the folder.
+POLL_S = 0.05
+#: New frames are appended to the store at least this many at a time (or after FLUSH_S).
+FLUSH_FRAMES = 8
+FLUSH_S = 0.25
+#: Seconds between two status lines.
+STATUS_S = 5.0
+#: Seconds between two redraws of the preview.
+PREVIEW_S = 1.0
+#: The job's record of what it has read, in the recording store's progress folder.
+SOURCES = "sources.json"
+
+
+@dataclass(frozen=True)
+class FollowResult:
+    """What a :func:`follow` run produced.
+
+    Attributes
+    ----------
+    recording, denoised : Recording
+        The two finished stores.
+    frames : int
+        Frames acquired.
+    lag_s : list of float
+        For each block denoised in this run: seconds from the first sight of its last frame
+        to its result being stored.
+    """
+
+    recording: Recording
+    denoised: Recording
+    frames: int
+    lag_s: list[float]
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One task: denoise frames ``start:stop`` of the recording, write them and their markers."""
+
+    recording: str
+    denoised: str
+    markers: str
+    start: int
+    stop: int
+    known: int  # frames of the recording the mirroring is computed for
+    unit: int
+    halo: int
+    model: str
+    digest: str
+    mean: float
+    std: float
+    device: str
+    precision: str
+    dtype: str
+    max_voxels: int
+    preview: bool
+
+
+def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
+    """Run on a worker: denoise, check, write one task's frames, then leave their markers.
+
+    Returns ``(start, stop, time stored, (raw, denoised) of its last frame or None)``.
+    """
+    source = zarr.open_array(f"{task.recording}/{ARRAY_PATH}", mode="r")
+    m = task.stop - task.start
+    span = m + (-m % 8) + 2 * task.halo
+    t = mirror_indices(task.known, task.halo)[task.start:task.start + span]
+    lo, hi = int(t.min()), int(t.max()) + 1
+    raw = np.asarray(source[lo:hi])[t - lo]
+    ys = mirror_indices(raw.shape[1], task.halo)
+    xs = mirror_indices(raw.shape[2], task.halo)
+    x = (raw[:, ys][:, :, xs].astype(np.float32) - np.float32(task.mean)) / np.float32(task.std)
+    out = denoise_block(x, model_path=task.model, digest=task.digest, device=task.device,
+                        precision=task.precision, halo=task.halo, max_voxels=task.max_voxels)
+    h, (height, width) = task.halo, source.shape[1:]
+    core = out[h:h + m, h:h + height, h:h + width] * np.float32(task.std) + np.float32(task.mean)
+    require_finite(core, task.precision)
+    target = zarr.open_array(f"{task.denoised}/{ARRAY_PATH}", mode="r+")
+    target = target.with_config({"write_empty_chunks": True})
+    target[task.start:task.stop] = cast_samples(core, np.dtype(task.dtype))
+    for unit in range(task.start // task.unit, math.ceil(task.stop / task.unit)):
+        write_atomic(resolve(f"{task.markers}/{unit:08d}.done"), b"")
+    last = (np.asarray(source[task.stop - 1]), core[-1]) if task.preview else None
+    return task.start, task.stop, time.time(), last
+
+
+@dataclass
+class _Ingest:
+    """Frames read but not yet appended, and the running statistics of those appended."""
+
+    pending: list[np.ndarray] = field(default_factory=list)
+    since: float = 0.0
+    #: frames appended whose chunk row is not yet summarised
+    row: np.ndarray | None = None
+    stats: BlockStats = field(default_factory=BlockStats)
+    #: frames summarised in ``stats`` (whole chunk rows)
+    summarised: int = 0
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(p) for p in self.pending)
+
+
+def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
+           config: FollowConfig | None = None, cluster: str | Client | None = "local",
+           workers: int | None = None,
+           on_block: Callable[[int, int, float], None] | None = None) -> FollowResult:
+    """Denoise a recording while it is being acquired, until it ends.
+
+    Parameters
+    ----------
+    source_dir : str or Path
+        The folder the acquisition writes TIFF files into (``file_00001.tif``, …; the newest
+        may be growing page by page).
+    model : str or Path
+        A checkpoint (ours, or a DeepCAD-RT ``.pth``).
+    output_dir : str or Path
+        The folder of ``recording.zarr`` and ``denoised.zarr`` (created if needed).
+    config : FollowConfig, optional
+        File pattern, idle timeout, block sizes, store and denoising options, preview.
+    cluster : str or Client, optional
+        ``"local"`` (default), a scheduler address, or a Client.
+    workers : int, optional
+        Worker processes of a local cluster (default one, on every core).
+    on_block : callable, optional
+        Called as ``on_block(start, stop, stored_at)`` (``time.time()``) for each block stored.
+
+    Returns
+    -------
+    FollowResult
+        The finished stores. The acquisition is over when no frame arrived for
+        ``idle_timeout`` seconds or a file ``STOP`` appeared in ``source_dir``.
+
+    Raises
+    ------
+    SourceError
+        A file replaced, truncated, out of order or of another frame shape or type; no frame
+        at all.
+    OutputExistsError, LockedError, StoreError, ConfigError
+        As ``convert`` and ``denoise``; nothing is marked complete.
+    """
+    config = config or FollowConfig()
+    folder = Path(source_dir).expanduser().absolute()
+    if not folder.is_dir():
+        raise SourceError(f"{folder} is not a folder (follow watches the folder an "
+                          "acquisition writes its TIFF files into)")
+    outdir = Path(output_dir).expanduser().absolute()
+    model_path = resolve(model)
+    check_disjoint(outdir, [folder, model_path])
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputExistsError(f"output {outdir} exists and is not a folder")
+    if not outdir.parent.is_dir():
+        raise StoreError(f"cannot write {outdir}: folder {outdir.parent} does not exist")
+    ckpt = Checkpoint.load(model_path)
+    ckpt.build_model()  # refuses weights that do not fit their declared network
+    halo = default_halo() if config.denoise.halo is None else check_halo(config.denoise.halo)
+    env = None
+    if cluster in (None, "local"):
+        workers, env = inference_workers(workers)
+    outdir.mkdir(exist_ok=True)
+    with connect(cluster, workers=workers, worker_env=env) as client:
+        run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
+                   model_path=model_path, halo=halo, config=config, on_block=on_block)
+        return run.go()
+
+
+@dataclass
+class _Run:
+    """One follow run: its stores, its watch on the folder and its denoising tasks."""
+
+    client: Client
+    folder: Path
+    outdir: Path
+    ckpt: Checkpoint
+    model_path: Any
+    halo: int
+    config: FollowConfig
+    on_block: Callable[[int, int, float], None] | None
+    watch: FolderWatch = field(init=False)
+    ingest: _Ingest = field(default_factory=_Ingest)
+    rec_job: StoreJob | None = None
+    den_job: StoreJob | None = None
+    #: when each frame not yet denoised was first seen (time.time()), from frame ``seen_base``
+    seen: deque[float] = field(default_factory=deque)
+    seen_base: int = 0
+    done_units: set[int] = field(default_factory=set)
+    next_unit: int = 0
+    running: dict[Future, tuple[int, int]] = field(default_factory=dict)
+    denoised_upto: int = 0
+    lags: list[float] = field(default_factory=list)
+    norm: tuple[float, float] | None = None
+    slots: int = 1
+    max_voxels: int = 0
+    device: str = "cpu"
+    pinned: str = ""
+    last_status: float = 0.0
+    last_preview: float = 0.0
+    ingest_done: bool = False
+    gpu: bool = False
+    #: frames appended to the recording store
+    stored: int = 0
+
+    def __post_init__(self) -> None:
+        self.watch = FolderWatch(self.folder, self.config.pattern)
+
+    @property
+    def rec_path(self) -> Path:
+        return self.outdir / RECORDING
+
+    @property
+    def den_path(self) -> Path:
+        return self.outdir / DENOISED
+
+    # ----------------------------------------------------------------- identities
+    def _rec_identity(self) -> dict[str, Any]:
+        rec = self.config.recording
+        return {"source": str(self.folder), "pattern": self.config.pattern,
+                "chunks": list(rec.chunks) if rec.chunks else None,
+                "shards": list(rec.shards) if isinstance(rec.shards, tuple) else rec.shards,
+                "zarr_format": rec.zarr_format, "compression": rec.compression.model_dump(),
+                "frame_rate": rec.frame_rate}
+
+    def _den_identity(self, rec_fingerprint: str) -> dict[str, Any]:
+        d = self.config.denoise
+        return {"input": str(self.rec_path), "input_job": rec_fingerprint,
+                "model": self.ckpt.digest, "block_frames": self.config.block_frames,
+                "halo": self.halo, "precision": d.precision, "dtype": d.dtype}
+
+    # ----------------------------------------------------------------- the run
+    def go(self) -> FollowResult:
+        rec_fp = fingerprint(self._rec_identity())
+        rec_done = _finished_by(self.rec_path, rec_fp)
+        den_done = _finished_by(self.den_path, fingerprint(self._den_identity(rec_fp)))
+        if rec_done and den_done and not self.config.overwrite:
+            raise OutputExistsError(f"{self.outdir} already holds the finished {RECORDING} "
+                                    f"and {DENOISED}; pass --overwrite to start again")
+        if den_done and not self.config.overwrite:
+            raise OutputExistsError(f"{self.den_path} is complete but {RECORDING} is not; "
+                                    "pass --overwrite to start again")
+        self._plan_tasks()
+        with ExitStack() as stack:
+            if rec_done and not self.config.overwrite:
+                self.ingest_done = True
+                self.stored = open_recording(self.rec_path).shape[0]
+                log.info("%s is complete; finishing %s", self.rec_path, self.den_path)
+            else:
+                self.rec_job = stack.enter_context(open_store(
+                    self.rec_path, command="follow", identity=self._rec_identity(),
+                    inputs=[self.folder, self.model_path], overwrite=self.config.overwrite))
+                if self.rec_job.resuming:
+                    self._resume_recording()
+            self.den_job = stack.enter_context(open_store(
+                self.den_path, command="follow", identity=self._den_identity(rec_fp),
+                inputs=[self.rec_path, self.model_path], overwrite=self.config.overwrite))
+            if self.den_job.resuming:
+                self._resume_denoised()
+            with writing(self.outdir):
+                self._loop()
+                self._submit(final=True)
+                self._finish_tasks(wait=True)
+                self._finalise()
+        return FollowResult(recording=open_recording(self.rec_path),
+                            denoised=open_recording(self.den_path),
+                            frames=open_recording(self.rec_path).shape[0], lag_s=self.lags)
+
+    def _plan_tasks(self) -> None:
+        workers, self.device, self.max_voxels = forward_budget(
+            self.client, self.ckpt.features, self.config.denoise)
+        self.slots = (len(workers) if self.device == "cuda"
+                      else sum(self.client.nthreads().values()) or len(workers))
+        self.gpu = advertises_gpus(self.client)
+
+    def _loop(self) -> None:
+        last_frame = time.monotonic()
+        while not self.ingest_done:
+            ended = (self.watch.stop_requested()
+                     or time.monotonic() - last_frame > self.config.idle_timeout)
+            frames = self.watch.poll(ended=ended)
+            if frames is not None:
+                last_frame = time.monotonic()
+                self._take(frames)
+            if ended or (self.ingest.waiting and (
+                    self.ingest.waiting >= FLUSH_FRAMES
+                    or time.time() - self.ingest.since > FLUSH_S)):
+                self._flush()
+            if ended:
+                if self._frames() < 2:
+                    raise SourceError(f"no recording arrived in {self.folder} ("
+                                      f"{self._frames()} frame(s) before the "
+                                      + ("STOP file" if self.watch.stop_requested() else
+                                         f"{self.config.idle_timeout:g} s idle timeout")
+                                      + "); nothing was written")
+                self.ingest_done = True
+                log.info("the acquisition ended (%s) after %d frames; denoising the last "
+                         "ones", "STOP" if self.watch.stop_requested() else "idle timeout",
+                         self._frames())
+                break
+            self._finish_tasks(wait=False)
+            self._submit(final=False)
+            self._status()
+            time.sleep(POLL_S)
+
+    # ----------------------------------------------------------------- ingest
+    def _take(self, frames: np.ndarray) -> None:
+        if not self.ingest.pending:
+            self.ingest.since = time.time()
+        self.ingest.pending.append(frames)
+        self.seen.extend([time.time()] * len(frames))
+
+    def _frames(self) -> int:
+        """Frames in the recording store."""
+        return self.stored
+
+    def _flush(self) -> None:
+        if not self.ingest.waiting:
+            return
+        data = np.concatenate(self.ingest.pending)
+        self.ingest.pending.clear()
+        assert self.rec_job is not None
+        if not (self.rec_path / ARRAY_PATH).exists():
+            self._create_stores(data)
+        self.rec_job.check()
+        array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r+")
+        n = array.shape[0]
+        array.resize((n + len(data), *array.shape[1:]))
+        array.with_config({"write_empty_chunks": True})[n:n + len(data)] = data
+        self.stored = n + len(data)
+        self._summarise(data, array.chunks[0])
+        write_atomic(self.rec_job.progress / SOURCES, json.dumps(
+            {"frames": n + len(data), "files": self.watch.state()}).encode())
+
+    def _summarise(self, data: np.ndarray, row: int) -> None:
+        """Keep statistics of whole chunk rows, saved with the number of frames they cover."""
+        ing = self.ingest
+        ing.row = data if ing.row is None else np.concatenate([ing.row, data])
+        saved = False
+        while len(ing.row) >= row:
+            ing.stats.merge(BlockStats.of(ing.row[:row]))
+            ing.row = ing.row[row:]
+            ing.summarised += row
+            saved = True
+        if saved and self.rec_job is not None:
+            ing.stats.save(self.rec_job.progress / f"stats_{ing.summarised:012d}.npz")
+            for old in self.rec_job.progress.glob("stats_*.npz"):
+                if old.name != f"stats_{ing.summarised:012d}.npz":
+                    old.unlink(missing_ok=True)
+
+    def _create_stores(self, first: np.ndarray) -> None:
+        """Create both stores, shaped like the first frames, with the first file's metadata."""
+        head = self.watch.files[0].path
+        source = describe_growing(head)
+        if source is None:
+            raise SourceError(f"{head} cannot be read as TIFF")
+        if source.extra or source.strides["t"] != 1:
+            raise SourceError(f"{head} holds {'×'.join(map(str, source.extra.values()))} "
+                              f"{'/'.join(source.extra)} per time point; follow reads single-"
+                              "channel, single-plane recordings (convert and denoise the "
+                              "finished files instead)")
+        # chunks as convert makes them; never sharded: the newest chunks are rewritten as
+        # frames arrive while tasks read them, and a shard's index and chunks are read apart
+        chunks = resolve_chunks(self.config.recording.chunks, (2**31, *first.shape[1:]))
+        assert self.rec_job is not None
+        job = self.rec_job
+        job.create(lambda: create_recording(
+            self.rec_path, first=source, shape=(0, *first.shape[1:]), chunks=chunks,
+            shards=None, job=job, config=self.config.recording,
+            sources=[{"path": str(self.folder), "kind": "acquisition"}]))
+
+    # ----------------------------------------------------------------- resume
+    def _resume_recording(self) -> None:
+        assert self.rec_job is not None
+        try:
+            state = json.loads((self.rec_job.progress / SOURCES).read_text())
+        except (OSError, ValueError):
+            state = {"frames": 0, "files": []}
+        array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r+")
+        frames = self.stored = int(state["frames"])
+        if array.shape[0] != frames:  # killed between appending frames and recording them
+            array.resize((frames, *array.shape[1:]))
+        self.watch.restore(state["files"])
+        if frames:
+            for k in {0, frames - 1}:
+                if not np.array_equal(self.watch.read_frame(k), array[k]):
+                    raise SourceError(f"frame {k} in {self.folder} is not the one in "
+                                      f"{self.rec_path}: the folder holds another recording "
+                                      "now; pass --overwrite to start again")
+        kept = sorted(self.rec_job.progress.glob("stats_*.npz"))
+        usable = [p for p in kept if int(p.stem.split("_")[1]) <= frames]
+        if usable:
+            self.ingest.stats = BlockStats.load(usable[-1])
+            self.ingest.summarised = int(usable[-1].stem.split("_")[1])
+        rest = np.asarray(array[self.ingest.summarised:frames])
+        self.ingest.row = rest if len(rest) else None
+        now_s = time.time()
+        self.seen.extend([now_s] * frames)
+        log.info("resuming: %d frames of %s already in %s", frames, self.folder, self.rec_path)
+
+    def _resume_denoised(self) -> None:
+        assert self.den_job is not None
+        self.done_units = {int(m.stem) for m in self.den_job.progress.glob("*.done")}
+        ours = (read_group_attrs(self.den_path) or {}).get(ATTRS_KEY) or {}
+        norm = ours.get("normalization") or {}
+        if "mean" in norm:
+            self.norm = (float(norm["mean"]), float(norm["std"]))
+        self._advance()
+
+    # ----------------------------------------------------------------- denoising
+    def _ensure_denoised_store(self) -> None:
+        assert self.den_job is not None
+        if (self.den_path / ARRAY_PATH).exists():
+            return
+        rec = open_recording(self.rec_path, require_complete=False)
+        d = self.config.denoise
+        dtype = rec.dtype if d.dtype == "same" else np.dtype(np.float32)
+        unit = self.config.block_frames
+        chunks = (unit, *rec.chunks[1:])
+        shards = (unit, *rec.shards[1:]) if rec.shards else None
+        scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
+        units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
+        keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
+        attrs = {"format": 1, "kind": "denoised", "complete": False,
+                 "job": self.den_job.job_attrs(), **{k: rec.attrs.get(k) for k in keep},
+                 "model": {"path": str(self.model_path), "digest": self.ckpt.digest},
+                 "parameters": {"block_frames": unit, "halo": self.halo,
+                                "precision": d.precision, "dtype": dtype.name,
+                                "device": self.device},
+                 "provenance": {"tool": "deepcad-chunked", "started": now(),
+                                "input": str(self.rec_path), "live": True}}
+        job = self.den_job
+        job.create(lambda: create_image(
+            self.den_path, shape=(0, *rec.shape[1:]), dtype=dtype, chunks=chunks,
+            axes=rec.axes, scale=scale, units=units, zarr_format=rec.zarr_format,
+            compression=Compression(), attrs=attrs, shards=shards))
+        job.resuming = True
+
+    def _normalisation(self, frames: int) -> tuple[float, float]:
+        """The model's (mean, std); a DeepCAD-RT model's mean from the first block's frames,
+        recorded in the denoised store's attributes."""
+        if self.norm is None:
+            recording_mean = None
+            norm = dict(self.ckpt.normalization)
+            if norm["mean"] == RECORDING_MEAN:
+                count = min(frames, self.config.block_frames + self.halo)
+                array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r")
+                recording_mean = float(np.asarray(array[:count]).mean(dtype=np.float64))
+                log.info("the model subtracts the recording's mean: using that of the first "
+                         "%d frames, %.6g", count, recording_mean)
+            mean, std = resolve_normalization(norm, recording_mean)
+            update_attrs(self.den_path, normalization={
+                "mean": mean, "std": std, "recording_mean": recording_mean,
+                "frames": None if recording_mean is None else [0, count]})
+            self.norm = (mean, std)
+        return self.norm
+
+    def _advance(self) -> None:
+        while self.next_unit in self.done_units:
+            self.next_unit += 1
+
+    def _submit(self, final: bool) -> None:
+        frames = self._frames()
+        unit = self.config.block_frames
+        units = math.ceil(frames / unit) if final else (frames - self.halo) // unit
+        per_task = self.config.max_block_frames // unit
+        while self.next_unit < units and (final or len(self.running) < self.slots):
+            first = self.next_unit
+            last = first
+            while (last + 1 < units and last + 1 - first < per_task
+                   and last + 1 not in self.done_units):
+                last += 1
+            self._launch(first * unit, min(frames, (last + 1) * unit), frames)
+            self.next_unit = last + 1
+            self._advance()
+
+    def _launch(self, start: int, stop: int, known: int) -> None:
+        self._ensure_denoised_store()
+        assert self.den_job is not None
+        self.den_job.check()
+        target = zarr.open_array(str(self.den_path / ARRAY_PATH), mode="r+")
+        if target.shape[0] < stop:
+            target.resize((stop, *target.shape[1:]))
+        mean, std = self._normalisation(known)
+        if not self.pinned:
+            self.pinned = str(pin_model(self.den_job, self.ckpt))
+        d = self.config.denoise
+        dtype = np.dtype(target.dtype)
+        task = _Task(recording=str(self.rec_path), denoised=str(self.den_path),
+                     markers=str(self.den_job.progress), start=start, stop=stop, known=known,
+                     unit=self.config.block_frames, halo=self.halo, model=self.pinned,
+                     digest=self.ckpt.digest, mean=mean, std=std, device=d.device,
+                     precision=d.precision, dtype=dtype.str, max_voxels=self.max_voxels,
+                     preview=self.config.preview is not None)
+        resources = {"GPU": 1} if self.gpu else None
+        future = self.client.submit(_denoise_frames, task, pure=False, resources=resources,
+                                    key=f"follow-{start}-{stop}-{time.time_ns()}")
+        self.running[future] = (start, stop)
+
+    def _finish_tasks(self, wait: bool) -> None:
+        """Take the results of the finished tasks (all of them, with ``wait``)."""
+        while self.running:
+            finished = [f for f in self.running if f.done()]
+            for future in finished:
+                start, stop = self.running.pop(future)
+                _, _, stored, last = future.result()
+                self._stored(start, stop, stored, last)
+            if not wait:
+                return
+            if self.running:
+                time.sleep(POLL_S)
+                self._status()
+
+    def _stored(self, start: int, stop: int, stored: float, last: Any) -> None:
+        unit = self.config.block_frames
+        self.done_units.update(range(start // unit, math.ceil(stop / unit)))
+        index = stop - 1 - self.seen_base
+        if 0 <= index < len(self.seen):
+            self.lags.append(stored - self.seen[index])
+        while self.seen and self.seen_base < self._contiguous_done():
+            self.seen.popleft()
+            self.seen_base += 1
+        self.denoised_upto = max(self.denoised_upto, self._contiguous_done())
+        if self.on_block is not None:
+            self.on_block(start, stop, stored)
+        if last is not None and time.monotonic() - self.last_preview > PREVIEW_S:
+            from deepcad_chunked.report import write_live_preview
+
+            assert self.config.preview is not None
+            write_live_preview(self.config.preview, *last, frame=stop - 1)
+            self.last_preview = time.monotonic()
+
+    def _contiguous_done(self) -> int:
+        k = 0
+        while k in self.done_units:
+            k += 1
+        return min(k * self.config.block_frames, self._frames())
+
+    def _status(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_status < STATUS_S:
+            return
+        self.last_status = time.monotonic()
+        acquired = self._frames() + self.ingest.waiting
+        done = self.denoised_upto
+        lag_s = (time.time() - self.seen[0]) if self.seen and acquired > done else 0.0
+        newest = self.watch.files[-1].path.name if self.watch.files else "no file yet"
+        log.info("acquired %d frames (%s), denoised %d: lag %d frames, %.1f s", acquired,
+                 newest, done, acquired - done, lag_s)
+
+    # ----------------------------------------------------------------- the end
+    def _finalise(self) -> None:
+        self._status(force=True)
+        if self.rec_job is not None:
+            summary_stats = self.ingest.stats
+            if self.ingest.row is not None and len(self.ingest.row):
+                summary_stats.merge(BlockStats.of(self.ingest.row))
+            array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r")
+            summary = summary_stats.summary(np.dtype(array.dtype))
+            provenance = {**(self.rec_job.attrs.get("provenance") or {}),
+                          "sources": [{"path": str(f.path), "frames": n}
+                                      for f, n in zip(self.watch.files, self.watch.taken,
+                                                      strict=True)]}
+            update_attrs(self.rec_path, provenance=provenance)
+            self.rec_job.finalise(statistics=summary)
+        assert self.den_job is not None
+        self.den_job.finalise()
+
+
+def _finished_by(path: Path, job_fingerprint: str) -> bool:
+    """Whether ``path`` is a complete store written by the job of this fingerprint."""
+    if not path.is_dir():
+        return False
+    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY)
+    return (isinstance(ours, dict) and bool(ours.get("complete"))
+            and (ours.get("job") or {}).get("fingerprint") == job_fingerprint)
+
