@@ -4,8 +4,8 @@ The Python API mirrors the command line: :func:`convert` a TIFF archive into OME
 :func:`info` about a store, :func:`export` it back to TIFF, :func:`train` the denoiser,
 :func:`load_model` a trained one and :func:`denoise`; :func:`run` does all of it. To see how
 good it is: :func:`simulate` a recording with ground truth, :func:`evaluate` and
-:func:`preview`; :func:`demo` does all of that. torch is imported only when training or
-models are used.
+:func:`preview`; :func:`demo` does all of that. :func:`follow` denoises a recording while it
+is being acquired. torch is imported only when training or models are used.
 """
 
 from typing import Any
@@ -15,6 +15,7 @@ from deepcad_chunked.config import (
     CompressionConfig,
     ConvertConfig,
     DenoiseConfig,
+    FollowConfig,
     SimulationConfig,
     TrainConfig,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ConvertConfig",
     "DeepCADError",
     "DenoiseConfig",
+    "FollowConfig",
     "Recording",
     "SimulationConfig",
     "TrainConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "denoise",
     "evaluate",
     "export",
+    "follow",
     "info",
     "load_model",
     "open_recording",
@@ -65,6 +68,10 @@ def __getattr__(name: str) -> Any:
         from deepcad_chunked import pipeline
 
         return getattr(pipeline, name)
+    if name == "follow":
+        from deepcad_chunked.realtime import follow
+
+        return follow
     if name == "evaluate":
         from deepcad_chunked.metrics import score
 

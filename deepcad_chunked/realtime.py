@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import numpy as np
 import zarr
 from distributed import Client, Future
 
+from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
 from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
@@ -77,7 +79,8 @@ RECORDING = "recording.zarr"
 DENOISED = "denoised.zarr"
 #: Seconds between two looks at the folder.
 POLL_S = 0.05
-#: New frames are appended to the store at least this many at a time (or after FLUSH_S).
+#: New frames are appended to the store at least this many at a time (or after FLUSH_S, or
+#: at once when they let another block be denoised): each append rewrites the newest chunks.
 FLUSH_FRAMES = 8
 FLUSH_S = 0.25
 #: Seconds between two status lines.
@@ -275,6 +278,8 @@ class _Run:
     gpu: bool = False
     #: frames appended to the recording store
     stored: int = 0
+    #: units denoised from the first on, without a gap
+    contiguous: int = 0
 
     def __post_init__(self) -> None:
         self.watch = FolderWatch(self.folder, self.config.pattern)
@@ -355,9 +360,7 @@ class _Run:
             if frames is not None:
                 last_frame = time.monotonic()
                 self._take(frames)
-            if ended or (self.ingest.waiting and (
-                    self.ingest.waiting >= FLUSH_FRAMES
-                    or time.time() - self.ingest.since > FLUSH_S)):
+            if ended or self._flush_due():
                 self._flush()
             if ended:
                 if self._frames() < 2:
@@ -377,6 +380,17 @@ class _Run:
             time.sleep(POLL_S)
 
     # ----------------------------------------------------------------- ingest
+    def _flush_due(self) -> bool:
+        """Whether the frames read should be appended now: enough of them, one waiting for
+        long, or frames that let another block be denoised (no lag added)."""
+        waiting = self.ingest.waiting
+        if not waiting:
+            return False
+        unit = self.config.block_frames
+        ready = (self.stored - self.halo) // unit
+        return (waiting >= FLUSH_FRAMES or time.time() - self.ingest.since > FLUSH_S
+                or (self.stored + waiting - self.halo) // unit > ready)
+
     def _take(self, frames: np.ndarray) -> None:
         if not self.ingest.pending:
             self.ingest.since = time.time()
@@ -500,8 +514,9 @@ class _Run:
                  "parameters": {"block_frames": unit, "halo": self.halo,
                                 "precision": d.precision, "dtype": dtype.name,
                                 "device": self.device},
-                 "provenance": {"tool": "deepcad-chunked", "started": now(),
-                                "input": str(self.rec_path), "live": True}}
+                 "provenance": {"tool": "deepcad-chunked", "version": __version__,
+                                "started": now(), "host": socket.gethostname(),
+                                "input": str(self.rec_path), "while_acquired": True}}
         job = self.den_job
         job.create(lambda: create_image(
             self.den_path, shape=(0, *rec.shape[1:]), dtype=dtype, chunks=chunks,
@@ -604,10 +619,10 @@ class _Run:
             self.last_preview = time.monotonic()
 
     def _contiguous_done(self) -> int:
-        k = 0
-        while k in self.done_units:
-            k += 1
-        return min(k * self.config.block_frames, self._frames())
+        """Frames denoised from the first on, without a gap."""
+        while self.contiguous in self.done_units:
+            self.contiguous += 1
+        return min(self.contiguous * self.config.block_frames, self._frames())
 
     def _status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_status < STATUS_S:
