@@ -50,6 +50,7 @@ from deepcad_chunked.infer.predict import (
 from deepcad_chunked.io.convert import create_recording, resolve_chunks
 from deepcad_chunked.io.growing import FolderWatch
 from deepcad_chunked.io.lifecycle import (
+    LOCK_NAME,
     StoreJob,
     check_disjoint,
     fingerprint,
@@ -58,6 +59,7 @@ from deepcad_chunked.io.lifecycle import (
     writing,
 )
 from deepcad_chunked.io.location import resolve, write_atomic
+from deepcad_chunked.io.lock import WriterLock
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     ATTRS_KEY,
@@ -321,6 +323,10 @@ class _Run:
         self._plan_tasks()
         with ExitStack() as stack:
             if rec_done and not self.config.overwrite:
+                # held while it is read, so no other run replaces it meanwhile
+                stack.enter_context(WriterLock.acquire(self.rec_path / LOCK_NAME,
+                                                       output=self.rec_path,
+                                                       command="follow"))
                 self.ingest_done = True
                 self.stored = open_recording(self.rec_path).shape[0]
                 log.info("%s is complete; finishing %s", self.rec_path, self.den_path)
@@ -436,7 +442,8 @@ class _Run:
                     old.unlink(missing_ok=True)
 
     def _create_stores(self, first: np.ndarray) -> None:
-        """Create both stores, shaped like the first frames, with the first file's metadata."""
+        """Create the recording store, shaped like the first frames, with the first file's
+        metadata."""
         head = self.watch.files[0].path
         source = describe_growing(head)
         if source is None:

@@ -227,6 +227,8 @@ def test_follow_stopped_and_killed_resumes_to_the_same_result(tmp_path: Path,
     try:
         proc = start_cli("follow", *args)
         wait_until(lambda: _markers(out) >= 1, proc, timeout=120)
+        second = run_cli("follow", *args[:-4], "--workers", "1", "--overwrite")
+        assert_clean_error(second, "being written by 'follow'")  # one writer at a time
         os.killpg(proc.pid, signal.SIGTERM)  # a batch system cancelling the job
         err = finish(proc)
         assert proc.returncode == 143, err
