@@ -119,6 +119,7 @@ class _DropTaskFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
         return not (text.startswith("Compute Failed")
+                    or text.startswith("Failed to communicate with scheduler during heartbeat")
                     or (text.startswith("Async instruction for")
                         and text.endswith("ended with CancelledError")))
 
@@ -129,7 +130,8 @@ class QuietTaskFailures(WorkerPlugin):
     Their standard error is the command's: a task that fails on bad input (a full disk, say)
     reaches the command as its exception, which it reports in one line; the worker's own
     report would add a traceback to the terminal, and one line per task cancelled after it.
-    Registered unless debug logging is on.
+    So would a worker whose heartbeat meets the scheduler already closed as the command ends
+    on an error. Registered unless debug logging is on.
     """
 
     name = "deepcad-chunked-quiet-task-failures"
