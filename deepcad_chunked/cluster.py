@@ -117,6 +117,10 @@ def _dashboard_address(host: str) -> str | None:
 
 class _DropTaskFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        from distributed.comm.core import CommClosedError
+
+        if record.exc_info and isinstance(record.exc_info[1], CommClosedError):
+            return False  # a peer gone as the cluster shuts down (a command ending, Ctrl-C)
         text = str(record.msg)
         return not (text.startswith("Compute Failed")
                     or text.startswith("Failed to communicate with scheduler during heartbeat")
@@ -130,8 +134,8 @@ class QuietTaskFailures(WorkerPlugin):
     Their standard error is the command's: a task that fails on bad input (a full disk, say)
     reaches the command as its exception, which it reports in one line; the worker's own
     report would add a traceback to the terminal, and one line per task cancelled after it.
-    So would a worker whose heartbeat meets the scheduler already closed as the command ends
-    on an error. Registered unless debug logging is on.
+    So would a worker that meets a closed connection (the scheduler's, another worker's) as
+    the cluster shuts down after an error or Ctrl-C. Registered unless debug logging is on.
     """
 
     name = "deepcad-chunked-quiet-task-failures"

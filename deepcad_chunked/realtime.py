@@ -238,6 +238,7 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
     env = None
     if cluster in (None, "local"):
         workers, env = inference_workers(workers)
+    _finished(outdir, ckpt, halo, config, folder)  # refused before a cluster is started
     outdir.mkdir(exist_ok=True)
     with connect(cluster, workers=workers, worker_env=env) as client:
         run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
@@ -296,33 +297,19 @@ class _Run:
 
     # ----------------------------------------------------------------- identities
     def _rec_identity(self) -> dict[str, Any]:
-        rec = self.config.recording
-        return {"source": str(self.folder), "pattern": self.config.pattern,
-                "chunks": list(rec.chunks) if rec.chunks else None,
-                "shards": list(rec.shards) if isinstance(rec.shards, tuple) else rec.shards,
-                "zarr_format": rec.zarr_format, "compression": rec.compression.model_dump(),
-                "frame_rate": rec.frame_rate}
+        return _recording_identity(self.folder, self.config)
 
     def _den_identity(self, rec_fingerprint: str) -> dict[str, Any]:
-        d = self.config.denoise
-        return {"input": str(self.rec_path), "input_job": rec_fingerprint,
-                "model": self.ckpt.digest, "block_frames": self.config.block_frames,
-                "halo": self.halo, "precision": d.precision, "dtype": d.dtype}
+        return _denoised_identity(self.outdir, rec_fingerprint, self.ckpt, self.halo,
+                                  self.config)
 
     # ----------------------------------------------------------------- the run
     def go(self) -> FollowResult:
         rec_fp = fingerprint(self._rec_identity())
-        rec_done = _finished_by(self.rec_path, rec_fp)
-        den_done = _finished_by(self.den_path, fingerprint(self._den_identity(rec_fp)))
-        if rec_done and den_done and not self.config.overwrite:
-            raise OutputExistsError(f"{self.outdir} already holds the finished {RECORDING} "
-                                    f"and {DENOISED}; pass --overwrite to start again")
-        if den_done and not self.config.overwrite:
-            raise OutputExistsError(f"{self.den_path} is complete but {RECORDING} is not; "
-                                    "pass --overwrite to start again")
+        rec_done = _finished(self.outdir, self.ckpt, self.halo, self.config, self.folder)
         self._plan_tasks()
         with ExitStack() as stack:
-            if rec_done and not self.config.overwrite:
+            if rec_done:
                 # held while it is read, so no other run replaces it meanwhile
                 stack.enter_context(WriterLock.acquire(self.rec_path / LOCK_NAME,
                                                        output=self.rec_path,
@@ -659,6 +646,47 @@ class _Run:
             self.rec_job.finalise(statistics=summary)
         assert self.den_job is not None
         self.den_job.finalise()
+
+
+def _recording_identity(folder: Path, config: FollowConfig) -> dict[str, Any]:
+    rec = config.recording
+    return {"source": str(folder), "pattern": config.pattern,
+            "chunks": list(rec.chunks) if rec.chunks else None,
+            "shards": list(rec.shards) if isinstance(rec.shards, tuple) else rec.shards,
+            "zarr_format": rec.zarr_format, "compression": rec.compression.model_dump(),
+            "frame_rate": rec.frame_rate}
+
+
+def _denoised_identity(outdir: Path, rec_fingerprint: str, ckpt: Checkpoint, halo: int,
+                       config: FollowConfig) -> dict[str, Any]:
+    d = config.denoise
+    return {"input": str(outdir / RECORDING), "input_job": rec_fingerprint,
+            "model": ckpt.digest, "block_frames": config.block_frames, "halo": halo,
+            "precision": d.precision, "dtype": d.dtype}
+
+
+def _finished(outdir: Path, ckpt: Checkpoint, halo: int, config: FollowConfig,
+              folder: Path) -> bool:
+    """Whether this job's ``recording.zarr`` is finished (only its denoising is left).
+
+    Raises
+    ------
+    OutputExistsError
+        When ``denoised.zarr`` is finished too (or alone), unless ``overwrite``.
+    """
+    rec_fp = fingerprint(_recording_identity(folder, config))
+    rec_done = _finished_by(outdir / RECORDING, rec_fp)
+    den_done = _finished_by(outdir / DENOISED,
+                            fingerprint(_denoised_identity(outdir, rec_fp, ckpt, halo, config)))
+    if config.overwrite:
+        return False
+    if rec_done and den_done:
+        raise OutputExistsError(f"{outdir} already holds the finished {RECORDING} and "
+                                f"{DENOISED}; pass --overwrite to start again")
+    if den_done:
+        raise OutputExistsError(f"{outdir / DENOISED} is complete but {RECORDING} is not; "
+                                "pass --overwrite to start again")
+    return rec_done
 
 
 def _finished_by(path: Path, job_fingerprint: str) -> bool:

@@ -219,8 +219,9 @@ def test_follow_stopped_and_killed_resumes_to_the_same_result(tmp_path: Path,
                                                               loud_model: Path,
                                                               client: Client) -> None:
     source, out = tmp_path / "src", tmp_path / "out"
+    # no STOP until the test writes it: no run can finish before it is stopped
     writer = threading.Thread(target=acquire, args=(source, _simulation(480, seed=5)),
-                              kwargs={"rate": 40.0, "frames_per_file": 100, "stop": True})
+                              kwargs={"rate": 40.0, "frames_per_file": 100})
     writer.start()
     args = (str(_wait_for(source)), "-m", str(loud_model), "-o", str(out), "--dtype",
             "float32", "--workers", "1", "--idle-timeout", "60")
@@ -240,6 +241,8 @@ def test_follow_stopped_and_killed_resumes_to_the_same_result(tmp_path: Path,
         wait_until(lambda: _markers(out) > before, proc, timeout=120)
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to tidy up
         finish(proc)
+        writer.join()
+        (source / STOP_FILE).touch()
         done = run_cli("follow", *args, timeout=300)
         assert done.returncode == 0, done.stderr
         assert "resuming" in done.stderr
