@@ -48,7 +48,7 @@ from deepcad_chunked.infer.predict import (
     mirror_indices,
 )
 from deepcad_chunked.io.convert import create_recording, resolve_chunks
-from deepcad_chunked.io.growing import FolderWatch
+from deepcad_chunked.io.growing import STOP_FILE, FolderWatch
 from deepcad_chunked.io.lifecycle import (
     LOCK_NAME,
     StoreJob,
@@ -345,6 +345,10 @@ class _Run:
         self.gpu = advertises_gpus(self.client)
 
     def _loop(self) -> None:
+        if not self.ingest_done:
+            log.info("watching %s for %s; the acquisition ends after %g s without a new frame "
+                     "or when a file %s appears there", self.folder,
+                     self.config.pattern or "TIFF files", self.config.idle_timeout, STOP_FILE)
         last_frame = time.monotonic()
         while not self.ingest_done:
             ended = (self.watch.stop_requested()
