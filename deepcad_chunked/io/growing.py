@@ -150,26 +150,34 @@ class GrowingTiff:
             return False
         return True
 
+    @property
+    def _sizes(self) -> tuple[int, int, int]:
+        """Bytes of an IFD's entry count, of one entry, and of an offset (or inline value)."""
+        return (8, 20, 8) if self._big else (2, 12, 4)
+
+    def _count(self, fh: Any, offset: int) -> int:
+        """The entry count of the IFD at ``offset``."""
+        fh.seek(offset)
+        return struct.unpack(f"{self._order}{'Q' if self._big else 'H'}",
+                             fh.read(self._sizes[0]))[0]
+
+    def _offset(self, raw: bytes) -> int:
+        return struct.unpack(f"{self._order}{'Q' if self._big else 'I'}", raw)[0]
+
     def _started(self, fh: Any, offset: int) -> bool:
         """Whether the IFD at ``offset`` is written whole (a hole or a tail reads as not)."""
-        count_size, entry_size, next_size = (8, 20, 8) if self._big else (2, 12, 4)
+        count_size, entry_size, next_size = self._sizes
         if offset + count_size > self._size:
             return False
-        fh.seek(offset)
-        count = struct.unpack(f"{self._order}{'Q' if self._big else 'H'}",
-                              fh.read(count_size))[0]
+        count = self._count(fh, offset)
         return count > 0 and offset + count_size + count * entry_size + next_size <= self._size
 
     def _walk(self, fh: Any) -> None:
-        count_size, entry_size, next_size = (8, 20, 8) if self._big else (2, 12, 4)
-        code = "Q" if self._big else "I"
+        count_size, entry_size, next_size = self._sizes
         while self._ifds:
             last = self._ifds[-1]
-            fh.seek(last)
-            count = struct.unpack(f"{self._order}{'Q' if self._big else 'H'}",
-                                  fh.read(count_size))[0]
-            fh.seek(last + count_size + count * entry_size)
-            following = struct.unpack(f"{self._order}{code}", fh.read(next_size))[0]
+            fh.seek(last + count_size + self._count(fh, last) * entry_size)
+            following = self._offset(fh.read(next_size))
             if not following or not self._started(fh, following):
                 return
             if following in self._ifds:
@@ -177,25 +185,20 @@ class GrowingTiff:
             self._ifds.append(following)
 
     def _tags(self, fh: Any, offset: int) -> dict[int, tuple[int, ...]]:
-        count_size, entry_size = (8, 20) if self._big else (2, 12)
-        inline = 8 if self._big else 4
-        fh.seek(offset)
-        count = struct.unpack(f"{self._order}{'Q' if self._big else 'H'}",
-                              fh.read(count_size))[0]
+        _, entry_size, inline = self._sizes
+        count = self._count(fh, offset)
         raw = fh.read(count * entry_size)
         tags: dict[int, tuple[int, ...]] = {}
         for i in range(count):
             entry = raw[i * entry_size:(i + 1) * entry_size]
             tag, kind = struct.unpack(f"{self._order}HH", entry[:4])
-            n = struct.unpack(f"{self._order}{'Q' if self._big else 'I'}",
-                              entry[4:4 + inline])[0]
+            n = self._offset(entry[4:4 + inline])
             if kind not in _TYPE_CODES:
                 continue  # text, rationals, floats: nothing a frame's layout needs
             nbytes = n * _TYPE_SIZES[kind]
             value = entry[4 + inline:]
             if nbytes > inline:
-                where = struct.unpack(f"{self._order}{'Q' if self._big else 'I'}", value)[0]
-                fh.seek(where)
+                fh.seek(self._offset(value))
                 value = fh.read(nbytes)
                 if len(value) < nbytes:
                     raise SourceError(f"{self.path} ends in a half-written page (page "
