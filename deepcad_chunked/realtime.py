@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,11 +35,16 @@ import numpy as np
 import zarr
 from distributed import Client, Future
 
-from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
 from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
-from deepcad_chunked.infer.denoise import cast_samples, forward_budget, pin_model, require_finite
+from deepcad_chunked.infer.denoise import (
+    cast_samples,
+    create_denoised,
+    forward_budget,
+    pin_model,
+    require_finite,
+)
 from deepcad_chunked.infer.predict import (
     check_halo,
     default_halo,
@@ -54,7 +58,6 @@ from deepcad_chunked.io.lifecycle import (
     StoreJob,
     check_disjoint,
     fingerprint,
-    now,
     open_store,
     writing,
 )
@@ -63,9 +66,7 @@ from deepcad_chunked.io.lock import WriterLock
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     ATTRS_KEY,
-    Compression,
     Recording,
-    create_image,
     open_recording,
     read_group_attrs,
     update_attrs,
@@ -238,12 +239,12 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
     env = None
     if cluster in (None, "local"):
         workers, env = inference_workers(workers)
-    _finished(outdir, ckpt, halo, config, folder)  # refused before a cluster is started
+    rec_done = _finished(outdir, ckpt, halo, config, folder)  # before a cluster is started
     outdir.mkdir(exist_ok=True)
     with connect(cluster, workers=workers, worker_env=env) as client:
         run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
                    model_path=model_path, halo=halo, config=config, on_block=on_block)
-        return run.go()
+        return run.go(rec_done)
 
 
 @dataclass
@@ -268,7 +269,6 @@ class _Run:
     done_units: set[int] = field(default_factory=set)
     next_unit: int = 0
     running: dict[Future, tuple[int, int]] = field(default_factory=dict)
-    denoised_upto: int = 0
     lags: list[float] = field(default_factory=list)
     norm: tuple[float, float] | None = None
     slots: int = 1
@@ -295,18 +295,13 @@ class _Run:
     def den_path(self) -> Path:
         return self.outdir / DENOISED
 
-    # ----------------------------------------------------------------- identities
-    def _rec_identity(self) -> dict[str, Any]:
-        return _recording_identity(self.folder, self.config)
-
-    def _den_identity(self, rec_fingerprint: str) -> dict[str, Any]:
-        return _denoised_identity(self.outdir, rec_fingerprint, self.ckpt, self.halo,
-                                  self.config)
-
     # ----------------------------------------------------------------- the run
-    def go(self) -> FollowResult:
-        rec_fp = fingerprint(self._rec_identity())
-        rec_done = _finished(self.outdir, self.ckpt, self.halo, self.config, self.folder)
+    def go(self, rec_done: bool) -> FollowResult:
+        """Follow the acquisition to its end; only denoise when ``rec_done`` (this job's
+        recording store is finished)."""
+        rec_identity = _recording_identity(self.folder, self.config)
+        den_identity = _denoised_identity(self.outdir, fingerprint(rec_identity), self.ckpt,
+                                          self.halo, self.config)
         self._plan_tasks()
         with ExitStack() as stack:
             if rec_done:
@@ -319,12 +314,12 @@ class _Run:
                 log.info("%s is complete; finishing %s", self.rec_path, self.den_path)
             else:
                 self.rec_job = stack.enter_context(open_store(
-                    self.rec_path, command="follow", identity=self._rec_identity(),
+                    self.rec_path, command="follow", identity=rec_identity,
                     inputs=[self.folder, self.model_path], overwrite=self.config.overwrite))
                 if self.rec_job.resuming:
                     self._resume_recording()
             self.den_job = stack.enter_context(open_store(
-                self.den_path, command="follow", identity=self._den_identity(rec_fp),
+                self.den_path, command="follow", identity=den_identity,
                 inputs=[self.rec_path, self.model_path], overwrite=self.config.overwrite))
             if self.den_job.resuming:
                 self._resume_denoised()
@@ -360,16 +355,16 @@ class _Run:
             if ended or self._flush_due():
                 self._flush()
             if ended:
-                if self._frames() < 2:
+                if self.stored < 2:
                     raise SourceError(f"no recording arrived in {self.folder} ("
-                                      f"{self._frames()} frame(s) before the "
+                                      f"{self.stored} frame(s) before the "
                                       + ("STOP file" if self.watch.stop_requested() else
                                          f"{self.config.idle_timeout:g} s idle timeout")
                                       + "); nothing was written")
                 self.ingest_done = True
                 log.info("the acquisition ended (%s) after %d frames; denoising the last "
                          "ones", "STOP" if self.watch.stop_requested() else "idle timeout",
-                         self._frames())
+                         self.stored)
                 break
             self._finish_tasks(wait=False)
             self._submit(final=False)
@@ -393,10 +388,6 @@ class _Run:
             self.ingest.since = time.time()
         self.ingest.pending.append(frames)
         self.seen.extend([time.time()] * len(frames))
-
-    def _frames(self) -> int:
-        """Frames in the recording store."""
-        return self.stored
 
     def _flush(self) -> None:
         if not self.ingest.waiting:
@@ -501,26 +492,15 @@ class _Run:
         d = self.config.denoise
         dtype = rec.dtype if d.dtype == "same" else np.dtype(np.float32)
         unit = self.config.block_frames
-        chunks = (unit, *rec.chunks[1:])
-        shards = (unit, *rec.shards[1:]) if rec.shards else None
-        scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
-        units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
-        keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
-        attrs = {"format": 1, "kind": "denoised", "complete": False,
-                 "job": self.den_job.job_attrs(), **{k: rec.attrs.get(k) for k in keep},
-                 "model": {"path": str(self.model_path), "digest": self.ckpt.digest},
-                 "parameters": {"block_frames": unit, "halo": self.halo,
-                                "precision": d.precision, "dtype": dtype.name,
-                                "device": self.device},
-                 "provenance": {"tool": "deepcad-chunked", "version": __version__,
-                                "started": now(), "host": socket.gethostname(),
-                                "input": str(self.rec_path), "while_acquired": True}}
         job = self.den_job
-        job.create(lambda: create_image(
-            self.den_path, shape=(0, *rec.shape[1:]), dtype=dtype, chunks=chunks,
-            axes=rec.axes, scale=scale, units=units, zarr_format=rec.zarr_format,
-            compression=Compression(), attrs=attrs, shards=shards))
-        job.resuming = True
+        job.create(lambda: create_denoised(
+            self.den_path, rec, shape=(0, *rec.shape[1:]), dtype=dtype,
+            chunks=(unit, *rec.chunks[1:]),
+            shards=(unit, *rec.shards[1:]) if rec.shards else None, store=job,
+            model_path=self.model_path, digest=self.ckpt.digest,
+            parameters={"block_frames": unit, "halo": self.halo, "precision": d.precision,
+                        "dtype": dtype.name, "device": self.device},
+            input=str(self.rec_path), while_acquired=True))
 
     def _normalisation(self, frames: int) -> tuple[float, float]:
         """The model's (mean, std); a DeepCAD-RT model's mean from the first block's frames,
@@ -546,7 +526,7 @@ class _Run:
             self.next_unit += 1
 
     def _submit(self, final: bool) -> None:
-        frames = self._frames()
+        frames = self.stored
         unit = self.config.block_frames
         units = math.ceil(frames / unit) if final else (frames - self.halo) // unit
         per_task = self.config.max_block_frames // unit
@@ -606,7 +586,6 @@ class _Run:
         while self.seen and self.seen_base < self._contiguous_done():
             self.seen.popleft()
             self.seen_base += 1
-        self.denoised_upto = max(self.denoised_upto, self._contiguous_done())
         if self.on_block is not None:
             self.on_block(start, stop, stored)
         if last is not None and time.monotonic() - self.last_preview > PREVIEW_S:
@@ -620,14 +599,14 @@ class _Run:
         """Frames denoised from the first on, without a gap."""
         while self.contiguous in self.done_units:
             self.contiguous += 1
-        return min(self.contiguous * self.config.block_frames, self._frames())
+        return min(self.contiguous * self.config.block_frames, self.stored)
 
     def _status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_status < STATUS_S:
             return
         self.last_status = time.monotonic()
-        acquired = self._frames() + self.ingest.waiting
-        done = self.denoised_upto
+        acquired = self.stored + self.ingest.waiting
+        done = self._contiguous_done()
         lag_s = (time.time() - self.seen[0]) if self.seen and acquired > done else 0.0
         newest = self.watch.files[-1].path.name if self.watch.files else "no file yet"
         log.info("acquired %d frames (%s), denoised %d: lag %d frames, %.1f s", acquired,

@@ -348,6 +348,22 @@ def pin_model(store: StoreJob, ckpt: Checkpoint) -> StorePath:
 def _create_output(output: StorePath, rec: Recording, dtype: np.dtype, store: StoreJob,
                    digest: str, model_path: StorePath, layout: Layout,
                    config: DenoiseConfig) -> None:
+    chunks, shards = output_layout(rec, layout)
+    create_denoised(output, rec, shape=rec.shape, dtype=dtype, chunks=chunks, shards=shards,
+                    store=store, model_path=model_path, digest=digest,
+                    parameters={"block": list(layout.block), "halo": layout.halo,
+                                "precision": config.precision, "dtype": dtype.name,
+                                "device": layout.device},
+                    input=str(rec.path.absolute()))
+
+
+def create_denoised(output: StorePath, rec: Recording, *, shape: tuple[int, ...],
+                    dtype: np.dtype, chunks: tuple[int, ...], shards: tuple[int, ...] | None,
+                    store: StoreJob, model_path: StorePath, digest: str,
+                    parameters: dict[str, Any], **provenance: Any) -> None:
+    """Create the (empty, unfinished) store of a denoised recording: the input's axes, scales
+    and physical sizes, the model and the job's parameters, ``provenance`` added to the
+    tool, version, start time and host."""
     scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
     units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
     keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
@@ -356,14 +372,11 @@ def _create_output(output: StorePath, rec: Recording, dtype: np.dtype, store: St
         "job": store.job_attrs(),
         **{k: rec.attrs.get(k) for k in keep},
         "model": {"path": str(model_path), "digest": digest},
-        "parameters": {"block": list(layout.block), "halo": layout.halo,
-                       "precision": config.precision, "dtype": dtype.name,
-                       "device": layout.device},
+        "parameters": parameters,
         "provenance": {"tool": "deepcad-chunked", "version": __version__, "started": now(),
-                       "host": socket.gethostname(), "input": str(rec.path.absolute())},
+                       "host": socket.gethostname(), **provenance},
     }
-    chunks, shards = output_layout(rec, layout)
-    create_image(output, shape=rec.shape, dtype=dtype, chunks=chunks, axes=rec.axes,
+    create_image(output, shape=shape, dtype=dtype, chunks=chunks, axes=rec.axes,
                  scale=scale, units=units, zarr_format=rec.zarr_format,
                  compression=Compression(), attrs=attrs, shards=shards)
 
