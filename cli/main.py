@@ -18,7 +18,16 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from deepcad_chunked.cli.live import add_follow
-from deepcad_chunked.cli.options import add_cluster_options, cluster_of, shard, size, triple
+from deepcad_chunked.cli.options import (
+    SOURCES_HELP,
+    add_cluster_options,
+    add_source_options,
+    cluster_of,
+    shard,
+    size,
+    source_options,
+    triple,
+)
 from deepcad_chunked.cli.workflow import add_commands
 
 from deepcad_chunked import interrupt
@@ -38,11 +47,12 @@ EXIT_BROKEN_PIPE = 141
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     from deepcad_chunked.config import DEFAULT_CHUNKS, CompressionConfig
 
-    p = sub.add_parser("convert", help="convert a TIFF archive into a chunked OME-Zarr store",
-                       description="Convert TIFF file(s) — one file, several files, a glob or a "
-                       "directory, joined in natural sort order — into an OME-Zarr recording, "
-                       "losslessly and out of core. An interrupted run resumes when rerun.")
-    p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
+    p = sub.add_parser("convert", help="convert a recording into a chunked OME-Zarr store",
+                       description="Convert a recording — TIFF, HDF5, NWB, a Suite2p plane "
+                       "folder or raw binary; one file, several files, a glob or a directory, "
+                       "joined in natural sort order — into an OME-Zarr recording, losslessly "
+                       "and out of core. An interrupted run resumes when rerun.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="store to write")
     p.add_argument("--chunks", type=triple, metavar="T,Y,X",
                    help=f"storage chunk shape (default {','.join(map(str, DEFAULT_CHUNKS))})")
@@ -52,8 +62,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                    help="3: Zarr v3 + NGFF 0.5, sharded (default); 2: Zarr v2 + NGFF 0.4, "
                    "one file per chunk")
-    p.add_argument("--frame-rate", type=float, metavar="HZ",
-                   help="frames per second, overriding the files' metadata")
+    add_source_options(p)
     p.add_argument("--compression", metavar="CODEC", help="Blosc codec: zstd, lz4, lz4hc, "
                    f"zlib, blosclz (default {_default(CompressionConfig, 'cname')})")
     p.add_argument("--clevel", type=int, help="compression level 0-9 (default "
@@ -70,7 +79,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     config = ConvertConfig.build(
         chunks=args.chunks, zarr_format=args.zarr_format,
         shards=args.shard,
-        frame_rate=args.frame_rate,
+        **source_options(args),
         compression=CompressionConfig.build(**{k: v for k, v in (
             ("cname", args.compression), ("clevel", args.clevel)) if v is not None}),
         overwrite=args.overwrite)
@@ -244,13 +253,19 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="stream a store back to a BigTIFF",
-                       description="Write a recording to an OME-TIFF (BigTIFF), one page per "
-                       "frame, dtype kept, out of core.")
+    p = sub.add_parser("export", help="write a store to TIFF, HDF5, NWB or Suite2p",
+                       description="Write a recording, out of core, to an OME-TIFF (BigTIFF, "
+                       "one page per frame, dtype kept), an HDF5 dataset (OUT.h5[:/dataset], "
+                       "default /data), a new NWB file (keeping the session, device and imaging "
+                       "plane of an NWB source) or a Suite2p plane folder (data.bin + ops.npy, "
+                       "int16). The format comes from the suffix, or --format.")
     p.add_argument("source", metavar="IN.zarr",
                    help="recording store: ours, an OME-Zarr image or a Zarr array")
     _add_axes(p)
-    p.add_argument("-o", "--output", required=True, metavar="OUT.tif", help="TIFF to write")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="file to write (.tif, .h5, .nwb) or, with --format suite2p, a folder")
+    p.add_argument("--format", choices=("tiff", "hdf5", "nwb", "suite2p"),
+                   help="output format (default: from the output's suffix)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_run_export)
@@ -260,7 +275,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.export import export
 
     path = export(args.source, args.output, overwrite=args.overwrite,
-                  progress=False if args.no_progress else None, axes=args.axes)
+                  progress=False if args.no_progress else None, axes=args.axes,
+                  format=args.format)
     log.info("wrote %s", path)
     return 0
 

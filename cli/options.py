@@ -10,6 +10,10 @@ from typing import Any
 
 from deepcad_chunked.errors import DeepCADError
 
+#: What a command that reads sources takes.
+SOURCES_HELP = ("TIFF file, HDF5 (FILE.h5[:/dataset]), NWB (FILE.nwb[:Series], or an https:// "
+                "URL), Suite2p plane folder, raw binary (with --raw-shape), glob or directory")
+
 
 def _integers(text: str, axes: str) -> tuple[int, ...]:
     try:
@@ -136,3 +140,40 @@ def cluster_of(args: argparse.Namespace, *, workers: int | None = None) -> Itera
     options = JobQueueOptions.build(**given)
     with connect(args.cluster, workers=workers, jobqueue=options) as client:
         yield client
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """``--frame-rate``, ``--pixel-size`` and the layout of raw binary sources."""
+    p.add_argument("--frame-rate", type=float, metavar="HZ",
+                   help="frames per second, overriding the files' metadata")
+    p.add_argument("--pixel-size", type=float, metavar="UM",
+                   help="pixel size in µm, overriding the files' metadata")
+    raw = p.add_argument_group("raw binary sources (files without a header)")
+    raw.add_argument("--raw-shape", metavar="T,Y,X",
+                     help="frames, height, width (T = -1: as many frames as the file holds)")
+    raw.add_argument("--raw-dtype", metavar="TYPE",
+                     help="sample type: uint16 (default), int16, float32, >u2 (big-endian), …")
+    raw.add_argument("--raw-order", choices=("C", "F"),
+                     help="C: frame after frame (default); F: Fortran order, t fastest")
+    raw.add_argument("--raw-offset", type=int, metavar="BYTES",
+                     help="bytes to skip at the start of each file (default 0)")
+
+
+def source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``frame_rate``, ``pixel_size`` and ``raw`` of a ConvertConfig, from the options of
+    :func:`add_source_options`."""
+    from deepcad_chunked.config import RawLayout
+
+    given = {k: getattr(args, f"raw_{k}") for k in ("dtype", "order", "offset")
+             if getattr(args, f"raw_{k}") is not None}
+    if args.raw_shape is None:
+        if given:
+            raise DeepCADError(f"--raw-{next(iter(given))} needs --raw-shape T,Y,X")
+        layout = None
+    else:
+        try:
+            shape = _integers(args.raw_shape, "T,Y,X")
+        except argparse.ArgumentTypeError as exc:
+            raise DeepCADError(f"--raw-shape: {exc}") from None
+        layout = RawLayout.build(shape=shape, **given)
+    return {"frame_rate": args.frame_rate, "pixel_size": args.pixel_size, "raw": layout}

@@ -7,7 +7,16 @@ import json
 import logging
 from typing import Any
 
-from deepcad_chunked.cli.options import add_cluster_options, cluster_of, pair, region, triple
+from deepcad_chunked.cli.options import (
+    SOURCES_HELP,
+    add_cluster_options,
+    add_source_options,
+    cluster_of,
+    pair,
+    region,
+    source_options,
+    triple,
+)
 
 log = logging.getLogger("deepcad_chunked.cli")
 
@@ -100,12 +109,13 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="convert, train and denoise in one command",
-                       description="Convert the TIFF archive, train the denoiser on it and "
+                       description="Convert the recording, train the denoiser on it and "
                        "denoise it, into OUTDIR (recording.zarr, model/, denoised.zarr, and "
                        "denoised.ome.tif with --export). Rerunning carries on where an "
                        "interrupted run stopped.")
-    p.add_argument("sources", nargs="+", metavar="SRC", help="TIFF file, glob or directory")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to fill")
+    add_source_options(p)
     _train_options(p)
     p.add_argument("--dtype", choices=("same", "float32"),
                    help="denoised samples: the input's dtype (default) or float32")
@@ -117,12 +127,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from deepcad_chunked.config import DenoiseConfig
+    from deepcad_chunked.config import ConvertConfig, DenoiseConfig
     from deepcad_chunked.pipeline import run
 
     denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
+    recording = ConvertConfig.build(**source_options(args))
     with cluster_of(args) as cluster:
         result = run(args.sources, args.output, train_config=_train_config(args),
+                     convert_config=recording,
                      denoise_config=denoise, export_tiff=args.export, cluster=cluster,
                      workers=args.workers, progress=False if args.no_progress else None,
                      overwrite=args.overwrite)

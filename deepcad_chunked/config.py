@@ -46,6 +46,50 @@ class CompressionConfig(_Config):
     shuffle: Literal["bitshuffle", "shuffle", "noshuffle"] = "bitshuffle"
 
 
+class RawLayout(_Config):
+    """How the samples of a headerless raw binary file are laid out.
+
+    Attributes
+    ----------
+    shape : (t, y, x)
+        Frames, height and width; ``t = -1`` takes as many frames as the file holds.
+    dtype : str
+        Sample type as numpy spells it (``uint16``, ``<i2``, ``>f4``); no byte order means the
+        machine's.
+    order : {"C", "F"}
+        ``C``: frame after frame, rows of x (the usual); ``F``: Fortran order, t fastest.
+    offset : int
+        Bytes to skip at the start of the file (a header).
+    """
+
+    shape: tuple[int, int, int]
+    dtype: str = "uint16"
+    order: Literal["C", "F"] = "C"
+    offset: int = Field(0, ge=0)
+
+    @field_validator("shape")
+    @classmethod
+    def _sizes(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        t, y, x = value
+        if y < 1 or x < 1 or (t < 1 and t != -1):
+            raise ValueError(f"sizes must be positive (t may be -1: as many frames as the file "
+                             f"holds), got {','.join(map(str, value))}")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _numeric(cls, value: str) -> str:
+        import numpy as np
+
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            raise ValueError(f"{value!r} is not a numpy dtype") from None
+        if dtype.kind not in "uif" or dtype.itemsize > 8:
+            raise ValueError(f"{value!r} is not an integer or floating-point sample type")
+        return value
+
+
 class ConvertConfig(_Config):
     """Options of :func:`deepcad_chunked.convert`.
 
@@ -61,6 +105,10 @@ class ConvertConfig(_Config):
         :data:`SHARD_BYTES`; ``none`` stores one file per chunk. Zarr v2 has no shards.
     frame_rate : float or None
         Frames per second, overriding the files' metadata.
+    pixel_size : float or None
+        Pixel size in micrometres, overriding the files' metadata.
+    raw : RawLayout or None
+        Read every source as headerless raw binary of this layout.
     compression : CompressionConfig
         Chunk compressor.
     overwrite : bool
@@ -71,6 +119,8 @@ class ConvertConfig(_Config):
     zarr_format: Literal[2, 3] = 3
     shards: tuple[int, int, int] | Literal["auto", "none"] = "auto"
     frame_rate: float | None = Field(None, gt=0)
+    pixel_size: float | None = Field(None, gt=0)
+    raw: RawLayout | None = None
     compression: CompressionConfig = CompressionConfig()
     overwrite: bool = False
 

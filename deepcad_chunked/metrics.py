@@ -24,6 +24,7 @@ from scipy import ndimage, sparse
 
 from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.io.location import RemotePath, resolve
+from deepcad_chunked.io.sources import file_of, open_sources
 from deepcad_chunked.simulate import Footprint, load_truth, output_paths
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,19 @@ DARK_WINDOW = 16
 
 
 class Frames:
-    """A ``(t, y, x)`` recording in an OME-Zarr store or a TIFF file, read by frame ranges."""
+    """A ``(t, y, x)`` recording in an OME-Zarr store or any source format
+    (:mod:`deepcad_chunked.io.sources`: TIFF, HDF5, NWB, Suite2p), read by frame ranges."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = resolve(path)
-        if not self.path.exists():
-            raise SourceError(f"{self.path} does not exist")
-        if isinstance(self.path, RemotePath) and not self.path.is_dir():
-            raise SourceError(f"{self.path}: TIFF files are read from local paths (stores may "
-                              "be URLs)")
-        if self.path.is_dir():
-            from deepcad_chunked.io.omezarr import open_recording
+        from deepcad_chunked.io.omezarr import is_zarr_store, open_recording
 
+        text = str(path)
+        self.path = resolve(path)
+        web = text.startswith(("http://", "https://"))
+        if not web and not (self.path.exists() if isinstance(self.path, RemotePath)
+                            else Path(file_of(text)).exists()):
+            raise SourceError(f"{self.path} does not exist")
+        if not web and is_zarr_store(self.path):
             rec = open_recording(self.path)
             if rec.axes != ("t", "y", "x"):
                 raise SourceError(f"{self.path} has axes {','.join(rec.axes)}; evaluation "
@@ -56,13 +58,14 @@ class Frames:
             self._array = rec.array
             self.shape = tuple(rec.shape)
             self._read = lambda a, b: np.asarray(self._array[a:b])
+        elif isinstance(self.path, RemotePath) and not web:
+            raise SourceError(f"{self.path}: source files are read from local paths or http(s) "
+                              "URLs (stores may be any URL)")
         else:
-            from deepcad_chunked.io.tiff import plan_sources
-
-            plan = plan_sources([self.path])
-            if plan.first.extra:
+            plan = open_sources([text])
+            if plan.first.axes != ("t", "y", "x"):
                 raise SourceError(f"{self.path} has more axes than t, y, x")
-            self.shape = (plan.frames, plan.first.height, plan.first.width)
+            self.shape = (plan.frames, *plan.first.frame_shape)
             self._read = plan.read
 
     def read(self, start: int, stop: int) -> np.ndarray:

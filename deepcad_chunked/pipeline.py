@@ -28,8 +28,9 @@ from deepcad_chunked.config import (
 from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.io import convert, export, open_recording
 from deepcad_chunked.io.lifecycle import check_disjoint, open_folder, remove_store
+from deepcad_chunked.io.location import is_url
 from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
-from deepcad_chunked.io.sources import GLOB_CHARS, discover_sources
+from deepcad_chunked.io.sources import GLOB_CHARS, discover_sources, file_of, open_sources
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,11 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
     """
     outdir = Path(outdir).expanduser().absolute()
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
-    files = [str(p) for p in discover_sources(named)]
-    folders = [str(Path(p).expanduser()) for p in named if Path(p).expanduser().is_dir()]
+    raw = convert_config.raw if convert_config else None
+    specs = discover_sources(named, raw)
+    files = list(dict.fromkeys(file_of(s) for s in specs if not is_url(s)))
+    folders = [str(Path(p).expanduser()) for p in named
+               if not is_url(str(p)) and Path(p).expanduser().is_dir()]
     store, run_dir = outdir / "recording.zarr", outdir / "model"
     denoised, exported = outdir / "denoised.zarr", outdir / "denoised.ome.tif"
     for product in (store, run_dir, denoised, exported):  # before anything is touched
@@ -110,12 +114,12 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
             if _complete(store):
                 converted = list(dict.fromkeys(
                     s["path"] for s in open_recording(store).attrs["provenance"]["sources"]))
-                if converted != files:
+                if converted != open_sources(specs, raw).paths:
                     raise OutputExistsError(f"{store} was converted from other files; pass "
                                             "--overwrite to start again")
                 log.info("%s is already converted", store)
             else:
-                convert(files, store, config=convert_config, cluster=client, progress=progress)
+                convert(specs, store, config=convert_config, cluster=client, progress=progress)
             result = _train(store, run_dir, train_config, progress,
                             None if _is_local(cluster) else client)
             if _complete(denoised):

@@ -71,8 +71,8 @@ from deepcad_chunked.io.omezarr import (
     read_group_attrs,
     update_attrs,
 )
+from deepcad_chunked.io.sources import watch_folder
 from deepcad_chunked.io.stats import BlockStats
-from deepcad_chunked.io.tiff import describe_growing
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 
@@ -285,7 +285,7 @@ class _Run:
     contiguous: int = 0
 
     def __post_init__(self) -> None:
-        self.watch = FolderWatch(self.folder, self.config.pattern)
+        self.watch = watch_folder(self.folder, self.config.pattern)
 
     @property
     def rec_path(self) -> Path:
@@ -427,7 +427,7 @@ class _Run:
         """Create the recording store, shaped like the first frames, with the first file's
         metadata."""
         head = self.watch.files[0].path
-        source = describe_growing(head)
+        source = self.watch.describe()
         if source is None:
             raise SourceError(f"{head} cannot be read as TIFF")
         if source.extra or source.strides["t"] != 1:

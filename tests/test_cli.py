@@ -76,7 +76,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "truncated": (["convert", str(trunc), "-o", out], ("truncated",)),
         "frame shapes differ": (["convert", str(tmp / "mixed"), "-o", out], ("m_2.tif",)),
         "dtypes differ": (["convert", str(tmp / "mixdt"), "-o", out], ("float32",)),
-        "empty directory": (["convert", str(tmp / "empty"), "-o", out], ("no TIFF",)),
+        "empty directory": (["convert", str(tmp / "empty"), "-o", out], ("no recording files",)),
         "output exists": (["convert", str(good), "-o", str(tmp / "exists.zarr")],
                           ("already exists", "--overwrite")),
         "no parent folder": (["convert", str(good), "-o", str(tmp / "no" / "such" / "o.zarr")],

@@ -366,7 +366,7 @@ def create_denoised(output: StorePath, rec: Recording, *, shape: tuple[int, ...]
     tool, version, start time and host."""
     scale = rec.ome["datasets"][0]["coordinateTransformations"][0]["scale"]
     units = {a["name"]: a.get("unit") for a in rec.ome["axes"]}
-    keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um")
+    keep = ("frame_interval_s", "frame_rate_hz", "pixel_size_um", "z_spacing_um", "origin")
     attrs = {
         "format": 1, "kind": "denoised", "complete": False,
         "job": store.job_attrs(),

@@ -1,11 +1,12 @@
-"""Lossless, out-of-core, resumable conversion of TIFF archives into OME-Zarr.
+"""Lossless, out-of-core, resumable conversion of recordings into OME-Zarr.
 
-The recording is cut into *slabs*: one shard's worth of frames (one chunk's in an unsharded
-store) across the whole frame. Each slab is one task on the dask cluster: it reads its frames
-from the TIFF file(s), writes them to the store (whole shards, so no two tasks touch one file),
-summarises them for the whole-recording statistics and leaves a marker with that summary. A
-rerun after an interruption skips slabs that have a marker; the statistics and completion flag
-are written last.
+The sources are any format :mod:`deepcad_chunked.io.sources` reads (TIFF, HDF5, NWB, Suite2p,
+raw binary). The recording is cut into *slabs*: one shard's worth of frames (one chunk's in an
+unsharded store) across the whole frame. Each slab is one task on the dask cluster: it reads its
+frames from the source file(s), writes them to the store (whole shards, so no two tasks touch
+one file), summarises them for the whole-recording statistics and leaves a marker with that
+summary. A rerun after an interruption skips slabs that have a marker; the statistics and
+completion flag are written last.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from deepcad_chunked.io.lifecycle import (
     open_store,
     writing,
 )
-from deepcad_chunked.io.location import RemotePath, StorePath, file_state, resolve
+from deepcad_chunked.io.location import RemotePath, StorePath, file_state, is_url, resolve
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
     Compression,
@@ -44,9 +45,9 @@ from deepcad_chunked.io.omezarr import (
     open_for_writing,
     open_recording,
 )
-from deepcad_chunked.io.sources import discover_sources
+from deepcad_chunked.io.reader import Part, PhysicalMetadata, SourcePlan
+from deepcad_chunked.io.sources import open_sources
 from deepcad_chunked.io.stats import BlockStats
-from deepcad_chunked.io.tiff import PhysicalMetadata, SourcePlan, TiffSource, plan_sources
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,16 @@ def _identity(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
     }
 
 
-def scales(meta: PhysicalMetadata, frame_rate: float | None) -> dict[str, Any]:
+def scales(meta: PhysicalMetadata, frame_rate: float | None,
+           pixel_size: float | None = None) -> dict[str, Any]:
     """The physical scales a recording store records, from its first file's metadata (a
-    given frame rate overrides the file's)."""
+    given frame rate or pixel size overrides the file's)."""
     interval = 1.0 / frame_rate if frame_rate else meta.frame_interval_s
+    size = (pixel_size, pixel_size) if pixel_size else meta.pixel_size_um
     return {
         "frame_interval_s": interval,
         "frame_rate_hz": None if not interval else 1.0 / interval,
-        "pixel_size_um": list(meta.pixel_size_um) if meta.pixel_size_um else None,
+        "pixel_size_um": list(size) if size else None,
         "z_spacing_um": meta.z_spacing_um,
     }
 
@@ -163,12 +166,14 @@ def _ngff_scale(axes: tuple[str, ...], scales: dict[str, Any]
 def convert(sources: str | Path | Sequence[str | Path], output: str | Path | RemotePath, *,
             config: ConvertConfig | None = None, cluster: str | Client | None = "local",
             workers: int | None = None, progress: bool | None = None) -> Recording:
-    """Convert a TIFF archive into a chunked OME-Zarr recording, out of core.
+    """Convert a recording into a chunked OME-Zarr store, out of core.
 
     Parameters
     ----------
-    sources : path, glob, directory, or a sequence of them
-        The TIFF file(s) of one recording, joined in natural sort order.
+    sources : source, glob, folder, or a sequence of them
+        The file(s) of one recording, joined in natural sort order: TIFF, HDF5
+        (``rec.h5[:/dataset]``), NWB (``rec.nwb[:Series]``, local or ``https://``), a Suite2p
+        plane folder, or raw binary (with ``config.raw``).
     output : str or Path
         The OME-Zarr store to write (a directory, conventionally ``*.zarr``), or an fsspec
         URL (``s3://bucket/rec.zarr``).
@@ -194,10 +199,11 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path | Rem
     config = config or ConvertConfig()
     output = resolve(output)
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
-    files = discover_sources(named)
+    plan = open_sources(named, config.raw)
+    files = [Path(p) for p in plan.paths if not is_url(p)]
     # the folders named as sources are inputs too: the output may not lie inside them
-    folders = [Path(s).expanduser() for s in named if Path(s).expanduser().is_dir()]
-    plan = plan_sources(files)
+    folders = [Path(s).expanduser() for s in named
+               if not is_url(str(s)) and Path(s).expanduser().is_dir()]
     first = plan.first
     if plan.frames < 2:
         raise SourceError(f"{first.path} holds a single frame; a time-lapse recording needs "
@@ -245,7 +251,7 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path | Rem
 
 def _save_states(job: StoreJob, plan: SourcePlan) -> None:
     """Record each source file's state (inode, status-change time) for a later resume."""
-    states = {p: file_state(p) for p in plan.paths}
+    states = {p: file_state(p) for p in plan.paths if not is_url(p)}
     with writing(job.path):
         (job.progress / SOURCE_STATES).write_text(json.dumps(states))
 
@@ -265,7 +271,7 @@ def _check_sources_since(client: Client, job: StoreJob, plan: SourcePlan,
         before = json.loads((job.progress / SOURCE_STATES).read_text())
     except (OSError, ValueError):
         before = {}
-    changed = [p for p in plan.paths if before.get(p) != file_state(p)]
+    changed = [p for p in plan.paths if not is_url(p) and before.get(p) != file_state(p)]
     if not changed:
         return
     done = sorted(int(m.stem) for m in job.progress.glob("*.npz"))
@@ -305,17 +311,18 @@ def _create_store(output: StorePath, plan: SourcePlan, shape: tuple[int, ...],
                                "kind": s.kind} for s in plan.sources])
 
 
-def create_recording(output: StorePath, *, first: TiffSource, shape: tuple[int, ...],
+def create_recording(output: StorePath, *, first: Part, shape: tuple[int, ...],
                      chunks: tuple[int, ...], shards: tuple[int, ...] | None, job: StoreJob,
                      config: ConvertConfig, sources: list[dict[str, Any]]) -> None:
-    """Create the (empty, unfinished) store of a recording whose first file is ``first``:
+    """Create the (empty, unfinished) store of a recording whose first part is ``first``:
     what :func:`convert` writes, and ``follow`` while a recording is being acquired."""
-    found = scales(first.metadata, config.frame_rate)
+    found = scales(first.metadata, config.frame_rate, config.pixel_size)
     scale, units = _ngff_scale(first.axes, found)
     attrs = {
         "format": 1, "kind": "recording", "complete": False,
         "job": job.job_attrs(),
         **found,
+        "origin": first.metadata.origin,
         "provenance": {
             "tool": "deepcad-chunked", "version": __version__, "started": now(),
             "host": socket.gethostname(), "sources": sources,

@@ -1,91 +1,143 @@
-"""Streaming a recording back to a BigTIFF for tools that only read TIFF."""
+"""Streaming a recording out of its store into the formats other tools read: OME-TIFF, HDF5,
+NWB or a Suite2p plane folder (:data:`~deepcad_chunked.io.sources.FORMATS`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from tqdm.auto import tqdm
 
-from deepcad_chunked.errors import StoreError
+from deepcad_chunked.errors import SourceError, StoreError
+from deepcad_chunked.io.hdf5 import split_member
 from deepcad_chunked.io.lifecycle import StorePin, open_file
 from deepcad_chunked.io.location import resolve
 from deepcad_chunked.io.omezarr import Recording, open_recording, read_slabs
+from deepcad_chunked.io.reader import Format
+from deepcad_chunked.io.sources import FORMATS, format_named
 
 log = logging.getLogger(__name__)
 
-_OME_AXES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 
-
-def _pages(rec: Recording, bar: tqdm) -> Iterator[np.ndarray]:
-    """The recording page by page, a chunk row read ahead while one is written."""
+def _slabs(rec: Recording, bar: tqdm) -> Iterator[np.ndarray]:
+    """The recording a chunk row at a time, the next row read ahead while one is written."""
     for slab in read_slabs(rec.array, rec.chunks[0]):
-        yield from slab.reshape(-1, *rec.shape[-2:])
+        yield slab
         bar.update(slab.shape[0])
 
 
-def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
-           progress: bool | None = None, axes: str | None = None) -> Path:
-    """Write a recording to an OME-TIFF (BigTIFF), one page per frame, dtype kept.
+def output_format(output: str, format: str | None) -> tuple[Format, str, str | None]:
+    """The format, path and member (``out.h5:/mov``) of an export's output.
 
-    The file is written under its writer lock, to a temporary name of this process's, and
-    renamed when complete, so an interrupted export never leaves a complete-looking TIFF and
-    two exports to one file never mix.
+    Raises
+    ------
+    SourceError
+        When ``format`` names no writable format.
+    """
+    writable = [f for f in FORMATS if f.write is not None]
+    if format is not None:
+        fmt = format_named(format)
+    else:
+        path = output
+        for f in writable:
+            if f.members:
+                path, _ = split_member(output, f.suffixes)
+                if path != output:
+                    break
+        lower = path.lower()
+        # another ending (or none) is written as TIFF, as export always did
+        fmt = next((f for f in writable if f.suffixes and lower.endswith(f.suffixes)),
+                   format_named("tiff"))
+    if fmt.write is None:
+        raise SourceError(f"{fmt.name} is read, not written; export formats: "
+                          f"{', '.join(f.name for f in writable)}")
+    path, member = split_member(output, fmt.suffixes) if fmt.members else (output, None)
+    return fmt, path, member
+
+
+def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
+           progress: bool | None = None, axes: str | None = None,
+           format: str | None = None) -> Path:
+    """Write a recording to a file (or Suite2p folder) of another format, out of core.
+
+    The format is ``format`` or the output's suffix: ``.tif`` (OME-TIFF, BigTIFF, one page
+    per frame), ``.h5`` (one dataset, ``out.h5:/path`` to name it), ``.nwb`` (a new NWB file
+    whose imaging series keeps the source NWB file's session, device and imaging plane), or
+    ``suite2p`` (a plane folder: ``data.bin`` and ``ops.npy``); any other name is TIFF. Each file is written under
+    its writer lock, to a temporary name of this process's, and renamed when complete (a
+    Suite2p folder's ``ops.npy`` last), so an interrupted export never leaves a
+    complete-looking output and two exports to one file never mix.
 
     Parameters
     ----------
     source : str or Path
         A complete recording store.
     output : str or Path
-        The TIFF to write.
+        The file (or folder, for Suite2p) to write.
     overwrite : bool
-        Replace an existing file.
+        Replace an existing output.
     progress : bool, optional
         Show a progress bar; default: when standard error is a terminal.
     axes : str, optional
         Axis names of a plain Zarr array that does not name them (``"tyx"``).
+    format : str, optional
+        ``tiff``, ``hdf5``, ``nwb`` or ``suite2p``; default: from the output's suffix.
 
     Returns
     -------
     Path
-        The written file.
+        The written file or folder.
 
     Raises
     ------
-    OutputExistsError, LockedError, StoreError
+    OutputExistsError, LockedError, StoreError, SourceError
         An existing output (without ``overwrite``), an output that is or lies inside the
-        source, another export writing the same file, an unwritable folder, or a source
-        store rewritten while it was read.
+        source, another export writing the same file, an unwritable folder, a source store
+        rewritten while it was read, or a format that cannot hold the recording.
     """
+    fmt, path, member = output_format(str(output), format)
     rec = open_recording(source, axes=axes)
-    output = resolve(output)
-    if not isinstance(output, Path):
-        raise StoreError(f"{output}: export writes a local TIFF file (its source may be a URL)")
-    axes = "".join(_OME_AXES[a] for a in rec.axes)
-    metadata: dict[str, object] = {"axes": axes}
-    if rec.frame_interval_s:
-        metadata.update(TimeIncrement=rec.frame_interval_s, TimeIncrementUnit="s")
-    size = rec.attrs.get("pixel_size_um")
-    if size:
-        metadata.update(PhysicalSizeY=size[0], PhysicalSizeYUnit="µm",
-                        PhysicalSizeX=size[1], PhysicalSizeXUnit="µm")
-    if rec.attrs.get("z_spacing_um"):
-        metadata.update(PhysicalSizeZ=rec.attrs["z_spacing_um"], PhysicalSizeZUnit="µm")
-    with open_file(output, command="export", inputs=[rec.path], overwrite=overwrite,
-                   pins=[StorePin(rec.path)]) as partial:
-        bar = tqdm(total=rec.shape[0], unit="frame", desc="export",
-                   disable=None if progress is None else not progress)
+    target = resolve(path)
+    if not isinstance(target, Path):
+        raise StoreError(f"{target}: export writes local files (its source may be a URL)")
+    files = [target / name for name in fmt.outputs] if fmt.outputs else [target]
+    created = fmt.outputs and not target.exists()
+    if fmt.outputs:
+        if target.exists() and not target.is_dir():
+            raise StoreError(f"output {target} exists and is not a folder")
         try:
-            with tifffile.TiffWriter(partial, bigtiff=True, ome=True) as tw:
-                tw.write(_pages(rec, bar), shape=rec.shape, dtype=rec.dtype,
-                         photometric="minisblack", metadata=metadata)
+            target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot write {output}: {exc.strerror or exc}") from None
-        finally:
-            bar.close()
-    log.info("exported %s frames to %s (%.1f MiB)", rec.shape[0], output,
-             output.stat().st_size / 2**20)
-    return output
+            raise StoreError(f"cannot create {target}: {exc.strerror or exc}") from None
+    assert fmt.write is not None
+    try:
+        _write(fmt, rec, files, member, overwrite, progress)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()  # only when nothing is left in it
+        raise
+    size = sum(f.stat().st_size for f in files)
+    log.info("exported %s frames to %s (%s, %.1f MiB)", rec.shape[0], target, fmt.name,
+             size / 2**20)
+    return target
+
+
+def _write(fmt: Format, rec: Recording, files: list[Path], member: str | None,
+           overwrite: bool, progress: bool | None) -> None:
+    assert fmt.write is not None
+    with contextlib.ExitStack() as stack:
+        # entered last to first: the first is renamed into place first, the last marks done
+        partials = [stack.enter_context(open_file(f, command="export", inputs=[rec.path],
+                                                  overwrite=overwrite,
+                                                  pins=[StorePin(rec.path)]))
+                    for f in reversed(files)][::-1]
+        bar = stack.enter_context(tqdm(total=rec.shape[0], unit="frame", desc="export",
+                                       disable=None if progress is None else not progress))
+        try:
+            fmt.write(rec, _slabs(rec, bar), partials, member)
+        except OSError as exc:
+            raise StoreError(f"cannot write {files[0]}: {exc.strerror or exc}") from None

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.sources import TIFF_SUFFIXES, natural_key
+from deepcad_chunked.io.reader import natural_key
+from deepcad_chunked.io.tiff import TIFF_SUFFIXES, TiffSource, describe_growing
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +368,11 @@ class FolderWatch:
                               f"recording's are {self.format.describe()}; a recording's files "
                               "must all match")
         return frames
+
+    def describe(self) -> TiffSource | None:
+        """The layout and metadata of the first file, from what it holds now (None while
+        it cannot be parsed yet; see :func:`~deepcad_chunked.io.tiff.describe_growing`)."""
+        return describe_growing(self.files[0].path) if self.files else None
 
     def state(self) -> list[dict[str, Any]]:
         """What has been read from each file (to resume from)."""

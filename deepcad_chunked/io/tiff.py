@@ -9,7 +9,6 @@ sent over the network.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
@@ -17,17 +16,31 @@ import os
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tifffile
 
 from deepcad_chunked.errors import SourceError
+from deepcad_chunked.io.reader import (
+    Format,
+    PhysicalMetadata,
+    SourcePlan,
+    check_unchanged,
+    join_parts,
+    sample_digest,
+)
+
+if TYPE_CHECKING:
+    from deepcad_chunked.io.omezarr import Recording
 
 log = logging.getLogger(__name__)
+
+#: File name endings read as TIFF.
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 #: Output axes that may sit between ``t`` and ``y, x``, in NGFF order.
 EXTRA_AXES = ("c", "z")
@@ -38,15 +51,6 @@ _UNIT_TO_UM = {
 }
 _UNIT_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
               "min": 60.0, "h": 3600.0, "ns": 1e-9}
-
-
-@dataclass(frozen=True)
-class PhysicalMetadata:
-    """Physical scales found in a file's metadata; ``None`` where unknown."""
-
-    frame_interval_s: float | None = None
-    pixel_size_um: tuple[float, float] | None = None  # (y, x)
-    z_spacing_um: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,10 @@ class TiffSource:
         """Output axes, e.g. ``('t', 'y', 'x')`` or ``('t', 'c', 'z', 'y', 'x')``."""
         return ("t", *self.extra, "y", "x")
 
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` of this part (:func:`read_frames`)."""
+        return read_frames(self, start, stop)
+
 
 def _open_tiff(path: Path) -> tifffile.TiffFile:
     try:
@@ -168,7 +176,7 @@ def inspect_tiff(path: str | Path) -> tuple[TiffSource, ...]:
     path = Path(path).resolve()
     try:
         stat = path.stat()
-        sample = _sample_digest(path, stat.st_size)
+        sample = sample_digest(path, stat.st_size)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     catcher = _WarningCatcher()
@@ -217,15 +225,6 @@ def _check_continuous(tif: tifffile.TiffFile, parts: tuple[TiffSource, ...], pat
                           "recording and convert those")
     log.info("%s holds %d series of the same frames (appended pages); reading all %d frames "
              "in order", path.name, len(parts), sum(s.frames for s in parts))
-
-
-def _sample_digest(path: Path, size: int, span: int = 65536) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        h.update(fh.read(span))
-        fh.seek(max(0, size - span))
-        h.update(fh.read(span))
-    return h.hexdigest()
 
 
 def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result, sample: str,
@@ -533,23 +532,6 @@ class _HandleCache(threading.local):
         return tif
 
 
-def check_unchanged(source: TiffSource) -> None:
-    """Refuse to go on reading a file that was written or replaced since it was inspected.
-
-    Raises
-    ------
-    SourceError
-    """
-    try:
-        st = os.stat(source.path)
-        now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    except OSError:
-        now = None
-    if now != (source.size, source.mtime_ns, source.ino, source.ctime_ns):
-        raise SourceError(f"{source.path} changed while it was being read (written, replaced "
-                          "or removed); the output is left incomplete")
-
-
 _handles = _HandleCache()
 
 
@@ -634,50 +616,6 @@ def _readinto(fh: tifffile.FileHandle, out: np.ndarray, path: str) -> None:
 
 # --------------------------------------------------------------------------- recordings
 
-@dataclass(frozen=True)
-class SourcePlan:
-    """The parts of one recording (files, or series of a file), in order, and where each
-    starts on the time axis."""
-
-    sources: tuple[TiffSource, ...]
-    starts: tuple[int, ...]
-
-    @property
-    def frames(self) -> int:
-        """Total number of time points."""
-        return self.starts[-1] + self.sources[-1].frames
-
-    @property
-    def first(self) -> TiffSource:
-        """The first part, whose layout every other part shares."""
-        return self.sources[0]
-
-    @property
-    def paths(self) -> list[str]:
-        """The files, in order, each once."""
-        return list(dict.fromkeys(s.path for s in self.sources))
-
-    def parts_of(self, start: int, stop: int) -> list[TiffSource]:
-        """The parts that hold frames ``start:stop``."""
-        return [s for s, s0 in zip(self.sources, self.starts, strict=True)
-                if s0 < stop and s0 + s.frames > start]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start:stop`` of the recording, across part boundaries."""
-        k = int(np.searchsorted(self.starts, start, side="right")) - 1
-        if stop <= self.starts[k] + self.sources[k].frames:  # within one part: no copy
-            return read_frames(self.sources[k], start - self.starts[k], stop - self.starts[k])
-        out = np.empty((stop - start, *self.first.frame_shape), dtype=self.first.dtype)
-        t = start
-        while t < stop:
-            src, s0 = self.sources[k], self.starts[k]
-            n = min(stop, s0 + src.frames) - t
-            out[t - start:t - start + n] = read_frames(src, t - s0, t - s0 + n)
-            t += n
-            k += 1
-        return out
-
-
 def plan_sources(paths: Sequence[str | Path]) -> SourcePlan:
     """Inspect every file and check that they form one recording.
 
@@ -695,16 +633,43 @@ def plan_sources(paths: Sequence[str | Path]) -> SourcePlan:
     SourceError
         When a file cannot be read or differs from the first in frame shape, axes or dtype.
     """
-    sources = [part for p in paths for part in inspect_tiff(p)]
-    first = sources[0]
-    for src in sources[1:]:
-        if src.frame_shape != first.frame_shape or src.axes != first.axes:
-            raise SourceError(
-                f"{Path(src.path).name} has frames of shape {src.frame_shape} (axes "
-                f"{''.join(src.axes)}) but {Path(first.path).name} has {first.frame_shape} "
-                f"(axes {''.join(first.axes)}); all files of a recording must match")
-        if src.dtype != first.dtype:
-            raise SourceError(f"{Path(src.path).name} holds {np.dtype(src.dtype)} samples but "
-                              f"{Path(first.path).name} holds {np.dtype(first.dtype)}")
-    starts = np.concatenate([[0], np.cumsum([s.frames for s in sources])[:-1]])
-    return SourcePlan(tuple(sources), tuple(int(s) for s in starts))
+    return join_parts([part for p in paths for part in inspect_tiff(p)])
+
+
+# --------------------------------------------------------------------------- writing
+
+_OME_AXES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+
+
+def write_tiff(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path],
+               member: str | None) -> None:
+    """Write a recording to an OME-TIFF (BigTIFF), one page per frame, dtype and scales
+    kept; ``slabs`` are its frames in order, a few at a time."""
+    if member:
+        raise SourceError(f"a TIFF file has no members: drop ':{member}'")
+    metadata: dict[str, object] = {"axes": "".join(_OME_AXES[a] for a in rec.axes)}
+    if rec.frame_interval_s:
+        metadata.update(TimeIncrement=rec.frame_interval_s, TimeIncrementUnit="s")
+    size = rec.attrs.get("pixel_size_um")
+    if size:
+        metadata.update(PhysicalSizeY=size[0], PhysicalSizeYUnit="µm",
+                        PhysicalSizeX=size[1], PhysicalSizeXUnit="µm")
+    if rec.attrs.get("z_spacing_um"):
+        metadata.update(PhysicalSizeZ=rec.attrs["z_spacing_um"], PhysicalSizeZUnit="µm")
+    pages = (page for slab in slabs for page in slab.reshape(-1, *rec.shape[-2:]))
+    with tifffile.TiffWriter(partials[0], bigtiff=True, ome=True) as tw:
+        tw.write(pages, shape=rec.shape, dtype=rec.dtype, photometric="minisblack",
+                 metadata=metadata)
+
+
+def _inspect(spec: str, raw: object) -> tuple[TiffSource, ...]:
+    return inspect_tiff(spec)
+
+
+def _watch(folder: Path, pattern: str | None) -> object:
+    from deepcad_chunked.io.growing import FolderWatch
+
+    return FolderWatch(folder, pattern)
+
+
+FORMAT = Format("tiff", TIFF_SUFFIXES, _inspect, write=write_tiff, watch=_watch)

@@ -1,0 +1,322 @@
+"""HDF5 recordings (CaImAn, DeepInterpolation, Fiji's HDF5 files): ``file.h5`` or
+``file.h5:/path/to/dataset``, read lazily with h5py.
+
+A source names one 3D dataset ``(t, y, x)``; without a path the file must hold exactly one.
+Compressed datasets are read through their filters (gzip, and Blosc, LZ4, Zstd through
+hdf5plugin). A part holds only the file's name and the dataset's path; each worker thread
+opens the file itself, once. Local files and ``http(s)://`` URLs (read by range requests,
+see :mod:`deepcad_chunked.io.remote`) are read alike, so :mod:`deepcad_chunked.io.nwb` reads
+an NWB file's series through this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deepcad_chunked.errors import SourceError
+from deepcad_chunked.io.reader import (
+    FileState,
+    Format,
+    PhysicalMetadata,
+    check_unchanged,
+    require,
+)
+
+if TYPE_CHECKING:
+    from deepcad_chunked.config import RawLayout
+    from deepcad_chunked.io.omezarr import Recording
+
+log = logging.getLogger(__name__)
+
+#: File name endings read as HDF5.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+#: Dataset an export writes when the output names none.
+DEFAULT_DATASET = "/data"
+#: Attributes read as the frame rate (Hz) and the pixel size (µm), on the dataset or the file.
+_RATE_ATTRS = ("frame_rate_hz", "frame_rate", "fr", "fs", "rate")
+_SIZE_ATTRS = ("pixel_size_um", "element_size_um")
+
+
+def h5py() -> Any:
+    """The h5py module, with hdf5plugin's filters registered when it is installed.
+
+    Raises
+    ------
+    SourceError
+        Naming the extra to install when h5py is missing.
+    """
+    module = require("h5py", "hdf5", "reading and writing HDF5")
+    with contextlib.suppress(ImportError):
+        import hdf5plugin  # noqa: F401  (registers Blosc, LZ4, Zstd, … with HDF5)
+    return module
+
+
+@dataclass(frozen=True)
+class Hdf5Source:
+    """One 3D dataset of an HDF5 file (or an NWB series' data).
+
+    Attributes
+    ----------
+    path : str
+        Absolute path or URL of the file.
+    size, mtime_ns, ino, ctime_ns, sample : int, str
+        The file's state when inspected (``ino == -1`` for a URL; see :class:`FileState`).
+    series : str
+        Path of the dataset in the file.
+    kind : str
+        ``hdf5`` or ``nwb``.
+    dtype : str
+        Native-byte-order sample type.
+    frames, height, width : int
+        Sizes of the recording.
+    transposed : bool
+        The dataset is stored ``(t, x, y)`` (NWB's order) and is read transposed.
+    metadata : PhysicalMetadata
+        Scales found in the file.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+    sample: str
+    series: str
+    kind: str
+    dtype: str
+    frames: int
+    height: int
+    width: int
+    transposed: bool = False
+    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one frame: ``(y, x)``."""
+        return (self.height, self.width)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Output axes ``('t', 'y', 'x')``."""
+        return ("t", "y", "x")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop``, native byte order."""
+        check_unchanged(self)
+        dataset = _handles.get(self)[self.series]
+        try:
+            data = dataset[start:stop]
+        except OSError as exc:
+            raise SourceError(_read_error(self, exc)) from None
+        if self.transposed:
+            data = data.transpose(0, 2, 1)
+        check_unchanged(self)
+        return np.ascontiguousarray(data, dtype=self.dtype)
+
+
+def _read_error(part: Hdf5Source, exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "filter" in text.lower():
+        return (f"{part.path}:{part.series} is compressed with an HDF5 filter that is not "
+                f"available ({text}); pip install 'deepcad-chunked[hdf5]' adds hdf5plugin")
+    return f"{part.path}:{part.series} cannot be read (truncated or damaged: {text})"
+
+
+def open_file(path: str) -> Any:
+    """An h5py File opened read-only on a local path or an ``http(s)://`` URL.
+
+    Raises
+    ------
+    SourceError
+        When the file is missing, not HDF5, truncated or damaged.
+    """
+    module = h5py()
+    try:
+        if path.startswith(("http://", "https://")):
+            from deepcad_chunked.io.remote import open_url
+
+            return module.File(open_url(path), "r")
+        return module.File(path, "r", locking=False)
+    except SourceError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not path.startswith(("http://", "https://")) and not Path(path).exists():
+            raise SourceError(f"source {path} does not exist") from None
+        raise SourceError(f"{path} is not a readable HDF5 file ({reason})") from None
+
+
+class _HandleCache(threading.local):
+    """Open files of one thread, least recently used closed first."""
+
+    limit = 8
+
+    def __init__(self) -> None:
+        self.files: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, part: Hdf5Source) -> Any:
+        key = (part.path, part.size, part.mtime_ns, part.ino, part.ctime_ns)
+        handle = self.files.get(key)
+        if handle is None:
+            handle = open_file(part.path)
+            self.files[key] = handle
+            while len(self.files) > self.limit:
+                _, old = self.files.popitem(last=False)
+                old.close()
+        else:
+            self.files.move_to_end(key)
+        return handle
+
+
+_handles = _HandleCache()
+
+
+def split_member(spec: str, suffixes: Iterable[str]) -> tuple[str, str | None]:
+    """``file.h5:/a/b`` → (``file.h5``, ``/a/b``); a spec without a member → (spec, None)."""
+    lower = spec.lower()
+    for suffix in suffixes:
+        at = lower.rfind(suffix + ":")
+        if at > 0 and spec[at + len(suffix) + 1:]:
+            return spec[:at + len(suffix)], spec[at + len(suffix) + 1:]
+    return spec, None
+
+
+def file_state(path: str) -> FileState:
+    """The state of a local file or a URL (see :mod:`deepcad_chunked.io.remote`)."""
+    if path.startswith(("http://", "https://")):
+        from deepcad_chunked.io.remote import url_state
+
+        return url_state(path)
+    return FileState.of(path)
+
+
+def datasets_3d(handle: Any) -> list[str]:
+    """Paths of the file's datasets of three dimensions, in file order."""
+    found: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if getattr(obj, "ndim", None) == 3 and obj.dtype.kind in "uif":
+            found.append("/" + name)
+
+    handle.visititems(visit)
+    return found
+
+
+def describe(path: str, state: FileState, handle: Any, dataset: str, *, kind: str = "hdf5",
+             transposed: bool = False, metadata: PhysicalMetadata | None = None) -> Hdf5Source:
+    """Describe one dataset of an open file, checking that it can be read.
+
+    Raises
+    ------
+    SourceError
+        When the dataset is missing, not 3D numeric, or cannot be read (a missing filter).
+    """
+    where = f"{path}:{dataset}"
+    obj = handle.get(dataset)
+    if obj is None:
+        raise SourceError(f"{path} has no dataset {dataset}")
+    if not hasattr(obj, "shape"):
+        raise SourceError(f"{where} is a group, not a dataset")
+    if obj.ndim != 3 or obj.dtype.kind not in "uif":
+        raise SourceError(f"{where} holds {obj.ndim}-D {obj.dtype} data; a recording is a "
+                          "3-D (t, y, x) dataset of numbers")
+    frames, a, b = (int(n) for n in obj.shape)
+    height, width = (b, a) if transposed else (a, b)
+    if min(frames, height, width) < 1:
+        raise SourceError(f"{where} is empty (shape {tuple(obj.shape)})")
+    part = Hdf5Source(path=path, **state.fields(), series=obj.name, kind=kind,
+                      dtype=np.dtype(obj.dtype).newbyteorder("=").str, frames=frames,
+                      height=height, width=width, transposed=transposed,
+                      metadata=metadata or _metadata(handle, obj))
+    try:  # a missing filter or a truncated file shows at the first read, not at opening
+        obj[0, :1, :1]
+        obj[frames - 1, -1:, -1:]
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SourceError(_read_error(part, exc)) from None
+    return part
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(np.asarray(value).reshape(-1)[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _metadata(handle: Any, dataset: Any) -> PhysicalMetadata:
+    rate = size = None
+    for where in (dataset.attrs, handle.attrs):
+        rate = rate or next((_number(where[k]) for k in _RATE_ATTRS if k in where), None)
+        if size is None:
+            for key in _SIZE_ATTRS:
+                values = np.asarray(where.get(key, []), dtype=np.float64).reshape(-1)
+                if values.size >= 2 and np.all(values[-2:] > 0):
+                    size = (float(values[-2]), float(values[-1]))
+                    break
+    return PhysicalMetadata(frame_interval_s=1.0 / rate if rate else None, pixel_size_um=size)
+
+
+def inspect_hdf5(spec: str, raw: RawLayout | None = None) -> tuple[Hdf5Source, ...]:
+    """The dataset a source names (``file.h5:/path``), or the file's only 3D dataset.
+
+    Raises
+    ------
+    SourceError
+        When the file cannot be read, the dataset is missing or not 3D, or the file holds
+        no or several 3D datasets and the source names none.
+    """
+    path, member = split_member(spec, HDF5_SUFFIXES)
+    if not path.startswith(("http://", "https://")):
+        path = str(Path(path).expanduser().resolve())
+    state = file_state(path)
+    with open_file(path) as handle:
+        if member is None:
+            found = datasets_3d(handle)
+            if not found:
+                raise SourceError(f"{path} holds no 3-D dataset (t, y, x)")
+            if len(found) > 1:
+                listed = ", ".join(found[:5]) + (", …" if len(found) > 5 else "")
+                raise SourceError(f"{path} holds {len(found)} 3-D datasets ({listed}); name "
+                                  f"one: {Path(path).name}:{found[0]}")
+            member = found[0]
+        return (describe(path, state, handle, member),)
+
+
+def write_hdf5(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path],
+               member: str | None) -> None:
+    """Write a ``(t, y, x)`` recording as one chunked dataset (``/data`` unless the output
+    names one), with ``frame_rate_hz``, ``pixel_size_um`` and ``element_size_um``
+    attributes that :func:`inspect_hdf5` (and Fiji) read back."""
+    module = h5py()
+    if rec.axes != ("t", "y", "x"):
+        raise SourceError(f"{rec.path} has axes {','.join(rec.axes)}; HDF5 export writes "
+                          "t,y,x recordings")
+    t, y, x = rec.shape
+    with module.File(partials[0], "w") as handle:
+        data = handle.create_dataset(member or DEFAULT_DATASET, shape=rec.shape,
+                                     dtype=rec.dtype, chunks=(min(t, rec.chunks[0]), y, x))
+        start = 0
+        for slab in slabs:
+            data[start:start + slab.shape[0]] = slab
+            start += slab.shape[0]
+        if rec.attrs.get("frame_rate_hz"):
+            data.attrs["frame_rate_hz"] = float(rec.attrs["frame_rate_hz"])
+        size = rec.attrs.get("pixel_size_um")
+        if size:
+            data.attrs["pixel_size_um"] = np.asarray(size, dtype=np.float64)
+            data.attrs["element_size_um"] = np.asarray([1.0, *size], dtype=np.float64)
+        data.attrs["axes"] = "tyx"
+
+
+FORMAT = Format("hdf5", HDF5_SUFFIXES, inspect_hdf5, members=True, write=write_hdf5)

@@ -1,0 +1,82 @@
+"""HDF5 and NWB files read over HTTP(S) by range requests (DANDI assets, lab web servers).
+
+Only the bytes the reader asks for are fetched (remfile, in chunks it caches), so a remote
+recording is converted without downloading it first. The server must answer ``Range``
+requests (DANDI's S3 buckets and any static file server do).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import urllib.error
+import urllib.request
+from typing import Any
+
+from deepcad_chunked.errors import SourceError
+from deepcad_chunked.io.reader import FileState, require
+
+#: Bytes hashed at each end of a remote file for its identity.
+SAMPLE_BYTES = 65536
+#: Seconds before an unanswered request fails.
+TIMEOUT_S = 60
+
+
+def _request(url: str, *, method: str = "GET", byte_range: tuple[int, int] | None = None
+             ) -> tuple[dict[str, str], bytes]:
+    headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            if byte_range and response.status != 206:
+                raise SourceError(f"{url}: the server does not answer range requests (HTTP "
+                                  f"{response.status}); download the file and read it locally")
+            return dict(response.headers), response.read() if method == "GET" else b""
+    except urllib.error.HTTPError as exc:
+        raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SourceError(f"{url} cannot be reached: {reason}") from None
+
+
+def url_state(url: str) -> FileState:
+    """A remote file's size, modification time and a digest of its ends (``ino = -1``).
+
+    Raises
+    ------
+    SourceError
+        When the server cannot be reached, answers with an error, or ignores ``Range``.
+    """
+    headers, _ = _request(url, method="HEAD")
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        size = int(lowered["content-length"])
+    except (KeyError, ValueError):
+        raise SourceError(f"{url}: the server does not say the file's size") from None
+    modified = lowered.get("last-modified")
+    mtime_ns = 0
+    if modified:
+        try:
+            mtime_ns = int(email.utils.parsedate_to_datetime(modified).timestamp() * 1e9)
+        except (TypeError, ValueError):
+            mtime_ns = 0
+    digest = hashlib.sha256()
+    if size:
+        _, head = _request(url, byte_range=(0, min(size, SAMPLE_BYTES) - 1))
+        _, tail = _request(url, byte_range=(max(0, size - SAMPLE_BYTES), size - 1))
+        digest.update(head)
+        digest.update(tail)
+    return FileState(size=size, mtime_ns=mtime_ns, ino=-1, ctime_ns=0,
+                     sample=digest.hexdigest())
+
+
+def open_url(url: str) -> Any:
+    """A file-like object over ``url`` that reads by range requests, for h5py.
+
+    Raises
+    ------
+    SourceError
+        When remfile (the ``nwb`` extra) is not installed.
+    """
+    remfile = require("remfile", "nwb", "reading files over HTTP")
+    return remfile.File(url)
