@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,7 +151,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                    help="pixel size in µm, overriding the files' metadata")
     raw = p.add_argument_group("raw binary sources (files without a header)")
     raw.add_argument("--raw-shape", metavar="T,Y,X",
-                     help="frames, height, width (T = -1: as many frames as the file holds)")
+                     help="frames, height, width; T = auto takes as many frames as each file "
+                     "holds")
     raw.add_argument("--raw-dtype", metavar="TYPE",
                      help="sample type: uint16 (default), int16, float32, >u2 (big-endian), …")
     raw.add_argument("--raw-order", choices=("C", "F"),
@@ -172,7 +174,9 @@ def source_options(args: argparse.Namespace) -> dict[str, Any]:
         layout = None
     else:
         try:
-            shape = _integers(args.raw_shape, "T,Y,X")
+            text = args.raw_shape.strip()
+            shape = _integers(re.sub(r"^auto(?=[,x])", "-1", text, flags=re.IGNORECASE),
+                              "T,Y,X")
         except argparse.ArgumentTypeError as exc:
             raise DeepCADError(f"--raw-shape: {exc}") from None
         layout = RawLayout.build(shape=shape, **given)

@@ -66,10 +66,10 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
     The format is ``format`` or the output's suffix: ``.tif`` (OME-TIFF, BigTIFF, one page
     per frame), ``.h5`` (one dataset, ``out.h5:/path`` to name it), ``.nwb`` (a new NWB file
     whose imaging series keeps the source NWB file's session, device and imaging plane), or
-    ``suite2p`` (a plane folder: ``data.bin`` and ``ops.npy``); any other name is TIFF. Each file is written under
-    its writer lock, to a temporary name of this process's, and renamed when complete (a
-    Suite2p folder's ``ops.npy`` last), so an interrupted export never leaves a
-    complete-looking output and two exports to one file never mix.
+    ``suite2p`` (a plane folder: ``data.bin`` and ``ops.npy``); any other name is TIFF.
+    Each file is written under its writer lock, to a temporary name of this process's, and
+    renamed when complete (a Suite2p folder's ``ops.npy`` last), so an interrupted export
+    never leaves a complete-looking output and two exports to one file never mix.
 
     Parameters
     ----------

@@ -94,8 +94,12 @@ def _text(value: Any) -> Any:
         return value
     if isinstance(value, dt.datetime):
         return value.isoformat()
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_text(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)) or hasattr(value, "shape"):
+        return [_text(v) for v in np.asarray(value).tolist()]
     return str(value)
 
 
@@ -201,13 +205,22 @@ def write_nwb(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path],
     frame; the session, device and imaging plane are the source NWB file's when the
     recording came from one (kept as its ``origin``), otherwise described as unknown."""
     module = pynwb()
+    if rec.axes != ("t", "y", "x"):
+        raise SourceError(f"{rec.path} has axes {','.join(rec.axes)}; NWB export writes "
+                          "t,y,x recordings")
+    with warnings.catch_warnings():  # pynwb's deprecations of fields NWB files still carry
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the partial file's name ends in .partial until it is renamed
+        warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
+        _write(module, rec, slabs, partials[0], member)
+
+
+def _write(module: Any, rec: Recording, slabs: Iterable[np.ndarray], partial: Path,
+           member: str | None) -> None:
     from hdmf.backends.hdf5.h5_utils import H5DataIO
     from hdmf.data_utils import DataChunkIterator
     from pynwb.ophys import ImagingPlane, OnePhotonSeries, OpticalChannel, TwoPhotonSeries
 
-    if rec.axes != ("t", "y", "x"):
-        raise SourceError(f"{rec.path} has axes {','.join(rec.axes)}; NWB export writes "
-                          "t,y,x recordings")
     rate = rec.attrs.get("frame_rate_hz")
     if not rate:
         raise SourceError(f"{rec.path} has no frame rate, which an NWB series needs: "
@@ -267,10 +280,8 @@ def write_nwb(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path],
         field_of_view=series_meta.get("field_of_view"),
     )
     nwbfile.add_acquisition(series)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with module.NWBHDF5IO(str(partials[0]), "w") as io:
-            io.write(nwbfile)
+    with module.NWBHDF5IO(str(partial), "w") as io:
+        io.write(nwbfile)
 
 
 FORMAT = Format("nwb", NWB_SUFFIXES, inspect_nwb, members=True, write=write_nwb)

@@ -60,8 +60,7 @@ def format_named(name: str) -> Format:
 
 def _by_suffix(name: str) -> Format | None:
     lower = name.lower()
-    return next((f for f in FORMATS if f.suffixes and lower.endswith(f.suffixes)
-                 and f.name != "raw"), None)
+    return next((f for f in FORMATS if f.suffixes and lower.endswith(f.suffixes)), None)
 
 
 def file_of(spec: str | Path) -> str:

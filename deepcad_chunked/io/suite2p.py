@@ -141,14 +141,16 @@ def inspect_suite2p(spec: str, layout: RawLayout | None = None) -> tuple[raw.Raw
         interval = 1.0 / float(rate) if rate and float(rate) > 0 else None
     except (TypeError, ValueError):
         interval = None
-    try:
-        part = raw.describe(str(binary), RawLayout(shape=(frames, height, width),
-                                                   dtype="int16"),
-                            kind="suite2p",
-                            metadata=PhysicalMetadata(frame_interval_s=interval))
-    except SourceError as exc:
-        raise SourceError(f"{ops_path} says {frames} frames of {height}×{width} int16, which "
-                          f"does not match {binary.name}: {exc}") from None
+    frame_bytes = height * width * 2
+    size = binary.stat().st_size
+    if (frames == -1 and size % frame_bytes) or (frames != -1 and size != frames * frame_bytes):
+        said = f"{frames} frames of " if frames != -1 else ""
+        raise SourceError(f"{ops_path} says {said}{height}×{width} int16 frames "
+                          f"({frames * frame_bytes if frames != -1 else frame_bytes} bytes"
+                          f"{'' if frames != -1 else ' each'}) but {binary.name} holds {size} "
+                          "bytes")
+    part = raw.describe(str(binary), RawLayout(shape=(frames, height, width), dtype="int16"),
+                        kind="suite2p", metadata=PhysicalMetadata(frame_interval_s=interval))
     return (part,)
 
 
