@@ -27,7 +27,7 @@ def _chunk_files(store: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in ("zarr.json",)}
 
 
-def _convert_args(src: Path, out: Path) -> list[str]:
+def _convert_args(src: Path | str, out: Path) -> list[str]:
     return ["convert", str(src), "-o", str(out), "--chunks", f"{CHUNK_T},48,48", "--shard",
             f"{SHARD_T},48,48", "--workers", "1", "--no-progress"]
 
@@ -37,6 +37,20 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(5)
     data = rng.poisson(40.0, size=(FRAMES, 48, 48)).astype(np.uint16)
     return write_plain(tmp_path_factory.mktemp("resume") / "rec.tif", data)
+
+
+@pytest.fixture(scope="module")
+def hdf5_recording(tmp_path_factory: pytest.TempPathFactory, recording: Path) -> Path:
+    """The same frames in a gzip-compressed HDF5 dataset among others."""
+    h5py = pytest.importorskip("h5py")
+    import tifffile
+
+    path = tmp_path_factory.mktemp("resume_h5") / "rec.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imaging/mov", data=tifffile.imread(recording), chunks=(16, 48, 48),
+                         compression="gzip")
+        f["imaging/reference"] = np.zeros((2, 48, 48), dtype=np.uint16)
+    return path
 
 
 def _kill_midway(args: list[str], progress: Path, at_least: int) -> None:
@@ -59,7 +73,11 @@ def _kill_midway(args: list[str], progress: Path, at_least: int) -> None:
         proc.wait()
 
 
-def test_sigkill_then_rerun_resumes_and_matches(tmp_path: Path, recording: Path) -> None:
+@pytest.mark.parametrize("kind", ["tiff", "hdf5"])
+def test_sigkill_then_rerun_resumes_and_matches(tmp_path: Path, request: pytest.FixtureRequest,
+                                                kind: str) -> None:
+    recording = (request.getfixturevalue("recording") if kind == "tiff"
+                 else f"{request.getfixturevalue('hdf5_recording')}:/imaging/mov")
     reference = tmp_path / "reference.zarr"
     assert run_cli(*_convert_args(recording, reference)).returncode == 0
     want = _chunk_files(reference)
