@@ -263,7 +263,7 @@ def test_suite2p_export_round_trip_and_scaling(client: Client, tmp_path: Path) -
     plane = export(rec.path, tmp_path / "out" / "suite2p" / "plane0", format="suite2p",
                    progress=False)
     assert sorted(p.name for p in plane.iterdir() if not p.name.startswith(".")) == \
-        ["data.bin", "ops.npy"]
+        ["data.bin", "db.npy", "ops.npy", "settings.npy"]
     binary = np.fromfile(plane / "data.bin", dtype=np.int16).reshape(SHAPE)
     assert binary.tobytes() == data.astype(np.int16).tobytes()
     ops = np.load(plane / "ops.npy", allow_pickle=True).item()  # as Suite2p loads it
@@ -271,7 +271,15 @@ def test_suite2p_export_round_trip_and_scaling(client: Client, tmp_path: Path) -
     assert ops["reg_file"] == str(plane / "data.bin") and ops["do_registration"] == 0
     assert ops["yrange"] == [0, 23] and ops["xrange"] == [0, 29]
     np.testing.assert_allclose(ops["meanImg"], data.mean(0), rtol=1e-6)
+    db = np.load(plane / "db.npy", allow_pickle=True).item()  # Suite2p >= 1.0's plane files
+    assert (db["Ly"], db["Lx"], db["nframes"], db["reg_file"]) == \
+        (23, 29, 37, str(plane / "data.bin"))
+    assert np.load(plane / "settings.npy", allow_pickle=True).item() == {"fs": 20.0}
     assert open_sources(str(plane)).read(0, 37).tobytes() == binary.tobytes()
+    os.remove(plane / "ops.npy")  # a Suite2p >= 1.0 plane before its run: db.npy, settings.npy
+    again = open_sources(str(plane))
+    assert again.read(0, 37).tobytes() == binary.tobytes()
+    assert again.first.metadata.frame_interval_s == pytest.approx(1 / 20)
     # beyond int16: halved (as Suite2p does with uint16), the divisor recorded
     big = (movie("uint16") * 20).astype(np.uint16)
     with h5py.File(tmp_path / "big.h5", "w") as f:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPS = "ops.npy"
+DB = "db.npy"
+SETTINGS = "settings.npy"
 #: Binary files of a plane folder, the one read first first.
 BINARIES = ("data.bin", "data_raw.bin")
 
@@ -103,16 +105,24 @@ def _int(ops: dict[str, Any], key: str, path: Path) -> int:
     return value
 
 
+def _described(folder: Path) -> Path | None:
+    """The file that gives a plane folder's shape: ``ops.npy``, else Suite2p ≥ 1.0's
+    ``db.npy``."""
+    return next((folder / n for n in (OPS, DB) if (folder / n).is_file()), None)
+
+
 def is_plane(path: Path) -> bool:
     """Whether ``path`` is a Suite2p plane folder, one of its binaries, or a folder of
     plane folders."""
     if path.is_dir():
-        return (path / OPS).is_file() or any(path.glob(f"plane*/{OPS}"))
-    return path.name in BINARIES and (path.parent / OPS).is_file()
+        return _described(path) is not None or any(
+            _described(p) is not None for p in path.glob("plane*") if p.is_dir())
+    return path.name in BINARIES and _described(path.parent) is not None
 
 
 def inspect_suite2p(spec: str, layout: RawLayout | None = None) -> tuple[raw.RawSource, ...]:
-    """The frames of a plane folder (or of one of its binaries), shape from ``ops.npy``.
+    """The frames of a plane folder (or of one of its binaries), shape from ``ops.npy``
+    (or ``db.npy``), frame rate from it (or ``settings.npy``).
 
     Raises
     ------
@@ -121,18 +131,20 @@ def inspect_suite2p(spec: str, layout: RawLayout | None = None) -> tuple[raw.Raw
         disagrees with the shape in ops.npy.
     """
     path = Path(spec).expanduser().resolve()
-    if path.is_dir() and not (path / OPS).is_file():
-        planes = sorted(p.parent.name for p in path.glob(f"plane*/{OPS}"))
+    folder = path if path.is_dir() else path.parent
+    ops_path = _described(folder)
+    if ops_path is None:
+        planes = sorted(p.name for p in path.glob("plane*") if _described(p) is not None)
         raise SourceError(f"{path} holds {len(planes)} Suite2p planes ({', '.join(planes)}); "
                           f"convert one plane folder: {path / planes[0]}")
-    folder = path if path.is_dir() else path.parent
-    ops_path = folder / OPS
     ops = read_ops(ops_path)
+    if "fs" not in ops and (folder / SETTINGS).is_file():
+        ops["fs"] = read_ops(folder / SETTINGS).get("fs")
     height, width = _int(ops, "Ly", ops_path), _int(ops, "Lx", ops_path)
     if path.is_dir():
         binary = next((folder / b for b in BINARIES if (folder / b).is_file()), None)
         if binary is None:
-            raise SourceError(f"{folder} has {OPS} but no {' or '.join(BINARIES)}")
+            raise SourceError(f"{folder} has {ops_path.name} but no {' or '.join(BINARIES)}")
     else:
         binary = path
     frames = int(ops["nframes"]) if "nframes" in ops else -1
@@ -179,23 +191,24 @@ def int16_divisor(lo: float, hi: float) -> int:
 
 def write_suite2p(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path],
                   member: str | None) -> None:
-    """Write a plane folder: ``data.bin`` (int16 frames) and, last, ``ops.npy`` with what
-    Suite2p's detection reads from a registered plane (shape, frame rate, crop ranges, mean
-    image, paths), registration marked done.
+    """Write a plane folder that Suite2p runs from detection on: ``data.bin`` (int16
+    frames), ``db.npy`` and ``settings.npy`` (what Suite2p ≥ 1.0 reads from a plane folder)
+    and, last, ``ops.npy`` (what earlier versions read), with the shape, frame rate, crop
+    ranges, mean image and paths of a registered plane.
 
     Samples are rounded to integers; a recording beyond int16 is divided by the smallest
-    power of two that fits (Suite2p halves uint16 data the same way), recorded in
-    ``ops["deepcad_divisor"]``.
+    power of two that fits (Suite2p halves uint16 data the same way), recorded as
+    ``deepcad_divisor`` in ``ops.npy`` and ``db.npy``.
     """
     if rec.axes != ("t", "y", "x"):
         raise SourceError(f"{rec.path} has axes {','.join(rec.axes)}; Suite2p export writes "
                           "t,y,x recordings")
-    data_part, ops_part = partials
+    data_part, db_part, settings_part, ops_part = partials
     t, y, x = rec.shape
     divisor = int16_divisor(*_range(rec))
     if divisor > 1:
         log.warning("samples span beyond int16: divided by %d for Suite2p (recorded as "
-                    "ops['deepcad_divisor'])", divisor)
+                    "deepcad_divisor in ops.npy)", divisor)
     if rec.dtype.kind == "f":
         log.info("samples rounded to integers for Suite2p's int16 binary")
     total = np.zeros((y, x), dtype=np.float64)
@@ -208,19 +221,23 @@ def write_suite2p(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Pa
             total += frames.sum(axis=0, dtype=np.float64)
             fh.write(frames.tobytes())
     folder = data_part.parent
-    ops: dict[str, Any] = {
-        "Ly": y, "Lx": x, "nframes": t, "nchannels": 1, "nplanes": 1, "functional_chan": 1,
-        "do_registration": 0, "keep_movie_raw": False, "input_format": "binary",
-        "save_path": str(folder), "save_path0": str(folder.parent.parent),
-        "save_folder": folder.parent.name, "data_path": [str(folder)],
-        "reg_file": str(folder / BINARIES[0]), "yrange": [0, y], "xrange": [0, x],
-        "meanImg": (total / t).astype(np.float32), "deepcad_divisor": divisor,
+    db: dict[str, Any] = {
+        "Ly": y, "Lx": x, "nframes": t, "nchannels": 1, "nplanes": 1, "iplane": 0,
+        "keep_movie_raw": False, "input_format": "binary", "save_path": str(folder),
+        "save_path0": str(folder.parent.parent), "save_folder": folder.parent.name,
+        "data_path": [str(folder)], "reg_file": str(folder / BINARIES[0]),
+        "db_path": str(folder / DB), "settings_path": str(folder / SETTINGS),
+        "deepcad_divisor": divisor,
     }
+    settings: dict[str, Any] = {}
     if rec.attrs.get("frame_rate_hz"):
-        ops["fs"] = float(rec.attrs["frame_rate_hz"])
-    with open(ops_part, "wb") as fh:  # a file object: np.save would add ".npy" to a name
-        np.save(fh, np.array(ops, dtype=object), allow_pickle=True)
+        settings["fs"] = float(rec.attrs["frame_rate_hz"])
+    ops = {**db, **settings, "functional_chan": 1, "do_registration": 0, "yrange": [0, y],
+           "xrange": [0, x], "meanImg": (total / t).astype(np.float32)}
+    for part, value in ((db_part, db), (settings_part, settings), (ops_part, ops)):
+        with open(part, "wb") as fh:  # a file object: np.save would add ".npy" to a name
+            np.save(fh, np.array(value, dtype=object), allow_pickle=True)
 
 
 FORMAT = Format("suite2p", (), inspect_suite2p, folder=is_plane, write=write_suite2p,
-                outputs=(BINARIES[0], OPS))
+                outputs=(BINARIES[0], DB, SETTINGS, OPS))
