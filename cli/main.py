@@ -201,18 +201,21 @@ def _run_denoise(args: argparse.Namespace) -> int:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a recording store",
-                       description="Shape, axes, dtype, chunks, compression ratio, frame rate, "
-                       "statistics, and whether the store is complete.")
-    p.add_argument("path", metavar="PATH", help="OME-Zarr store or Zarr array")
+    p = sub.add_parser("info", help="describe a recording store or source file",
+                       description="Of a store: shape, axes, dtype, chunks, compression ratio, "
+                       "frame rate, statistics, and whether it is complete. Of a source file "
+                       "(TIFF, HDF5, NWB, Suite2p plane): what convert would read from it.")
+    p.add_argument("path", metavar="PATH", help="OME-Zarr store, Zarr array or source file")
     _add_axes(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.info import describe
+    from deepcad_chunked.io.info import describe, is_source_file
 
+    if is_source_file(args.path):
+        return _print_source(args)
     info = describe(args.path, axes=args.axes)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -252,6 +255,40 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_source(args: argparse.Namespace) -> int:
+    from deepcad_chunked.io.info import describe_source
+
+    info = describe_source(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    origin = (info["origin"] or {}).get("nwb", {})
+    rows = [
+        ("path", str(info["path"])),
+        ("source format", str(info["source_format"]) + (f" ({info['member']})"
+                                                      if info["member"] else "")),
+        ("files", ", ".join(info["files"])),
+        ("axes", "".join(info["axes"])),
+        ("shape", " × ".join(map(str, info["shape"]))),
+        ("dtype", str(info["dtype"])),
+        ("size", f"{info['raw_bytes'] / 2**20:.1f} MiB"),
+        ("frame rate", f"{info['frame_rate_hz']:.4g} Hz" if info["frame_rate_hz"]
+         else "unknown"),
+        ("pixel size", "{:.4g} × {:.4g} µm".format(*info["pixel_size_um"])
+         if info["pixel_size_um"] else "unknown"),
+    ]
+    if origin:
+        plane, device = origin.get("imaging_plane", {}), origin.get("device", {})
+        rows += [("session", str(origin.get("session", {}).get("session_description"))),
+                 ("device", str(device.get("name"))),
+                 ("imaging plane", f"{plane.get('name')}: {plane.get('indicator')} in "
+                                   f"{plane.get('location')}")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a store to TIFF, HDF5, NWB or Suite2p",
                        description="Write a recording, out of core, to an OME-TIFF (BigTIFF, "
@@ -266,6 +303,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="file to write (.tif, .h5, .nwb) or, with --format suite2p, a folder")
     p.add_argument("--format", choices=("tiff", "hdf5", "nwb", "suite2p"),
                    help="output format (default: from the output's suffix)")
+    p.add_argument("--frame-rate", type=float, metavar="HZ",
+                   help="frames per second written, overriding the store's (NWB needs one)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_run_export)
@@ -276,7 +315,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     path = export(args.source, args.output, overwrite=args.overwrite,
                   progress=False if args.no_progress else None, axes=args.axes,
-                  format=args.format)
+                  format=args.format, frame_rate=args.frame_rate)
     log.info("wrote %s", path)
     return 0
 

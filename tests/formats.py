@@ -113,17 +113,27 @@ class _Limited:
         self.fh.close()
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves whole files only, ignoring ``Range`` (as some servers do)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 @contextmanager
-def http_server(folder: Path) -> Iterator[tuple[str, list[tuple[int, int]]]]:
-    """A loopback HTTP server of ``folder``: its base URL and the ranges it served."""
-    ranges: list[tuple[int, int]] = []
-    handler = type("Handler", (_RangeHandler,), {"ranges": ranges})
+def http_server(folder: Path, *, ranges: bool = True
+                ) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+    """A loopback HTTP server of ``folder`` (answering range requests unless ``ranges`` is
+    False): its base URL and the ranges it served."""
+    served: list[tuple[int, int]] = []
+    handler = type("Handler", (_RangeHandler if ranges else _QuietHandler,),
+                   {"ranges": served})
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a: handler(*a, directory=os.fspath(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", ranges
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
     finally:
         server.shutdown()
         server.server_close()

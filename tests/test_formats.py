@@ -127,6 +127,12 @@ def test_nwb_converts_transposed_with_rate_pixel_size_and_session(client: Client
     assert stored.shape == SHAPE and stored.tobytes() == data.tobytes()
     assert attrs["frame_rate_hz"] == pytest.approx(7.5)
     assert attrs["pixel_size_um"] == pytest.approx([1.25, 1.25])
+    info = run_cli("info", str(tmp_path / "s.nwb"))  # what convert reads, before it does
+    assert info.returncode == 0, info.stderr
+    for line in ("source format  nwb (/acquisition/TwoPhotonSeries/data)", "shape          "
+                 "37 × 23 × 29", "frame rate     7.5 Hz", "pixel size     1.25 × 1.25 µm",
+                 "device         Scope2P", "imaging plane  plane0: GCaMP6s in V1"):
+        assert line in info.stdout, info.stdout
     nwb = attrs["origin"]["nwb"]
     assert nwb["session"]["session_id"] == "m17-s2"
     assert nwb["device"]["manufacturer"] == "Thorlabs"
@@ -200,6 +206,14 @@ def test_remote_nwb_is_read_by_range_requests(client: Client, tmp_path: Path) ->
         assert ranges and all(b - a + 1 < size for a, b in ranges)  # never the whole file
         with pytest.raises(SourceError, match="HTTP 404"):
             open_sources(f"{base}/missing.nwb")
+        # an archive's download URL that names no file (DANDI's): told apart by its bytes
+        os.link(served / "asset.nwb", served / "download")
+        plan = open_sources(f"{base}/download")
+        assert plan.first.kind == "nwb" and plan.read(5, 9).tobytes() == data[5:9].tobytes()
+    with http_server(served, ranges=False) as (base, _), \
+            pytest.raises(SourceError, match=r"does not answer range requests \(HTTP 200\); "
+                          "download the file"):
+        open_sources(f"{base}/asset.nwb")
 
 
 # --------------------------------------------------------------------------- Suite2p
@@ -352,6 +366,17 @@ def test_cli_converts_raw_and_exports_every_format(tmp_path: Path) -> None:
                        "--raw-dtype needs --raw-shape")
     assert_clean_error(run_cli("export", str(store), "-o", str(tmp_path / "out.h5")),
                        "already exists")
+    no_rate = tmp_path / "no_rate.zarr"
+    assert run_cli("convert", str(tmp_path / "rec.dat"), "-o", str(no_rate), "--raw-shape",
+                   "20,16,24", "--workers", "1").returncode == 0
+    assert_clean_error(run_cli("export", str(no_rate), "-o", str(tmp_path / "r.nwb")),
+                       "has no frame rate, which an NWB series needs: pass --frame-rate")
+    assert not (tmp_path / "r.nwb").exists()
+    assert run_cli("export", str(no_rate), "-o", str(tmp_path / "r.nwb"), "--frame-rate",
+                   "9").returncode == 0
+    assert open_sources(str(tmp_path / "r.nwb")).first.metadata.frame_interval_s == \
+        pytest.approx(1 / 9)
+
     assert not (tmp_path / "x.zarr").exists()
 
 
@@ -367,3 +392,14 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path: Path) -> None:
                             timeout=120)
     assert_clean_error(result, "needs the h5py package: pip install 'deepcad-chunked[hdf5]'")
     assert not (tmp_path / "rec.zarr").exists()
+    # a Blosc dataset without hdf5plugin: the filter is missing, said at inspection
+    with h5py.File(tmp_path / "blosc.h5", "w") as f:
+        f.create_dataset("mov", data=np.zeros((4, 64, 64), np.uint16), chunks=(2, 64, 64),
+                         **hdf5plugin.Blosc(cname="zstd"))  # compressible: really filtered
+    no_plugin = blocked.replace("sys.modules['h5py']", "sys.modules['hdf5plugin']")
+    result = subprocess.run([sys.executable, "-c", no_plugin, "convert",
+                             str(tmp_path / "blosc.h5"), "-o", str(tmp_path / "b.zarr")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path)})
+    assert_clean_error(result, "is compressed with an HDF5 filter that is not available",
+                       "pip install 'deepcad-chunked[hdf5]' adds hdf5plugin")

@@ -4,6 +4,7 @@ NWB or a Suite2p plane folder (:data:`~deepcad_chunked.io.sources.FORMATS`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +61,7 @@ def output_format(output: str, format: str | None) -> tuple[Format, str, str | N
 
 def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
            progress: bool | None = None, axes: str | None = None,
-           format: str | None = None) -> Path:
+           format: str | None = None, frame_rate: float | None = None) -> Path:
     """Write a recording to a file (or Suite2p folder) of another format, out of core.
 
     The format is ``format`` or the output's suffix: ``.tif`` (OME-TIFF, BigTIFF, one page
@@ -85,6 +86,8 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
         Axis names of a plain Zarr array that does not name them (``"tyx"``).
     format : str, optional
         ``tiff``, ``hdf5``, ``nwb`` or ``suite2p``; default: from the output's suffix.
+    frame_rate : float, optional
+        Frames per second written, overriding the recording's (NWB needs one).
 
     Returns
     -------
@@ -100,6 +103,11 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
     """
     fmt, path, member = output_format(str(output), format)
     rec = open_recording(source, axes=axes)
+    if frame_rate is not None:
+        if frame_rate <= 0:
+            raise SourceError(f"the frame rate must be positive, got {frame_rate}")
+        rec = dataclasses.replace(rec, attrs={**rec.attrs, "frame_rate_hz": frame_rate,
+                                              "frame_interval_s": 1.0 / frame_rate})
     target = resolve(path)
     if not isinstance(target, Path):
         raise StoreError(f"{target}: export writes local files (its source may be a URL)")

@@ -126,7 +126,7 @@ class Hdf5Source:
 
 def _read_error(part: Hdf5Source, exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "filter" in text.lower():
+    if "filter" in text.lower() or "plugin" in text.lower():
         return (f"{part.path}:{part.series} is compressed with an HDF5 filter that is not "
                 f"available ({text}); pip install 'deepcad-chunked[hdf5]' adds hdf5plugin")
     return f"{part.path}:{part.series} cannot be read (truncated or damaged: {text})"

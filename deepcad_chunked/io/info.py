@@ -1,12 +1,19 @@
-"""Describing a recording store: layout, sizes, scales, statistics and completeness."""
+"""Describing a recording store (layout, sizes, scales, statistics and completeness), or a
+source file as ``convert`` would read it."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from deepcad_chunked.io.location import RemotePath, list_files, resolve
 from deepcad_chunked.io.omezarr import open_recording
+
+if TYPE_CHECKING:
+    from deepcad_chunked.config import RawLayout
 
 
 def _codec_name(codec: object) -> str:
@@ -63,4 +70,63 @@ def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str
         "z_spacing_um": rec.attrs.get("z_spacing_um"),
         "statistics": rec.statistics,
         "provenance": rec.attrs.get("provenance"),
+    }
+
+
+def is_source_file(path: str | Path) -> bool:
+    """Whether ``path`` names a source (a file, a file's member, an ``http(s)`` URL or a
+    Suite2p plane) rather than a store."""
+    from deepcad_chunked.io.sources import file_of, format_of
+    from deepcad_chunked.io.suite2p import is_plane
+
+    text = str(path)
+    if text.startswith(("http://", "https://")):
+        return True
+    if isinstance(resolve(text), RemotePath):
+        return False
+    local = Path(file_of(text)).expanduser()
+    if local.is_file():
+        return True
+    return local.is_dir() and is_plane(local) and format_of(local).name == "suite2p"
+
+
+def describe_source(path: str | Path, raw: RawLayout | None = None) -> dict[str, Any]:
+    """A JSON-ready description of what ``convert`` would read from a source.
+
+    Parameters
+    ----------
+    path : str or Path
+        A source file (``rec.h5:/mov``, ``rec.nwb``, a TIFF, a Suite2p plane, a URL).
+    raw : RawLayout, optional
+        The layout of a raw binary file.
+
+    Returns
+    -------
+    dict
+        Format, files, axes, shape, dtype, size, scales, and the metadata kept.
+
+    Raises
+    ------
+    SourceError
+        When the source cannot be read.
+    """
+    from deepcad_chunked.io.sources import open_sources
+
+    plan = open_sources([str(path)], raw)
+    first = plan.first
+    meta = first.metadata
+    shape = [plan.frames, *first.frame_shape]
+    return {
+        "path": str(path),
+        "source_format": first.kind,
+        "files": plan.paths,
+        "member": first.series if isinstance(first.series, str) and first.kind in (
+            "hdf5", "nwb") else None,
+        "axes": list(first.axes),
+        "shape": shape,
+        "dtype": str(np.dtype(first.dtype)),
+        "raw_bytes": math.prod(shape) * np.dtype(first.dtype).itemsize,
+        "frame_rate_hz": 1.0 / meta.frame_interval_s if meta.frame_interval_s else None,
+        "pixel_size_um": list(meta.pixel_size_um) if meta.pixel_size_um else None,
+        "origin": meta.origin,
     }

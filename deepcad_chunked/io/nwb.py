@@ -223,8 +223,8 @@ def _write(module: Any, rec: Recording, slabs: Iterable[np.ndarray], partial: Pa
 
     rate = rec.attrs.get("frame_rate_hz")
     if not rate:
-        raise SourceError(f"{rec.path} has no frame rate, which an NWB series needs: "
-                          "convert it again with --frame-rate")
+        raise SourceError(f"{rec.path} has no frame rate, which an NWB series needs: pass "
+                          "--frame-rate")
     origin = (rec.attrs.get("origin") or {}).get("nwb") or {}
     session, device_meta = origin.get("session", {}), origin.get("device", {})
     plane_meta, channel_meta = origin.get("imaging_plane", {}), origin.get("optical_channel", {})

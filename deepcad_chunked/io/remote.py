@@ -70,6 +70,22 @@ def url_state(url: str) -> FileState:
                      sample=digest.hexdigest())
 
 
+#: The first bytes of an HDF5 file (its superblock signature).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def holds_hdf5(url: str) -> bool:
+    """Whether the file at ``url`` starts as an HDF5 file does (one range request).
+
+    Raises
+    ------
+    SourceError
+        When the server cannot be reached or answers with an error.
+    """
+    _, head = _request(url, byte_range=(0, len(HDF5_SIGNATURE) - 1))
+    return head == HDF5_SIGNATURE
+
+
 def open_url(url: str) -> Any:
     """A file-like object over ``url`` that reads by range requests, for h5py.
 

@@ -91,6 +91,11 @@ def format_of(spec: str | Path, raw_layout: RawLayout | None = None) -> Format:
     if raw_layout is not None:
         return raw.FORMAT
     found = _by_suffix(file_of(text))
+    if found is None and _URL.match(text):
+        from deepcad_chunked.io.remote import holds_hdf5
+
+        if holds_hdf5(text):  # an archive's download URL names no file (DANDI's): NWB
+            return nwb.FORMAT
     if found is None:
         raise SourceError(f"{text}: unknown format; sources are TIFF (.tif, .tiff, .btf), HDF5 "
                           "(.h5, .hdf5), NWB (.nwb), a Suite2p plane folder, or raw binary "
