@@ -15,6 +15,7 @@ from distributed import Client
 from deepcad_chunked import convert
 from deepcad_chunked.config import ConvertConfig, RawLayout
 from deepcad_chunked.errors import OutputExistsError, SourceError
+from deepcad_chunked.infer import denoise
 from deepcad_chunked.io.export import export
 from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.io.sources import open_sources
@@ -97,6 +98,19 @@ def test_bad_hdf5_files_are_refused_in_one_line(tmp_path: Path) -> None:
         open_sources(f"{tmp_path / 'flat.h5'}:/image")
 
 
+def test_an_hdf5_file_rewritten_after_inspection_is_refused(tmp_path: Path) -> None:
+    data = movie("uint16")
+    with h5py.File(tmp_path / "rec.h5", "w") as f:
+        f["mov"] = data
+    plan = open_sources(str(tmp_path / "rec.h5"))
+    assert plan.read(0, 4).tobytes() == data[:4].tobytes()
+    with h5py.File(tmp_path / "new.h5", "w") as f:  # another program replaces it
+        f["mov"] = data[::-1]
+    os.replace(tmp_path / "new.h5", tmp_path / "rec.h5")
+    with pytest.raises(SourceError, match="changed while it was being read"):
+        plan.read(4, 8)
+
+
 def test_hdf5_round_trip_through_export(client: Client, tmp_path: Path) -> None:
     data = movie("uint16")
     with h5py.File(tmp_path / "rec.h5", "w") as f:
@@ -166,16 +180,20 @@ def test_nwb_series_choice_and_bad_files(tmp_path: Path) -> None:
         open_sources(str(tmp_path / "plain.nwb"))
 
 
-def test_nwb_export_keeps_session_device_plane_and_rate(client: Client, tmp_path: Path) -> None:
+def test_nwb_export_of_the_denoised_keeps_session_device_plane_and_rate(
+        client: Client, tmp_path: Path, tiny_model: Path) -> None:
     data = movie("uint16")
     write_nwb(tmp_path / "s.nwb", data, rate=7.5)
     rec = convert(str(tmp_path / "s.nwb"), tmp_path / "s.zarr", config=SMALL, cluster=client,
                   progress=False)
-    out = export(rec.path, tmp_path / "out.nwb", progress=False)
+    denoised = denoise(rec.path, tiny_model, tmp_path / "d.zarr", cluster=client,
+                       progress=False)
+    want = np.asarray(denoised.array[:])
+    out = export(denoised.path, tmp_path / "out.nwb", progress=False)
     with pynwb.NWBHDF5IO(str(out), "r") as io:
         nwbfile = io.read()
         series = nwbfile.acquisition["TwoPhotonSeries"]
-        assert np.asarray(series.data[:]).transpose(0, 2, 1).tobytes() == data.tobytes()
+        assert np.asarray(series.data[:]).transpose(0, 2, 1).tobytes() == want.tobytes()
         assert series.rate == pytest.approx(7.5) and series.unit == "a.u."
         assert nwbfile.session_id == "m17-s2" and nwbfile.lab == "Imaging Lab"
         assert nwbfile.session_start_time.year == 2026
@@ -186,8 +204,11 @@ def test_nwb_export_keeps_session_device_plane_and_rate(client: Client, tmp_path
         assert plane.device.manufacturer == "Thorlabs"
         assert list(plane.grid_spacing) == pytest.approx([1.25e-6, 1.25e-6])
     back = open_sources(str(out))  # and it reads back as a source, scales included
-    assert back.read(0, 37).tobytes() == data.tobytes()
+    assert back.read(0, 37).tobytes() == want.tobytes()
     assert back.first.metadata.pixel_size_um == pytest.approx((1.25, 1.25))
+    # the recording itself exports bit for bit too
+    assert open_sources(str(export(rec.path, tmp_path / "raw.nwb", progress=False))).read(
+        0, 37).tobytes() == data.tobytes()
 
 
 def test_remote_nwb_is_read_by_range_requests(client: Client, tmp_path: Path) -> None:
@@ -392,6 +413,11 @@ def test_a_missing_extra_is_one_line_naming_the_install(tmp_path: Path) -> None:
                             timeout=120)
     assert_clean_error(result, "needs the h5py package: pip install 'deepcad-chunked[hdf5]'")
     assert not (tmp_path / "rec.zarr").exists()
+    write_nwb(tmp_path / "rec.nwb", movie("uint16", shape=(4, 8, 8)))
+    no_nwb = blocked.replace("sys.modules['h5py']", "sys.modules['pynwb']")
+    result = subprocess.run([sys.executable, "-c", no_nwb, "info", str(tmp_path / "rec.nwb")],
+                            capture_output=True, text=True, timeout=120)
+    assert_clean_error(result, "needs the pynwb package: pip install 'deepcad-chunked[nwb]'")
     # a Blosc dataset without hdf5plugin: the filter is missing, said at inspection
     with h5py.File(tmp_path / "blosc.h5", "w") as f:
         f.create_dataset("mov", data=np.zeros((4, 64, 64), np.uint16), chunks=(2, 64, 64),
