@@ -78,6 +78,21 @@ def test_hdf5_dataset_is_named_after_a_colon_when_there_are_several(client: Clie
         open_sources(f"{tmp_path / 'two.h5'}:/c")
 
 
+def test_hdf5_files_of_a_folder_or_a_glob_join_in_natural_order(client: Client,
+                                                                tmp_path: Path) -> None:
+    data = movie("int16")
+    for k, (t0, t1) in enumerate(((0, 10), (10, 25), (25, 37)), start=1):
+        with h5py.File(tmp_path / f"part_{k * 5}.h5", "w") as f:  # 5, 10, 15: natural order
+            f["mov"] = data[t0:t1]
+            f["other"] = np.zeros((2, 3, 4))
+    stored, attrs = _converted(client, f"{tmp_path / 'part_*.h5'}:/mov", tmp_path / "g.zarr")
+    assert stored.tobytes() == data.tobytes()
+    assert [Path(s["path"]).name for s in attrs["provenance"]["sources"]] == \
+        ["part_5.h5", "part_10.h5", "part_15.h5"]
+    with pytest.raises(SourceError, match="holds 2 3-D datasets"):  # a folder names no dataset
+        open_sources(str(tmp_path))
+
+
 def test_bad_hdf5_files_are_refused_in_one_line(tmp_path: Path) -> None:
     data = movie("uint16", shape=(64, 40, 40))
     with h5py.File(tmp_path / "full.h5", "w") as f:

@@ -120,6 +120,11 @@ def export(source: str | Path, output: str | Path, *, overwrite: bool = False,
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create {target}: {exc.strerror or exc}") from None
+    stale = sorted(p.name for p in target.glob("*.npy") if p not in files) \
+        if fmt.outputs else []
+    if stale and overwrite:
+        log.warning("%s also holds %s from an earlier run: they describe the recording "
+                    "that is being replaced", target, ", ".join(stale))
     assert fmt.write is not None
     try:
         _write(fmt, rec, files, member, overwrite, progress)
