@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +25,9 @@ from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.reader import (
     FileState,
     Format,
+    HandleCache,
     PhysicalMetadata,
+    PlanePart,
     check_unchanged,
     require,
 )
@@ -61,54 +61,18 @@ def h5py() -> Any:
     return module
 
 
-@dataclass(frozen=True)
-class Hdf5Source:
-    """One 3D dataset of an HDF5 file (or an NWB series' data).
+@dataclass(frozen=True, kw_only=True)
+class Hdf5Source(PlanePart):
+    """One 3D dataset of an HDF5 file (or an NWB series' data), ``series`` its path in the
+    file, ``kind`` ``hdf5`` or ``nwb``; ``path`` may be an ``http(s)://`` URL.
 
     Attributes
     ----------
-    path : str
-        Absolute path or URL of the file.
-    size, mtime_ns, ino, ctime_ns, sample : int, str
-        The file's state when inspected (``ino == -1`` for a URL; see :class:`FileState`).
-    series : str
-        Path of the dataset in the file.
-    kind : str
-        ``hdf5`` or ``nwb``.
-    dtype : str
-        Native-byte-order sample type.
-    frames, height, width : int
-        Sizes of the recording.
     transposed : bool
         The dataset is stored ``(t, x, y)`` (NWB's order) and is read transposed.
-    metadata : PhysicalMetadata
-        Scales found in the file.
     """
 
-    path: str
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-    sample: str
-    series: str
-    kind: str
-    dtype: str
-    frames: int
-    height: int
-    width: int
     transposed: bool = False
-    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
-
-    @property
-    def frame_shape(self) -> tuple[int, ...]:
-        """Shape of one frame: ``(y, x)``."""
-        return (self.height, self.width)
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        """Output axes ``('t', 'y', 'x')``."""
-        return ("t", "y", "x")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start:stop``, native byte order."""
@@ -156,29 +120,7 @@ def open_file(path: str) -> Any:
         raise SourceError(f"{path} is not a readable HDF5 file ({reason})") from None
 
 
-class _HandleCache(threading.local):
-    """Open files of one thread, least recently used closed first."""
-
-    limit = 8
-
-    def __init__(self) -> None:
-        self.files: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-
-    def get(self, part: Hdf5Source) -> Any:
-        key = (part.path, part.size, part.mtime_ns, part.ino, part.ctime_ns)
-        handle = self.files.get(key)
-        if handle is None:
-            handle = open_file(part.path)
-            self.files[key] = handle
-            while len(self.files) > self.limit:
-                _, old = self.files.popitem(last=False)
-                old.close()
-        else:
-            self.files.move_to_end(key)
-        return handle
-
-
-_handles = _HandleCache()
+_handles = HandleCache(open_file)
 
 
 def split_member(spec: str, suffixes: Iterable[str]) -> tuple[str, str | None]:

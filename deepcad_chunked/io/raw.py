@@ -9,7 +9,7 @@ a read-only memory map.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from deepcad_chunked.io.reader import (
     FileState,
     Format,
     PhysicalMetadata,
+    PlanePart,
     check_unchanged,
 )
 
@@ -30,60 +31,24 @@ if TYPE_CHECKING:
 RAW_SUFFIXES = (".raw", ".bin", ".dat")
 
 
-@dataclass(frozen=True)
-class RawSource:
-    """Frames stored back to back in a file.
+@dataclass(frozen=True, kw_only=True)
+class RawSource(PlanePart):
+    """Frames stored back to back in a file (``series``: the layout read, as text; ``kind``
+    ``raw`` or ``suite2p``).
 
     Attributes
     ----------
-    path : str
-        Absolute path of the file.
-    size, mtime_ns, ino, ctime_ns, sample : int, str
-        The file's state when inspected (:class:`~deepcad_chunked.io.reader.FileState`).
-    series : str
-        The layout read, as text (part of a conversion's identity).
-    kind : str
-        ``raw`` or ``suite2p``.
-    dtype : str
-        Native-byte-order sample type.
     file_dtype : str
         Sample type as stored (byte order included).
     order : {"C", "F"}
         Sample order of the whole ``(t, y, x)`` array.
     offset : int
         Bytes before the first sample.
-    frames, height, width : int
-        Sizes of the recording.
-    metadata : PhysicalMetadata
-        Scales, when the format knows them (Suite2p's ``fs``).
     """
 
-    path: str
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-    sample: str
-    series: str
-    kind: str
-    dtype: str
     file_dtype: str
     order: str
     offset: int
-    frames: int
-    height: int
-    width: int
-    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
-
-    @property
-    def frame_shape(self) -> tuple[int, ...]:
-        """Shape of one frame: ``(y, x)``."""
-        return (self.height, self.width)
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        """Output axes ``('t', 'y', 'x')``."""
-        return ("t", "y", "x")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start:stop``, native byte order."""

@@ -16,11 +16,13 @@ import hashlib
 import importlib
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,12 +66,35 @@ class PhysicalMetadata:
     origin: dict[str, Any] | None = None
 
 
-class Part(Protocol):
+@dataclass(frozen=True, kw_only=True)
+class Part:
     """One run of frames of a recording, in one file (or one dataset of a file).
 
-    ``path``, ``size``, ``mtime_ns`` and ``sample`` (with ``series``, the member read) are the
-    part's identity in a conversion; ``ino`` and ``ctime_ns`` complete the state that every
-    read checks.
+    Each format subclasses it with where its frames are and implements :meth:`read`; a part
+    is small and picklable, sent to the workers that read it.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path (or URL) of the file.
+    size, mtime_ns, ino, ctime_ns : int
+        File size, modification time, inode and status-change time when inspected; every
+        read checks them, so a file written or replaced while it is read is refused (a
+        URL's part has ``ino == -1``: see :func:`check_unchanged`).
+    sample : str
+        SHA-256 of the file's first and last 64 KiB. With ``path``, ``size``, ``mtime_ns``
+        and ``series``, a conversion's identity.
+    series : int or str
+        What is read in the file: a TIFF image series' index, an HDF5 dataset's path, a raw
+        layout.
+    kind : str
+        The flavour read (``ome``, ``scanimage``, ``hdf5``, ``nwb``, ``suite2p``, ``raw``, …).
+    dtype : str
+        Native-byte-order sample type.
+    frames : int
+        Number of time points.
+    metadata : PhysicalMetadata
+        Scales (and descriptive metadata) found in the file.
     """
 
     path: str
@@ -82,15 +107,77 @@ class Part(Protocol):
     kind: str
     dtype: str
     frames: int
-    metadata: PhysicalMetadata
+    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
 
     @property
-    def frame_shape(self) -> tuple[int, ...]: ...
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one time point (``[c], [z], y, x``)."""
+        raise NotImplementedError
 
     @property
-    def axes(self) -> tuple[str, ...]: ...
+    def axes(self) -> tuple[str, ...]:
+        """Output axes, ``t`` first."""
+        raise NotImplementedError
 
-    def read(self, start: int, stop: int) -> np.ndarray: ...
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start:stop`` of this part, shape ``(stop - start, *frame_shape)``,
+        native byte order."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanePart(Part):
+    """A part of single-plane, single-channel frames: axes ``t, y, x``.
+
+    Attributes
+    ----------
+    height, width : int
+        Frame size in pixels.
+    """
+
+    height: int
+    width: int
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Shape of one frame: ``(y, x)``."""
+        return (self.height, self.width)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Output axes ``('t', 'y', 'x')``."""
+        return ("t", "y", "x")
+
+
+class HandleCache(threading.local):
+    """Open files of one thread, keyed by a part's file and state, least recently used
+    closed first: a worker opens each file once, not once per read.
+
+    Parameters
+    ----------
+    opener : callable
+        Opens a path (or URL) read-only; the result must have ``close()``.
+    limit : int
+        Most files kept open per thread.
+    """
+
+    def __init__(self, opener: Callable[[str], Any], limit: int = 8) -> None:
+        self.opener, self.limit = opener, limit
+        self.files: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, part: Part) -> Any:
+        """The open file of ``part``."""
+        key = (part.path, part.size, part.mtime_ns, part.ino, part.ctime_ns)
+        handle = self.files.get(key)
+        if handle is None:
+            handle = self.opener(part.path)
+            self.files[key] = handle
+            while len(self.files) > self.limit:
+                _, old = self.files.popitem(last=False)
+                old.close()
+        else:
+            self.files.move_to_end(key)
+        return handle
 
 
 @dataclass(frozen=True)
@@ -177,7 +264,7 @@ class SourcePlan:
     """The parts of one recording (files, series or datasets), in order, and where each
     starts on the time axis."""
 
-    sources: tuple[Any, ...]  # Part; a Protocol cannot be a dataclass field's runtime type
+    sources: tuple[Part, ...]
     starts: tuple[int, ...]
 
     @property

@@ -13,11 +13,9 @@ import itertools
 import logging
 import math
 import os
-import threading
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,8 @@ import tifffile
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.reader import (
     Format,
+    HandleCache,
+    Part,
     PhysicalMetadata,
     SourcePlan,
     check_unchanged,
@@ -53,28 +53,14 @@ _UNIT_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "µs": 1e-6, "us"
               "min": 60.0, "h": 3600.0, "ns": 1e-9}
 
 
-@dataclass(frozen=True)
-class TiffSource:
-    """How the frames of one TIFF file map onto its pages.
+@dataclass(frozen=True, kw_only=True)
+class TiffSource(Part):
+    """How the frames of one TIFF file map onto its pages (``series``: the index of the
+    tifffile image series read; a file of several series that continue one another is read
+    as several parts, in order; ``kind``: tifffile's name for its flavour).
 
     Attributes
     ----------
-    path : str
-        Absolute path of the file.
-    size, mtime_ns, ino, ctime_ns : int
-        File size, modification time, inode and status-change time when inspected; every
-        read checks them, so a file written or replaced while it is read is refused.
-    sample : str
-        SHA-256 of the file's first and last 64 KiB: part of a conversion's identity.
-    series : int
-        Index of the tifffile image series read (a file of several series that continue
-        one another is read as several sources, in order).
-    kind : str
-        tifffile's name for the series' flavour (``imagej``, ``ome``, ``scanimage``, …).
-    dtype : str
-        Native-byte-order dtype of the samples.
-    frames : int
-        Number of time points.
     extra : dict
         Sizes of the extra output axes present (``c``, ``z``), in NGFF order.
     height, width : int
@@ -85,27 +71,14 @@ class TiffSource:
         File offset of the series' uncompressed, contiguous data, if it is stored so.
     file_byteorder : str
         ``<`` or ``>``: byte order of the samples in the file.
-    metadata : PhysicalMetadata
-        Scales read from the file's metadata.
     """
 
-    path: str
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-    sample: str
-    series: int
-    kind: str
-    dtype: str
-    frames: int
     extra: dict[str, int]
     height: int
     width: int
     strides: dict[str, int]
     contiguous_offset: int | None
     file_byteorder: str
-    metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
 
     @property
     def frame_shape(self) -> tuple[int, ...]:
@@ -509,30 +482,7 @@ def _check_complete(tif: tifffile.TiffFile, source: TiffSource, file_size: int) 
 
 # --------------------------------------------------------------------------- reading
 
-class _HandleCache(threading.local):
-    """Open TiffFile handles of one thread, least recently used closed first."""
-
-    limit = 8
-
-    def __init__(self) -> None:
-        self.files: OrderedDict[tuple[str, int, int, int, int], tifffile.TiffFile] = \
-            OrderedDict()
-
-    def get(self, source: TiffSource) -> tifffile.TiffFile:
-        key = (source.path, source.size, source.mtime_ns, source.ino, source.ctime_ns)
-        tif = self.files.get(key)
-        if tif is None:
-            tif = _open_tiff(Path(source.path))
-            self.files[key] = tif
-            while len(self.files) > self.limit:
-                _, old = self.files.popitem(last=False)
-                old.close()
-        else:
-            self.files.move_to_end(key)
-        return tif
-
-
-_handles = _HandleCache()
+_handles = HandleCache(lambda path: _open_tiff(Path(path)))
 
 
 def page_indices(source: TiffSource, start: int, stop: int) -> np.ndarray:
