@@ -53,10 +53,15 @@ def test_convert_info_export(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "back.tif"), data)
 
+    source = json.loads(run_cli("info", str(tmp_path / "back.tif"), "--json").stdout)
+    assert source["source_format"] == "ome" and source["shape"] == [50, 37, 53]
+    assert source["frame_rate_hz"] == pytest.approx(30.0)  # the export kept the scale
+
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     good = write_plain(tmp / "good.tif", movie((8, 16, 16), "uint16"))
     (tmp / "notes.tif").write_text("not an image\n" * 50)
+    (tmp / "notes.csv").write_text("t,value\n0,1\n")
     trunc = write_plain(tmp / "trunc.tif", movie((30, 32, 32), "uint16"))
     with open(trunc, "r+b") as fh:
         fh.truncate(trunc.stat().st_size // 2)
@@ -88,7 +93,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "unknown cluster": (["convert", str(good), "-o", out, "--cluster", "moon"],
                             ("unknown cluster",)),
         "info of nothing": (["info", str(tmp / "nothing.zarr")], ("does not exist",)),
-        "info of a tiff": (["info", str(good)], ("not a Zarr store",)),
+        "info of a broken tiff": (["info", str(tmp / "notes.tif")], ("not a readable TIFF",)),
+        "info of a text file": (["info", str(tmp / "notes.csv")], ("unknown format",)),
         "export of nothing": (["export", str(tmp / "nothing.zarr"), "-o", str(tmp / "x.tif")],
                               ("does not exist",)),
     }
@@ -97,8 +103,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
 @pytest.mark.parametrize("case", [
     "missing source", "not a tiff", "truncated", "frame shapes differ", "dtypes differ",
     "empty directory", "output exists", "no parent folder", "bad chunks", "bad clevel",
-    "bad frame rate", "unknown cluster", "info of nothing", "info of a tiff",
-    "export of nothing",
+    "bad frame rate", "unknown cluster", "info of nothing", "info of a broken tiff",
+    "info of a text file", "export of nothing",
 ])
 def test_bad_input_gives_one_clean_line(tmp_path: Path, case: str) -> None:
     args, needles = _bad_inputs(tmp_path)[case]
