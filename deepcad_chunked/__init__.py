@@ -1,7 +1,8 @@
 """deepcad-chunked: out-of-core, distributed self-supervised denoising of fluorescence recordings.
 
-The Python API mirrors the command line: :func:`convert` a TIFF archive into OME-Zarr,
-:func:`info` about a store, :func:`export` it back to TIFF, :func:`train` the denoiser,
+The Python API mirrors the command line: :func:`convert` a recording (TIFF, HDF5, NWB, Suite2p,
+raw) into OME-Zarr, :func:`open_sources` to read its frames as they are, :func:`info` about a
+store, :func:`export` it to TIFF, HDF5, NWB or Suite2p, :func:`train` the denoiser,
 :func:`load_model` a trained one and :func:`denoise`; :func:`run` does all of it. To see how
 good it is: :func:`simulate` a recording with ground truth, :func:`evaluate` and
 :func:`preview`; :func:`demo` does all of that. :func:`follow` denoises a recording while it
@@ -16,12 +17,14 @@ from deepcad_chunked.config import (
     ConvertConfig,
     DenoiseConfig,
     FollowConfig,
+    RawLayout,
     SimulationConfig,
     TrainConfig,
 )
 from deepcad_chunked.errors import DeepCADError
 from deepcad_chunked.io import Recording, convert, export, open_recording
 from deepcad_chunked.io import describe as info
+from deepcad_chunked.io.sources import open_sources
 from deepcad_chunked.simulate import simulate
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "DeepCADError",
     "DenoiseConfig",
     "FollowConfig",
+    "RawLayout",
     "Recording",
     "SimulationConfig",
     "TrainConfig",
@@ -43,6 +47,7 @@ __all__ = [
     "info",
     "load_model",
     "open_recording",
+    "open_sources",
     "predict_array",
     "preview",
     "run",
