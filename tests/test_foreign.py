@@ -181,4 +181,4 @@ def test_what_cannot_be_a_recording_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="neither a deepcad-chunked recording nor"):
         open_recording(tmp_path / "bare.zarr")
     assert_clean_error(run_cli("convert", str(tmp_path / "stack.zarr"), "-o",
-                               str(tmp_path / "o.zarr")), "is a Zarr store, not TIFF")
+                               str(tmp_path / "o.zarr")), "is a Zarr store, not source files")
