@@ -125,7 +125,7 @@ def test_object_store_mistakes_are_one_line(tmp_path: Path, s3: S3, tiny_model: 
                                "8,8,8"),
                        "must be a local folder")
     assert_clean_error(run_cli("export", s3.url("rec.zarr"), "-o", s3.url("x.tif")),
-                       "local TIFF")
+                       "export writes local files")
     unreachable = run_cli("info", s3.url("rec.zarr"),
                           env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert_clean_error(unreachable, "object store could not be used")
