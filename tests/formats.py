@@ -120,6 +120,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # several workers open connections at once
+
+
 @contextmanager
 def http_server(folder: Path, *, ranges: bool = True
                 ) -> Iterator[tuple[str, list[tuple[int, int]]]]:
@@ -127,8 +131,8 @@ def http_server(folder: Path, *, ranges: bool = True
     False): its base URL and the ranges it served."""
     served: list[tuple[int, int]] = []
     handler = type("Handler", (_RangeHandler if ranges else _QuietHandler,),
-                   {"ranges": served})
-    server = http.server.ThreadingHTTPServer(
+                   {"ranges": served, "timeout": 30})
+    server = _Server(
         ("127.0.0.1", 0), lambda *a: handler(*a, directory=os.fspath(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -226,6 +226,7 @@ def test_nwb_export_of_the_denoised_keeps_session_device_plane_and_rate(
         0, 37).tobytes() == data.tobytes()
 
 
+@pytest.mark.timeout(240)  # a stalled request fails here, not after the default 10 minutes
 def test_remote_nwb_is_read_by_range_requests(client: Client, tmp_path: Path) -> None:
     pytest.importorskip("remfile")
     data = movie("uint16", shape=(40, 64, 48))

@@ -95,4 +95,21 @@ def open_url(url: str) -> Any:
         When remfile (the ``nwb`` extra) is not installed.
     """
     remfile = require("remfile", "nwb", "reading files over HTTP")
-    return remfile.File(url)
+    handle = remfile.File(url)
+    if getattr(handle, "session", None) is not None:  # its reads go through this session
+        handle.session = _session()
+    return handle
+
+
+def _session() -> Any:
+    """A requests session whose requests give up after :data:`TIMEOUT_S` without an answer
+    (requests waits for ever by default: a stalled server would hang a worker; remfile
+    retries a request that timed out, then fails the read)."""
+    import requests
+
+    class _Session(requests.Session):
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", TIMEOUT_S)
+            return super().request(*args, **kwargs)
+
+    return _Session()
