@@ -96,8 +96,9 @@ def _read_error(part: Hdf5Source, exc: BaseException) -> str:
     return f"{part.path}:{part.series} cannot be read (truncated or damaged: {text})"
 
 
-def open_file(path: str) -> Any:
-    """An h5py File opened read-only on a local path or an ``http(s)://`` URL.
+def open_file(path: str, *, size: int | None = None) -> Any:
+    """An h5py File opened read-only on a local path or an ``http(s)://`` URL (``size``: the
+    URL's, when known, saves a request).
 
     Raises
     ------
@@ -109,7 +110,7 @@ def open_file(path: str) -> Any:
         if path.startswith(("http://", "https://")):
             from deepcad_chunked.io.remote import open_url
 
-            return module.File(open_url(path), "r")
+            return module.File(open_url(path, size=size), "r")
         return module.File(path, "r", locking=False)
     except SourceError:
         raise
@@ -120,7 +121,7 @@ def open_file(path: str) -> Any:
         raise SourceError(f"{path} is not a readable HDF5 file ({reason})") from None
 
 
-_handles = HandleCache(open_file)
+_handles = HandleCache(lambda part: open_file(part.path, size=part.size))
 
 
 def split_member(spec: str, suffixes: Iterable[str]) -> tuple[str, str | None]:
@@ -222,7 +223,7 @@ def inspect_hdf5(spec: str, raw: RawLayout | None = None) -> tuple[Hdf5Source, .
     if not path.startswith(("http://", "https://")):
         path = str(Path(path).expanduser().resolve())
     state = file_state(path)
-    with open_file(path) as handle:
+    with open_file(path, size=state.size) as handle:
         if member is None:
             found = datasets_3d(handle)
             if not found:

@@ -142,7 +142,7 @@ def inspect_nwb(spec: str, raw: RawLayout | None = None) -> tuple[hdf5.Hdf5Sourc
     if not path.startswith(("http://", "https://")):
         path = str(Path(path).expanduser().resolve())
     state = hdf5.file_state(path)
-    with hdf5.open_file(path) as handle:
+    with hdf5.open_file(path, size=state.size) as handle:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -156,12 +156,12 @@ class HandleCache(threading.local):
     Parameters
     ----------
     opener : callable
-        Opens a path (or URL) read-only; the result must have ``close()``.
+        Opens a part's file read-only; the result must have ``close()``.
     limit : int
         Most files kept open per thread.
     """
 
-    def __init__(self, opener: Callable[[str], Any], limit: int = 8) -> None:
+    def __init__(self, opener: Callable[[Part], Any], limit: int = 8) -> None:
         self.opener, self.limit = opener, limit
         self.files: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
@@ -170,7 +170,7 @@ class HandleCache(threading.local):
         key = (part.path, part.size, part.mtime_ns, part.ino, part.ctime_ns)
         handle = self.files.get(key)
         if handle is None:
-            handle = self.opener(part.path)
+            handle = self.opener(part)
             self.files[key] = handle
             while len(self.files) > self.limit:
                 _, old = self.files.popitem(last=False)

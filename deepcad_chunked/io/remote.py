@@ -86,8 +86,9 @@ def holds_hdf5(url: str) -> bool:
     return head == HDF5_SIGNATURE
 
 
-def open_url(url: str) -> Any:
-    """A file-like object over ``url`` that reads by range requests, for h5py.
+def open_url(url: str, *, size: int | None = None) -> Any:
+    """A file-like object over ``url`` that reads by range requests, for h5py (``size``:
+    the file's, when known, saves the request that asks for it).
 
     Raises
     ------
@@ -95,7 +96,7 @@ def open_url(url: str) -> Any:
         When remfile (the ``nwb`` extra) is not installed.
     """
     remfile = require("remfile", "nwb", "reading files over HTTP")
-    handle = remfile.File(url)
+    handle = remfile.File(url, _size=size) if size else remfile.File(url)
     if getattr(handle, "session", None) is not None:  # its reads go through this session
         handle.session = _session()
     return handle

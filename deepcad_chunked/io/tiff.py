@@ -482,7 +482,7 @@ def _check_complete(tif: tifffile.TiffFile, source: TiffSource, file_size: int) 
 
 # --------------------------------------------------------------------------- reading
 
-_handles = HandleCache(lambda path: _open_tiff(Path(path)))
+_handles = HandleCache(lambda part: _open_tiff(Path(part.path)))
 
 
 def page_indices(source: TiffSource, start: int, stop: int) -> np.ndarray:
