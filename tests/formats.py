@@ -1,14 +1,12 @@
 """Small recordings in HDF5, NWB, Suite2p and raw layouts, written with each format's own
-library, and a loopback HTTP server that answers range requests."""
+library, and a loopback HTTP server (``range_server.py``) that answers range requests."""
 
 from __future__ import annotations
 
 import datetime as dt
-import http.server
-import os
-import re
-import threading
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,73 +69,31 @@ def write_suite2p(folder: Path, data: np.ndarray, *, fs: float = 15.0,
     return folder
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder's files, answering ``Range: bytes=a-b`` with 206 and the bytes."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def send_head(self):  # type: ignore[no-untyped-def]
-        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        path = Path(self.translate_path(self.path))
-        if not match or not path.is_file():
-            return super().send_head()
-        size = path.stat().st_size
-        start = int(match[1])
-        stop = min(size - 1, int(match[2])) if match[2] else size - 1
-        fh = open(path, "rb")  # noqa: SIM115 (closed by copyfile's caller)
-        fh.seek(start)
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Range", f"bytes {start}-{stop}/{size}")
-        self.send_header("Content-Length", str(stop - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        self.ranges.append((start, stop))
-        return _Limited(fh, stop - start + 1)
-
-
-class _Limited:
-    """A file read up to ``left`` bytes (what copyfile sends of a range)."""
-
-    def __init__(self, fh, left: int) -> None:  # type: ignore[no-untyped-def]
-        self.fh, self.left = fh, left
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.fh.read(n)
-        self.left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves whole files only, ignoring ``Range`` (as some servers do)."""
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 128  # several workers open connections at once
-
-
 @contextmanager
 def http_server(folder: Path, *, ranges: bool = True
-                ) -> Iterator[tuple[str, list[tuple[int, int]]]]:
-    """A loopback HTTP server of ``folder`` (answering range requests unless ``ranges`` is
-    False): its base URL and the ranges it served."""
-    served: list[tuple[int, int]] = []
-    handler = type("Handler", (_RangeHandler if ranges else _QuietHandler,),
-                   {"ranges": served, "timeout": 30})
-    server = _Server(
-        ("127.0.0.1", 0), lambda *a: handler(*a, directory=os.fspath(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+                ) -> Iterator[tuple[str, Callable[[], list[tuple[int, int]]]]]:
+    """A loopback HTTP server of ``folder`` in a process of its own (answering range
+    requests unless ``ranges`` is False): its base URL, and a function listing the byte
+    ranges it has served.
+
+    A separate process, as a real server is: a server thread inside the test process could
+    wait for h5py's lock (a garbage-collected NWB reader closing its file) while that lock's
+    holder waits for the server.
+    """
+    log = folder.parent / f".{folder.name}.ranges"
+    log.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("range_server.py")),
+                             str(folder), str(log), *([] if ranges else ["--no-ranges"])],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", served
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+
+        def served() -> list[tuple[int, int]]:
+            lines = log.read_text().split() if log.exists() else []
+            return [(int(a), int(b)) for a, b in (line.split("-") for line in lines)]
+
+        yield f"http://127.0.0.1:{port}", served
     finally:
-        server.shutdown()
-        server.server_close()
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -240,7 +240,7 @@ def test_remote_nwb_is_read_by_range_requests(client: Client, tmp_path: Path) ->
         assert stored.tobytes() == data.tobytes()
         assert attrs["frame_rate_hz"] == pytest.approx(10.0)
         assert attrs["provenance"]["sources"][0]["path"] == url
-        assert ranges and all(b - a + 1 < size for a, b in ranges)  # never the whole file
+        assert ranges() and all(b - a + 1 < size for a, b in ranges())  # never the whole file
         with pytest.raises(SourceError, match="HTTP 404"):
             open_sources(f"{base}/missing.nwb")
         # an archive's download URL that names no file (DANDI's): told apart by its bytes
