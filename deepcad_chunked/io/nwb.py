@@ -90,14 +90,17 @@ def _pixel_size(series: Any, height: int, width: int) -> tuple[float, float] | N
 
 
 def _text(value: Any) -> Any:
+    """``value`` as JSON can hold it (NaN, NWB's "unknown" wavelength, as None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, dt.datetime):
         return value.isoformat()
     if isinstance(value, bytes):
         return value.decode(errors="replace")
-    if isinstance(value, (np.generic,)):
-        return value.item()
+    if isinstance(value, np.generic):
+        return _text(value.item())
     if isinstance(value, (list, tuple, np.ndarray)) or hasattr(value, "shape"):
         return [_text(v) for v in np.asarray(value).tolist()]
     return str(value)
