@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import tifffile
 
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.reader import (
+    FileState,
     Format,
     HandleCache,
     Part,
@@ -31,7 +31,6 @@ from deepcad_chunked.io.reader import (
     SourcePlan,
     check_unchanged,
     join_parts,
-    sample_digest,
 )
 
 if TYPE_CHECKING:
@@ -147,11 +146,7 @@ def inspect_tiff(path: str | Path) -> tuple[TiffSource, ...]:
         cannot be read as a time series, or holds series that do not continue one another.
     """
     path = Path(path).resolve()
-    try:
-        stat = path.stat()
-        sample = sample_digest(path, stat.st_size)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    state = FileState.of(path)
     catcher = _WarningCatcher()
     tlog = logging.getLogger("tifffile")
     tlog.addHandler(catcher)
@@ -159,11 +154,11 @@ def inspect_tiff(path: str | Path) -> tuple[TiffSource, ...]:
         with _open_tiff(path) as tif:
             if not tif.series:
                 raise SourceError(f"{path} holds no images")
-            parts = tuple(_describe(tif, path, stat, sample, i) for i in range(len(tif.series)))
+            parts = tuple(_describe(tif, path, state, i) for i in range(len(tif.series)))
             if len(parts) > 1:
                 _check_continuous(tif, parts, path)
             for part in parts:
-                _check_complete(tif, part, stat.st_size)
+                _check_complete(tif, part, state.size)
     except SourceError:
         raise
     except Exception as exc:  # tifffile raises many types on damaged files
@@ -200,8 +195,7 @@ def _check_continuous(tif: tifffile.TiffFile, parts: tuple[TiffSource, ...], pat
              "in order", path.name, len(parts), sum(s.frames for s in parts))
 
 
-def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result, sample: str,
-              index: int) -> TiffSource:
+def _describe(tif: tifffile.TiffFile, path: Path, state: FileState, index: int) -> TiffSource:
     series = tif.series[index]
     axes = series.axes.upper()
     shape = tuple(int(s) for s in series.shape)
@@ -231,8 +225,7 @@ def _describe(tif: tifffile.TiffFile, path: Path, stat: os.stat_result, sample: 
     if contiguous is not None and int(series.nbytes) != math.prod(shape) * dtype.itemsize:
         contiguous = None
     return TiffSource(
-        path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, ino=stat.st_ino,
-        ctime_ns=stat.st_ctime_ns, sample=sample, series=index,
+        path=str(path), **state.fields(), series=index,
         kind=str(series.kind), dtype=dtype.newbyteorder("=").str, frames=frames, extra=extra,
         height=int(height), width=int(width), strides=strides,
         contiguous_offset=None if contiguous is None else int(contiguous),
@@ -252,7 +245,7 @@ def describe_growing(path: str | Path) -> TiffSource | None:
     """
     path = Path(path).resolve()
     try:
-        stat = path.stat()
+        state = FileState.of(path, sample=False)
         tif = tifffile.TiffFile(path)
     except Exception:  # not enough of it written yet
         return None
@@ -260,7 +253,7 @@ def describe_growing(path: str | Path) -> TiffSource | None:
         try:
             if not tif.series:
                 return None
-            return _describe(tif, path, stat, "", 0)
+            return _describe(tif, path, state, 0)
         except SourceError:
             raise
         except Exception:
