@@ -24,6 +24,7 @@ from scipy import ndimage, sparse
 
 from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.io.location import RemotePath, resolve
+from deepcad_chunked.io.remote import is_http
 from deepcad_chunked.io.sources import file_of, open_sources
 from deepcad_chunked.simulate import Footprint, load_truth, output_paths
 
@@ -46,7 +47,7 @@ class Frames:
 
         text = str(path)
         self.path = resolve(path)
-        web = text.startswith(("http://", "https://"))
+        web = is_http(text)
         if not web and not (self.path.exists() if isinstance(self.path, RemotePath)
                             else Path(file_of(text)).exists()):
             raise SourceError(f"{self.path} does not exist")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from deepcad_chunked.io.reader import (
     check_unchanged,
     require,
 )
+from deepcad_chunked.io.remote import is_http, open_url, url_state
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
@@ -107,16 +108,14 @@ def open_file(path: str, *, size: int | None = None) -> Any:
     """
     module = h5py()
     try:
-        if path.startswith(("http://", "https://")):
-            from deepcad_chunked.io.remote import open_url
-
+        if is_http(path):
             return module.File(open_url(path, size=size), "r")
         return module.File(path, "r", locking=False)
     except SourceError:
         raise
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not path.startswith(("http://", "https://")) and not Path(path).exists():
+        if not is_http(path) and not Path(path).exists():
             raise SourceError(f"source {path} does not exist") from None
         raise SourceError(f"{path} is not a readable HDF5 file ({reason})") from None
 
@@ -134,13 +133,23 @@ def split_member(spec: str, suffixes: Iterable[str]) -> tuple[str, str | None]:
     return spec, None
 
 
-def file_state(path: str) -> FileState:
-    """The state of a local file or a URL (see :mod:`deepcad_chunked.io.remote`)."""
-    if path.startswith(("http://", "https://")):
-        from deepcad_chunked.io.remote import url_state
+@contextlib.contextmanager
+def open_spec(spec: str, suffixes: Iterable[str]
+              ) -> Iterator[tuple[str, str | None, FileState, Any]]:
+    """Open the file a source names (``file.h5:/member``, a local path or a URL): its
+    absolute path or URL, the member named (or None), its state, and the open h5py File.
 
-        return url_state(path)
-    return FileState.of(path)
+    Raises
+    ------
+    SourceError
+        When the file is missing, not HDF5, truncated or damaged.
+    """
+    path, member = split_member(spec, suffixes)
+    if not is_http(path):
+        path = str(Path(path).expanduser().resolve())
+    state = url_state(path) if is_http(path) else FileState.of(path)
+    with open_file(path, size=state.size) as handle:
+        yield path, member, state, handle
 
 
 def datasets_3d(handle: Any) -> list[str]:
@@ -219,11 +228,7 @@ def inspect_hdf5(spec: str, raw: RawLayout | None = None) -> tuple[Hdf5Source, .
         When the file cannot be read, the dataset is missing or not 3D, or the file holds
         no or several 3D datasets and the source names none.
     """
-    path, member = split_member(spec, HDF5_SUFFIXES)
-    if not path.startswith(("http://", "https://")):
-        path = str(Path(path).expanduser().resolve())
-    state = file_state(path)
-    with open_file(path, size=state.size) as handle:
+    with open_spec(spec, HDF5_SUFFIXES) as (path, member, state, handle):
         if member is None:
             found = datasets_3d(handle)
             if not found:

@@ -76,18 +76,16 @@ def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str
 def is_source_file(path: str | Path) -> bool:
     """Whether ``path`` names a source (a file, a file's member, an ``http(s)`` URL or a
     Suite2p plane) rather than a store."""
-    from deepcad_chunked.io.sources import file_of, format_of
-    from deepcad_chunked.io.suite2p import is_plane
+    from deepcad_chunked.io.remote import is_http
+    from deepcad_chunked.io.sources import file_of, folder_format
 
     text = str(path)
-    if text.startswith(("http://", "https://")):
+    if is_http(text):
         return True
     if isinstance(resolve(text), RemotePath):
         return False
     local = Path(file_of(text)).expanduser()
-    if local.is_file():
-        return True
-    return local.is_dir() and is_plane(local) and format_of(local).name == "suite2p"
+    return local.is_file() or (local.is_dir() and folder_format(local) is not None)
 
 
 def describe_source(path: str | Path, raw: RawLayout | None = None) -> dict[str, Any]:

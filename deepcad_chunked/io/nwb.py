@@ -141,11 +141,7 @@ def inspect_nwb(spec: str, raw: RawLayout | None = None) -> tuple[hdf5.Hdf5Sourc
         source names none, the series keeps its frames in external files, or is not 3-D.
     """
     module = pynwb()
-    path, member = hdf5.split_member(spec, NWB_SUFFIXES)
-    if not path.startswith(("http://", "https://")):
-        path = str(Path(path).expanduser().resolve())
-    state = hdf5.file_state(path)
-    with hdf5.open_file(path, size=state.size) as handle:
+    with hdf5.open_spec(spec, NWB_SUFFIXES) as (path, member, state, handle):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -16,10 +16,17 @@ from typing import Any
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.reader import FileState, require
 
+#: The URL schemes read by range requests.
+SCHEMES = ("http://", "https://")
 #: Bytes hashed at each end of a remote file for its identity.
 SAMPLE_BYTES = 65536
 #: Seconds before an unanswered request fails.
 TIMEOUT_S = 60
+
+
+def is_http(text: str) -> bool:
+    """Whether a source is an ``http(s)://`` URL (read by range requests)."""
+    return text[:8].lower().startswith(SCHEMES)
 
 
 def _request(url: str, *, method: str = "GET", byte_range: tuple[int, int] | None = None

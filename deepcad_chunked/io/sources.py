@@ -20,12 +20,13 @@ from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io import hdf5, nwb, raw, suite2p, tiff
 from deepcad_chunked.io.omezarr import is_zarr_store
 from deepcad_chunked.io.reader import Format, SourcePlan, join_parts, natural_key
+from deepcad_chunked.io.remote import is_http
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
 
-__all__ = ["FORMATS", "GLOB_CHARS", "discover_sources", "file_of", "format_named",
-           "format_of", "natural_key", "open_sources", "watch_folder"]
+__all__ = ["FORMATS", "GLOB_CHARS", "discover_sources", "file_of", "folder_format",
+           "format_named", "format_of", "natural_key", "open_sources", "watch_folder"]
 
 #: The formats read and written, in the order a folder's files are matched against them.
 FORMATS: tuple[Format, ...] = (
@@ -37,7 +38,6 @@ FORMATS: tuple[Format, ...] = (
 )
 
 GLOB_CHARS = re.compile(r"[*?\[]")
-_URL = re.compile(r"^https?://", re.IGNORECASE)
 #: Formats whose files a folder of sources contributes (raw binary only with a layout).
 _FOLDER_FORMATS = ("tiff", "hdf5", "nwb")
 
@@ -74,6 +74,12 @@ def file_of(spec: str | Path) -> str:
     return text
 
 
+def folder_format(path: Path) -> Format | None:
+    """The format whose sources are folders (or files in one), that claims ``path``: a
+    Suite2p plane."""
+    return next((f for f in FORMATS if f.folder is not None and f.folder(path)), None)
+
+
 def format_of(spec: str | Path, raw_layout: RawLayout | None = None) -> Format:
     """The format that reads source ``spec``.
 
@@ -83,15 +89,14 @@ def format_of(spec: str | Path, raw_layout: RawLayout | None = None) -> Format:
         When no format reads it.
     """
     text = str(spec)
-    path = Path(file_of(text))
-    if not _URL.match(text):
-        for fmt in FORMATS:
-            if fmt.folder is not None and fmt.folder(path):
-                return fmt
+    name = file_of(text)
+    claimed = None if is_http(text) else folder_format(Path(name))
+    if claimed is not None:
+        return claimed
     if raw_layout is not None:
         return raw.FORMAT
-    found = _by_suffix(file_of(text))
-    if found is None and _URL.match(text):
+    found = _by_suffix(name)
+    if found is None and is_http(text):
         from deepcad_chunked.io.remote import holds_hdf5
 
         if holds_hdf5(text):  # an archive's download URL names no file (DANDI's): NWB
@@ -138,7 +143,7 @@ def discover_sources(sources: Sequence[str | Path] | str | Path,
 
 
 def _expand_one(item: str, raw_layout: RawLayout | None) -> Iterable[str]:
-    if _URL.match(item):
+    if is_http(item):
         return [item]
     name = file_of(item)
     member = item[len(name):]
@@ -147,7 +152,7 @@ def _expand_one(item: str, raw_layout: RawLayout | None) -> Iterable[str]:
         if is_zarr_store(path):
             raise SourceError(f"{path} is a Zarr store, not source files: train, denoise and "
                               f"export read it as it is (see: deepcad-chunked info {path})")
-        if suite2p.FORMAT.folder is not None and suite2p.FORMAT.folder(path):
+        if folder_format(path) is not None:
             return [str(path.resolve())]
         return _folder_files(path, raw_layout)
     if path.exists():
