@@ -18,7 +18,7 @@ from deepcad_chunked.io.lifecycle import StorePin, open_file
 from deepcad_chunked.io.location import resolve
 from deepcad_chunked.io.omezarr import Recording, open_recording, read_slabs
 from deepcad_chunked.io.reader import Format
-from deepcad_chunked.io.sources import FORMATS, format_named
+from deepcad_chunked.io.sources import FORMATS, file_of, format_named
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,7 @@ def output_format(output: str, format: str | None) -> tuple[Format, str, str | N
     if format is not None:
         fmt = format_named(format)
     else:
-        path = output
-        for f in writable:
-            if f.members:
-                path, _ = split_member(output, f.suffixes)
-                if path != output:
-                    break
-        lower = path.lower()
+        lower = file_of(output).lower()
         # another ending (or none) is written as TIFF, as export always did
         fmt = next((f for f in writable if f.suffixes and lower.endswith(f.suffixes)),
                    format_named("tiff"))

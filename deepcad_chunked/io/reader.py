@@ -224,7 +224,8 @@ def sample_digest(path: str | Path, size: int, span: int = 65536) -> str:
 
 def check_unchanged(part: Part) -> None:
     """Refuse to go on reading a local file that was written or replaced since it was
-    inspected (a part of a remote file has ``ino == -1`` and is checked by its reader).
+    inspected. A part of a remote file (``ino == -1``) is not checked here: its identity
+    (size, modification time, digest of its ends) is checked when a conversion resumes.
 
     Raises
     ------
