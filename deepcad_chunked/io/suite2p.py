@@ -214,10 +214,10 @@ def write_suite2p(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Pa
     total = np.zeros((y, x), dtype=np.float64)
     with open(data_part, "wb") as fh:
         for slab in slabs:
-            values = slab.astype(np.float64) / divisor if divisor > 1 or slab.dtype.kind == "f" \
-                else slab
-            frames = np.rint(values).astype(np.int16) if values.dtype.kind == "f" \
-                else values.astype(np.int16)
+            if divisor > 1 or slab.dtype.kind == "f":
+                frames = np.rint(slab.astype(np.float64) / divisor).astype(np.int16)
+            else:
+                frames = slab.astype(np.int16)
             total += frames.sum(axis=0, dtype=np.float64)
             fh.write(frames.tobytes())
     folder = data_part.parent
