@@ -249,10 +249,15 @@ def _run_info(args: argparse.Namespace) -> int:
             ("min … max", f"{stats['min']:.6g} … {stats['max']:.6g}"),
             ("percentiles", ", ".join(f"{k} {v:.6g}" for k, v in pct.items())),
         ]
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    """``key  value`` lines, the values aligned."""
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    return 0
 
 
 def _print_source(args: argparse.Namespace) -> int:
@@ -283,9 +288,7 @@ def _print_source(args: argparse.Namespace) -> int:
                  ("device", str(device.get("name"))),
                  ("imaging plane", f"{plane.get('name')}: {plane.get('indicator')} in "
                                    f"{plane.get('location')}")]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_rows(rows)
     return 0
 
 
