@@ -126,7 +126,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=int, help="feature maps of the first level (default "
                    f"{_default(C, 'features')}: DeepCAD-RT's network)")
     p.add_argument("--lr", type=float,
-                   help=f"Adam learning rate (default {_default(C, 'lr')})")
+                   help=f"peak Adam learning rate (default {_default(C, 'lr')})")
+    p.add_argument("--schedule", choices=("cosine", "constant"),
+                   help="learning rate over the run: a linear warm-up then a cosine decay to "
+                   f"zero, or constant (default {_default(C, 'schedule')})")
+    p.add_argument("--warmup", type=float, metavar="FRACTION", help="fraction of the steps "
+                   f"spent warming up (cosine; default {_default(C, 'warmup')})")
+    p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss: mean squared error, "
+                   f"or DeepCAD's mean of L1 and L2 (default {_default(C, 'loss')})")
     p.add_argument("--workers", type=int, help="tile-loading worker processes (default "
                    f"{_default(C, 'workers')}; 0 reads in the training process)")
     p.add_argument("--seed", type=int, help="seed for weights and tiles")
@@ -143,8 +150,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from deepcad_chunked.training import train
 
     given = {name: getattr(args, name) for name in (
-        "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "workers",
-        "seed", "device", "val_fraction")}
+        "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "schedule",
+        "warmup", "loss", "workers", "seed", "device", "val_fraction")}
     config = TrainConfig.build(**{k: v for k, v in given.items() if v is not None})
     with cluster_of(args, workers=1) as cluster:
         result = train(args.data, args.output, config=config, resume=args.resume,

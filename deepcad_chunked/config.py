@@ -187,6 +187,16 @@ class TrainConfig(_Config):
     tiles_per_window : int
         Consecutive samples cut from one chunk-aligned window of the store, which a loader
         worker reads once (1: every tile read on its own; see benchmarks/RESULTS.md).
+    schedule : {"cosine", "constant"}
+        Learning rate over the run: ``cosine`` rises linearly over the ``warmup`` fraction of
+        the steps, then falls along a half cosine to zero at the last step; ``constant``
+        keeps ``lr`` throughout (DeepCAD-RT's).
+    warmup : float
+        Fraction of all steps spent rising to ``lr`` (``cosine`` only).
+    loss : {"l1+l2", "l2"}
+        Training loss: DeepCAD's mean of the L1 and L2 errors, or the L2 (mean squared)
+        error alone, whose optimum is the mean of the target rather than something between
+        its mean and median (closer to the truth under photon noise; benchmarks/RESULTS.md).
     """
 
     patch: tuple[int, int, int] = (16, 64, 64)
@@ -203,6 +213,9 @@ class TrainConfig(_Config):
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     val_tiles: int = Field(8, ge=1)
     tiles_per_window: int = Field(64, ge=1)
+    schedule: Literal["cosine", "constant"] = "constant"
+    warmup: float = Field(0.05, ge=0, lt=1)
+    loss: Literal["l1+l2", "l2"] = "l1+l2"
 
     @field_validator("patch")
     @classmethod

@@ -23,6 +23,7 @@ from deepcad_chunked.errors import ConfigError, DeepCADError, IncompleteStoreErr
 from deepcad_chunked.io.omezarr import update_attrs
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
+from deepcad_chunked.training.loop import lr_factor
 from deepcad_chunked.training.tiles import draw, make_pair, split_regions
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
@@ -215,3 +216,49 @@ def test_cli_errors(tmp_path: Path, store: Path, readonly_dir: Path) -> None:
                        "does not exist")
     assert_clean_error(run_cli("train", str(store), "-o", str(tmp_path / "r"), "--lr", "-1"),
                        "lr")
+
+
+def test_learning_rate_schedules() -> None:
+    assert [lr_factor(s, 100, "constant", 0.1) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    warm = [lr_factor(s, 100, "cosine", 0.1) for s in range(10)]
+    assert warm == sorted(warm) and warm[0] == pytest.approx(1 / 11) and warm[-1] < 1
+    assert lr_factor(10, 100, "cosine", 0.1) == 1.0  # the peak, right after the warm-up
+    decay = [lr_factor(s, 100, "cosine", 0.1) for s in range(10, 100)]
+    assert decay == sorted(decay, reverse=True) and decay[-1] < 0.01
+    assert lr_factor(55, 100, "cosine", 0.1) == pytest.approx(0.5)  # half way down
+    assert lr_factor(0, 100, "cosine", 0.0) == 1.0
+
+
+def test_the_schedule_and_the_loss_are_applied(tmp_path: Path, store: Path) -> None:
+    config = TrainConfig(**TINY, epochs=2, steps_per_epoch=3, schedule="cosine", warmup=0.2,
+                         loss="l2")
+    result = train(store, tmp_path / "run", config=config, progress=False)
+    ckpt = Checkpoint.load(result.last)
+    lr = ckpt.optimizer_state["param_groups"][0]["lr"]
+    assert lr == pytest.approx(config.lr * lr_factor(5, 6, "cosine", 0.2))
+    assert ckpt.config["loss"] == "l2" and ckpt.config["schedule"] == "cosine"
+    plain = train(store, tmp_path / "plain", config=TrainConfig(**TINY, epochs=2,
+                                                                steps_per_epoch=3),
+                  progress=False)
+    assert Checkpoint.load(plain.last).optimizer_state["param_groups"][0]["lr"] == TINY["lr"]
+    assert plain.history[-1]["val_loss"] != result.history[-1]["val_loss"]
+
+
+def test_checkpoints_from_before_the_schedule_and_loss_options_resume(
+        tmp_path: Path, store: Path) -> None:
+    """A run directory written before ``schedule``, ``warmup`` and ``loss`` existed resumes
+    with their old meaning (constant, DeepCAD's L1+L2), and refuses another loss."""
+    old = {**TINY, "steps_per_epoch": 2, "schedule": "constant", "loss": "l1+l2"}
+    run = tmp_path / "run"
+    train(store, run, config=TrainConfig(**old, epochs=1), progress=False)
+    for name in ("epoch_0001.pt", "last.pt", "best.pt"):
+        ckpt = Checkpoint.load(run / name)
+        for key in ("schedule", "warmup", "loss"):
+            ckpt.config.pop(key)
+        ckpt.save(run / name)
+    with pytest.raises(DeepCADError, match="loss"):
+        train(store, run, config=TrainConfig(**{**old, "loss": "l2"}, epochs=2), resume=True,
+              progress=False)
+    result = train(store, run, config=TrainConfig(**old, epochs=2), resume=True,
+                   progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2]

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Options that must match for ``resume`` to continue a run.
 _RESUME_KEYS = ("patch", "features", "batch_size", "seed", "val_fraction", "val_tiles",
-                "steps_per_epoch", "tiles_per_window")
+                "steps_per_epoch", "tiles_per_window", "schedule", "warmup", "loss")
+#: What checkpoints written before an option existed were trained with.
+_OLD_DEFAULTS = {"schedule": "constant", "warmup": 0.05, "loss": "l1+l2"}
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,27 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DeepCAD's loss: the mean of the L1 and the L2 (mean squared) errors."""
-    return 0.5 * torch.nn.functional.l1_loss(output, target) + \
-        0.5 * torch.nn.functional.mse_loss(output, target)
+def loss_fn(output: torch.Tensor, target: torch.Tensor, kind: str = "l1+l2") -> torch.Tensor:
+    """DeepCAD's loss, the mean of the L1 and the L2 (mean squared) errors; or ``"l2"`` alone."""
+    mse = torch.nn.functional.mse_loss(output, target)
+    if kind == "l2":
+        return mse
+    return 0.5 * torch.nn.functional.l1_loss(output, target) + 0.5 * mse
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total``, as a factor of ``lr``.
+
+    ``cosine``: a linear rise over the first ``warmup·total`` steps, then a half cosine from 1
+    down to 0 at the last step. ``constant``: 1.
+    """
+    if schedule == "constant":
+        return 1.0
+    ramp = int(warmup * total)
+    if step < ramp:
+        return (step + 1) / (ramp + 1)
+    span = max(1, total - ramp)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - ramp, span) / span))
 
 
 def pick_device(name: str) -> torch.device:
@@ -178,14 +197,14 @@ def _write_logs(run_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torch.device,
-              amp: bool) -> float:
+              amp: bool, loss: str) -> float:
     model.eval()
     losses = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for d in draws:
             inp, tgt = val_set.pair(d)
             out = model(inp[None].to(device))
-            losses.append(float(loss_fn(out.float(), tgt[None].to(device))))
+            losses.append(float(loss_fn(out.float(), tgt[None].to(device), loss)))
     model.train()
     return float(np.mean(losses))
 
@@ -286,7 +305,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     if newest is not None:
         ckpt = Checkpoint.load(newest, map_location=device)
         changed = [k for k in (*_RESUME_KEYS, "data", "normalization")
-                   if ckpt.config.get(k) != record[k]]
+                   if ckpt.config.get(k, _OLD_DEFAULTS.get(k)) != record[k]]
         if changed:
             raise DeepCADError(f"cannot resume {run_dir}: its checkpoint was trained with "
                                f"other {', '.join(changed)}")
@@ -326,9 +345,13 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
             for step in range(steps):
                 check_interrupt()
                 inp, tgt = make_pairs(_next_batch(batches).to(device, non_blocking=True), norm)
+                factor = lr_factor(epoch * steps + step, config.epochs * steps,
+                                   config.schedule, config.warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * factor
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = loss_fn(model(inp).float(), tgt)
+                    loss = loss_fn(model(inp).float(), tgt, config.loss)
                 value = float(loss.detach())
                 _require_finite(value, epoch + 1, f"step {step + 1}", config.lr)
                 scaler.scale(loss).backward()
@@ -337,7 +360,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
                 total += value
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
-            val = _validate(model, val_set, val_draws, device, amp)
+            val = _validate(model, val_set, val_draws, device, amp, config.loss)
             _require_finite(val, epoch + 1, "validation", config.lr)
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 _require_finite(math.nan, epoch + 1, "the weights", config.lr)
