@@ -106,8 +106,9 @@ def inference_layout(model: torch.nn.Module, device: str | torch.device) -> torc
 
 
 def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
-                  device: str | torch.device = "cpu", precision: str = "fp32") -> np.ndarray:
-    """Denoise an in-memory ``(t, y, x)`` recording in one forward pass.
+                  device: str | torch.device = "cpu", precision: str = "fp32",
+                  max_voxels: int | None = None) -> np.ndarray:
+    """Denoise an in-memory ``(t, y, x)`` recording in one forward pass (or exact tiles).
 
     Parameters
     ----------
@@ -119,6 +120,9 @@ def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
         Mirrored margin added on every side; default :func:`default_halo`.
     device, precision
         Where and in which precision (``fp32``, ``bf16``, ``fp16``) to run.
+    max_voxels : int, optional
+        Largest network input of one forward pass; a larger recording is cut into tiles
+        with their own halos (the same result). Default: one pass.
 
     Returns
     -------
@@ -134,7 +138,9 @@ def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
     x = (array.astype(np.float32) - mean) / std
     x = np.pad(x, grid_padding(x.shape), mode="symmetric")
     x = np.pad(x, halo, mode="symmetric")
-    out = _forward(inference_layout(model, device), x, torch.device(device), precision)
+    core = tuple(n - 2 * halo for n in x.shape)
+    out = _forward_tiled(inference_layout(model, device), x, core, halo, max_voxels or x.size,
+                         torch.device(device), precision)
     crop = tuple(slice(halo, halo + n) for n in array.shape)
     return out[crop] * std + mean
 
