@@ -44,6 +44,15 @@ def pair(text: str) -> tuple[int, int]:
     return _integers(text, "Y,X")  # type: ignore[return-value]
 
 
+def span(text: str) -> tuple[int, int]:
+    """``START:STOP`` → ``(start, stop)`` frame numbers."""
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP, got {text!r}") from None
+    return start, stop
+
+
 def region(text: str) -> tuple[int, int, int, int]:
     """``Y0:Y1,X0:X1`` → ``(y0, y1, x0, x1)``."""
     try:

@@ -15,6 +15,7 @@ from deepcad_chunked.cli.options import (
     pair,
     region,
     source_options,
+    span,
     triple,
 )
 
@@ -94,6 +95,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-epoch", type=int, metavar="N", help="optimiser steps per epoch")
     p.add_argument("--features", type=int, help="feature maps of the first level")
     p.add_argument("--patch", type=triple, metavar="T,Y,X", help="training patch")
+    p.add_argument("--lr", type=float, help="peak Adam learning rate")
+    p.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate over the "
+                   "run: warm-up then cosine decay, or constant")
+    p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
 
 
@@ -101,7 +106,7 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
     from deepcad_chunked.config import TrainConfig
 
     given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "features", "patch",
-                                           "device")}
+                                           "lr", "schedule", "loss", "device")}
     values = base.model_dump() if base is not None else {}
     values.update({k: v for k, v in given.items() if v is not None})
     return TrainConfig.build(**values)
@@ -186,8 +191,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="With --truth: SNR and PSNR (dB), the gain over --raw, the "
                        "Pearson correlation of each neuron's trace with its clean trace "
                        "(footprints from a simulation's _truth.npz) and the best of a few 3D "
-                       "Gaussian filters as a baseline. Without: the temporal standard "
-                       "deviation over a dark region. Recordings are Zarr stores or TIFFs.")
+                       "Gaussian filters as a baseline. Without ground truth, given --raw: the "
+                       "held-out frame score (the even frames denoised alone by the network "
+                       "and by Gaussian filters, each compared with the odd frames none of "
+                       "them saw: differences estimate differences in true error) and the "
+                       "temporal standard deviation over a dark region. Recordings are Zarr "
+                       "stores or source files.")
     p.add_argument("denoised", metavar="DENOISED", help="denoised recording")
     p.add_argument("--truth", metavar="CLEAN", help="noise-free recording")
     p.add_argument("--raw", metavar="RAW", help="the noisy recording")
@@ -195,17 +204,36 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="neuron footprints (default: PREFIX_truth.npz beside PREFIX_clean.tif)")
     p.add_argument("--dark", type=region, metavar="Y0:Y1,X0:X1",
                    help="dark region for the no-ground-truth score (default: found)")
+    p.add_argument("--model", metavar="MODEL.pt", help="network of the held-out score "
+                   "(default: the one that made DENOISED, named in its attributes)")
+    p.add_argument("--frames", type=span, metavar="START:STOP", help="frames of the held-out "
+                   "score (default: those the model's training held out, when RAW is what "
+                   "it trained on; else all)")
+    p.add_argument("--held-out", action="store_true",
+                   help="with --truth: also the held-out score, beside each method's true error")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the held-out score runs the network (default auto)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from deepcad_chunked.errors import ConfigError
+    from deepcad_chunked.heldout import heldout_score, network_of
     from deepcad_chunked.metrics import dark_region_std, score
 
+    if args.held_out and not args.raw:
+        raise ConfigError("--held-out needs --raw (the noisy recording)")
+    scores: dict[str, Any] = {}
     if args.truth:
         scores = score(args.denoised, args.truth, args.raw, footprints=args.footprints)
     else:
-        scores = {"dark": dark_region_std(args.denoised, args.raw, region=args.dark)}
+        scores["dark"] = dark_region_std(args.denoised, args.raw, region=args.dark)
+    if args.raw and (args.held_out or not args.truth):
+        model, source = network_of(args.denoised, args.model)
+        scores["held_out"] = heldout_score(args.raw, model=model, frames=args.frames,
+                                           device=args.device, recording_store=source,
+                                           truth=args.truth)
     _print_scores(scores, args.json)
     return 0
 
@@ -223,6 +251,17 @@ def _print_scores(scores: dict[str, Any], as_json: bool) -> None:
         if "gain_db" in scores:
             print(f"SNR gain over raw: {scores['gain_db']:+.2f} dB; over the best Gaussian "
                   f"({scores['best_gaussian']}): {scores['gain_over_gaussian_db']:+.2f} dB")
+    if "held_out" in scores:
+        held = scores["held_out"]
+        print(f"held-out frame score, {held['why']} ({held['pairs']} odd frames), best first:")
+        truth = "true_mse" in held["rows"][0]
+        print(f"{'':32} {'held-out MSE':>12} {'excess':>10} {'gap dB':>7}"
+              + (f" {'true MSE':>10}" if truth else ""))
+        for row in held["rows"]:
+            print(f"{row['name']:32} {row['mse']:12.4g} {row['excess']:10.4g} "
+                  f"{row['gap_db']:7.2f}" + (f" {row['true_mse']:10.4g}" if truth else ""))
+        print("excess: how much larger than the best's its true mean squared error is "
+              "estimated to be; gap dB: at least this much worse")
     if "dark" in scores:
         dark = scores["dark"]
         y0, y1, x0, x1 = dark["region"]

@@ -60,14 +60,21 @@ def test_convert_train_denoise_export_on_s3_match_the_local_run(tmp_path: Path, 
                 "--workers", "1", "--no-progress"))
     assert s3.objects("dn.zarr/0") == _files(tmp_path / "dn.zarr" / "0")
 
-    scores = [run_cli("evaluate", denoised, "--raw", raw, "--json") for denoised, raw in (
-        (s3.url("dn.zarr"), s3.url("rec.zarr")), (str(tmp_path / "dn.zarr"), str(local)))]
+    scores = [run_cli("evaluate", denoised, "--raw", raw, "--frames", "0:64", "--json")
+              for denoised, raw in ((s3.url("dn.zarr"), s3.url("rec.zarr")),
+                                    (str(tmp_path / "dn.zarr"), str(local)))]
     for result in scores:
         _ok(result)
-    paths = ("denoised", "raw", "truth")
-    assert [{k: v for k, v in json.loads(r.stdout).items() if k not in paths}
-            for r in scores] == [{k: v for k, v in json.loads(scores[1].stdout).items()
-                                  if k not in paths}] * 2
+    paths = ("denoised", "raw", "truth", "model")  # the network read from S3 and from disk
+
+    def numbers(scores: dict) -> dict:
+        return {k: numbers(v) if isinstance(v, dict) else v for k, v in scores.items()
+                if k not in paths}
+
+    assert [numbers(json.loads(r.stdout)) for r in scores] == \
+        [numbers(json.loads(scores[1].stdout))] * 2
+    assert [r["name"] for r in json.loads(scores[0].stdout)["held_out"]["rows"]].count(
+        "denoised") == 1
 
     _ok(run_cli("export", s3.url("dn.zarr"), "-o", str(tmp_path / "s3.tif"), "--no-progress"))
     _ok(run_cli("export", str(tmp_path / "dn.zarr"), "-o", str(tmp_path / "local.tif"),
