@@ -1,0 +1,153 @@
+"""Neuron detection as a yardstick: cells found in a recording against a simulation's neurons.
+
+A detector's regions of interest (ROIs, sets of pixels) are matched one to one with the
+ground-truth footprints by the largest total intersection over union (Hungarian assignment);
+a pair counts as a hit when its IoU is at least the threshold (0.5, as in the DeepCAD paper's
+Fig. 1). Precision is hits over ROIs found, recall hits over true neurons, F1 their harmonic
+mean. :func:`suite2p_rois` runs Suite2p's cell detection (the optional ``[eval]`` extra) on a
+movie held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from deepcad_chunked.errors import SourceError
+from deepcad_chunked.simulate import Footprint
+
+log = logging.getLogger(__name__)
+
+#: Share of a footprint's peak weight above which a pixel belongs to the true neuron.
+FOOTPRINT_LEVEL = 0.2
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How well a set of ROIs matches the true neurons.
+
+    Attributes
+    ----------
+    found, true, hits : int
+        ROIs found, true neurons, and pairs matched with IoU at or above ``iou``.
+    precision, recall, f1 : float
+    iou : float
+        The threshold.
+    mean_iou : float
+        Mean IoU of the hits (NaN without hits).
+    """
+
+    found: int
+    true: int
+    hits: int
+    precision: float
+    recall: float
+    f1: float
+    iou: float
+    mean_iou: float
+
+
+def footprint_masks(footprints: Sequence[Footprint], shape: tuple[int, int],
+                    level: float = FOOTPRINT_LEVEL) -> list[np.ndarray]:
+    """Each neuron's pixels (boolean frames): weight at least ``level`` of its peak."""
+    masks = []
+    for fp in footprints:
+        mask = np.zeros(shape, bool)
+        region = fp.region()
+        mask[region] = fp.patch >= level * float(fp.patch.max())
+        masks.append(mask)
+    return masks
+
+
+def iou_matrix(found: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> np.ndarray:
+    """Intersection over union of every found mask (rows) with every true one (columns)."""
+    if not found or not true:
+        return np.zeros((len(found), len(true)))
+    a = np.stack([m.ravel() for m in found]).astype(np.float32)
+    b = np.stack([m.ravel() for m in true]).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def match(found: Sequence[np.ndarray], true: Sequence[np.ndarray], iou: float = 0.5
+          ) -> Detection:
+    """Match found ROIs with true neurons one to one and count the hits.
+
+    Parameters
+    ----------
+    found, true : sequence of boolean arrays
+        Masks of the same frame shape.
+    iou : float
+        Smallest intersection over union of a hit.
+
+    Returns
+    -------
+    Detection
+    """
+    scores = iou_matrix(found, true)
+    rows, cols = linear_sum_assignment(-scores) if scores.size else ([], [])
+    good = [scores[r, c] for r, c in zip(rows, cols, strict=True) if scores[r, c] >= iou]
+    hits = len(good)
+    precision = hits / len(found) if found else 0.0
+    recall = hits / len(true) if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return Detection(len(found), len(true), hits, precision, recall, f1, iou,
+                     float(np.mean(good)) if good else float("nan"))
+
+
+def suite2p_rois(movie: np.ndarray, *, frame_rate: float, diameter: float,
+                 tau: float = 0.7, settings: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """Run Suite2p's cell detection on a ``(t, y, x)`` movie; the masks of the ROIs it finds.
+
+    Suite2p's own detection (``suite2p.detection_wrapper``, its default ``sparsery``
+    algorithm and settings) runs on the movie as given, taken as registered; each ROI's mask
+    leaves out the pixels it shares with other ROIs, as Suite2p's extraction does.
+
+    Parameters
+    ----------
+    movie : numpy.ndarray
+        Frames in any real dtype.
+    frame_rate : float
+        Frames per second.
+    diameter : float
+        Expected cell diameter in pixels (Suite2p's ``diameter``).
+    tau : float
+        Decay time of the indicator in seconds (Suite2p's ``tau``; 0.7 for GCaMP6f).
+    settings : dict, optional
+        Detection settings to change (Suite2p's names, e.g. ``threshold_scaling``).
+
+    Raises
+    ------
+    SourceError
+        When Suite2p is not installed (``pip install deepcad-chunked[eval]``), or cannot be
+        imported (its torchvision built for another torch, say).
+    """
+    from deepcad_chunked.io.reader import require
+
+    try:
+        require("suite2p", "eval", "neuron detection")
+    except RuntimeError as exc:  # a compiled dependency that does not load
+        raise SourceError(f"Suite2p is installed but cannot be imported: {exc}".splitlines()[0]
+                          ) from None
+    import torch
+    from suite2p import default_settings
+    from suite2p.detection import detection_wrapper
+
+    options = {**default_settings()["detection"], **(settings or {})}
+    _, stats, _ = detection_wrapper(np.asarray(movie, dtype=np.float32),
+                                    diameter=[float(diameter)] * 2, tau=tau, fs=frame_rate,
+                                    settings=options, device=torch.device("cpu"))
+    masks = []
+    for stat in stats:
+        keep = ~np.asarray(stat["overlap"], bool)
+        mask = np.zeros(movie.shape[1:], bool)
+        mask[np.asarray(stat["ypix"])[keep], np.asarray(stat["xpix"])[keep]] = True
+        masks.append(mask)
+    log.info("Suite2p found %d ROIs", len(masks))
+    return masks

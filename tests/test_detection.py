@@ -1,0 +1,74 @@
+"""Matching detected ROIs with a simulation's neurons, and Suite2p's detection where installed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from deepcad_chunked.config import SimulationConfig
+from deepcad_chunked.detection import footprint_masks, iou_matrix, match, suite2p_rois
+from deepcad_chunked.errors import SourceError
+from deepcad_chunked.simulate import Footprint, load_truth, simulate
+
+
+def _disk(cy: int, cx: int, r: float, shape: tuple[int, int] = (40, 40)) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.hypot(yy - cy, xx - cx) <= r
+
+
+def test_matching_counts_one_to_one_hits_above_the_iou() -> None:
+    true = [_disk(10, 10, 4), _disk(25, 25, 4), _disk(10, 30, 3)]
+    found = [
+        _disk(25, 26, 4),   # the second neuron, shifted by a pixel: IoU about 0.7
+        _disk(10, 10, 4),   # the first, exactly
+        _disk(11, 10, 4),   # the first again: one-to-one, so not a second hit
+        _disk(33, 5, 3),    # nothing there
+        _disk(10, 33, 3),   # the third, shifted by 3 px: IoU below 0.5
+    ]
+    scores = iou_matrix(found, true)
+    assert scores[1, 0] == 1.0 and 0.5 < scores[0, 1] < 0.9 and 0 < scores[4, 2] < 0.5
+    d = match(found, true, iou=0.5)
+    assert (d.found, d.true, d.hits) == (5, 3, 2)
+    assert d.precision == pytest.approx(2 / 5) and d.recall == pytest.approx(2 / 3)
+    assert d.f1 == pytest.approx(2 * (2 / 5) * (2 / 3) / (2 / 5 + 2 / 3))
+    assert d.mean_iou == pytest.approx((1.0 + scores[0, 1]) / 2)
+    assert match(found, true, iou=0.2).hits == 3  # the shifted third counts at a lower bar
+    empty = match([], true)
+    assert (empty.hits, empty.precision, empty.recall, empty.f1) == (0, 0.0, 0.0, 0.0)
+
+
+def test_footprint_masks_keep_each_neurons_bright_pixels() -> None:
+    patch = np.array([[0.0, 0.1, 0.0], [0.3, 1.0, 0.5], [0.0, 0.19, 0.0]])
+    (mask,) = footprint_masks([Footprint(2, 5, patch)], (8, 10))
+    assert mask.sum() == 3 and mask[3, 5] and mask[3, 6] and mask[3, 7]
+    assert not mask[2, 6] and not mask[4, 6]
+
+
+def test_a_missing_suite2p_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "suite2p", None)  # import suite2p raises ImportError
+    with pytest.raises(SourceError, match=r"pip install 'deepcad-chunked\[eval\]'"):
+        suite2p_rois(np.zeros((50, 32, 32)), frame_rate=30.0, diameter=8)
+
+
+def _suite2p_or_skip() -> None:
+    try:
+        import suite2p  # noqa: F401
+    except Exception as exc:  # not installed, or its compiled dependencies do not load
+        pytest.skip(f"Suite2p (the [eval] extra) is not usable here: {exc}".splitlines()[0])
+
+
+def test_suite2p_finds_the_simulated_neurons_in_the_clean_recording(tmp_path: Path) -> None:
+    _suite2p_or_skip()
+    files = simulate(tmp_path / "s", SimulationConfig(frames=600, size=(96, 96), photons=2.0,
+                                                      seed=0))
+    true = footprint_masks(load_truth(files.truth).footprints, (96, 96))
+    clean = match(suite2p_rois(tifffile.imread(files.clean), frame_rate=30.0, diameter=10),
+                  true)
+    assert clean.f1 > 0.6, clean
+    rng = np.random.default_rng(0)
+    noise = rng.poisson(2.0, (600, 96, 96)).astype(np.float32)
+    assert match(suite2p_rois(noise, frame_rate=30.0, diameter=10), true).hits <= 1
