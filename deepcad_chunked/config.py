@@ -193,6 +193,10 @@ class TrainConfig(_Config):
         keeps ``lr`` throughout (DeepCAD-RT's).
     warmup : float
         Fraction of all steps spent rising to ``lr`` (``cosine`` only).
+    average : float
+        Decay of an exponential moving average of the weights, updated after every step
+        (its decay ramps up over the first steps); checkpoints then hold the average, which
+        inference uses. 0: off (the last weights, as DeepCAD-RT).
     loss : {"l1+l2", "l2"}
         Training loss: DeepCAD's mean of the L1 and L2 errors, or the L2 (mean squared)
         error alone, whose optimum is the mean of the target rather than something between
@@ -216,6 +220,7 @@ class TrainConfig(_Config):
     schedule: Literal["cosine", "constant"] = "constant"
     warmup: float = Field(0.05, ge=0, lt=1)
     loss: Literal["l1+l2", "l2"] = "l1+l2"
+    average: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("patch")
     @classmethod

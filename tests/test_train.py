@@ -262,3 +262,31 @@ def test_checkpoints_from_before_the_schedule_and_loss_options_resume(
     result = train(store, run, config=TrainConfig(**old, epochs=2), resume=True,
                    progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_weight_averaging_is_saved_for_inference_and_resumes_exactly(
+        tmp_path: Path, store: Path) -> None:
+    """With ``average``, checkpoints hold the moving average (what inference loads) and the
+    optimiser's own weights beside it; a run resumed after epoch 1 ends where an
+    uninterrupted one does."""
+    config = {**TINY, "steps_per_epoch": 3, "average": 0.9}
+    full = train(store, tmp_path / "full", config=TrainConfig(**config, epochs=2),
+                 progress=False)
+    ckpt = Checkpoint.load(full.last)
+    assert set(ckpt.live_state) == set(ckpt.model_state)
+    assert any(not torch.equal(ckpt.live_state[k], ckpt.model_state[k])
+               for k in ckpt.model_state)
+    run = tmp_path / "cut"
+    train(store, run, config=TrainConfig(**config, epochs=2), progress=False)
+    for name in ("epoch_0002.pt", "last.pt", "best.pt"):
+        (run / name).unlink(missing_ok=True)
+    (run / "last.pt").write_bytes((run / "epoch_0001.pt").read_bytes())
+    train(store, run, config=TrainConfig(**config, epochs=2), resume=True, progress=False)
+    resumed = Checkpoint.load(run / "last.pt")
+    for state in ("model_state", "live_state"):
+        want, got = getattr(ckpt, state), getattr(resumed, state)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    plain = Checkpoint.load(train(store, tmp_path / "plain", config=TrainConfig(
+        **{**config, "average": 0.0}, epochs=2), progress=False).last)
+    assert plain.live_state == {}
+    assert all(torch.equal(plain.model_state[k], ckpt.live_state[k]) for k in plain.model_state)

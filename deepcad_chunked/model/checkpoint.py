@@ -68,6 +68,10 @@ class Checkpoint:
         Epochs and optimiser steps completed.
     optimizer_state, scaler_state : dict
         For resuming; empty in exported models.
+    live_state : dict
+        For resuming a run that averages its weights (``TrainConfig.average``): the
+        optimiser's own weights, while ``model_state`` holds their average (what inference
+        uses). Empty otherwise.
     history : list of dict
         Per-epoch losses so far.
     digest : str
@@ -82,6 +86,7 @@ class Checkpoint:
     step: int = 0
     optimizer_state: dict[str, Any] = field(default_factory=dict)
     scaler_state: dict[str, Any] = field(default_factory=dict)
+    live_state: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     digest: str = ""
 
@@ -99,6 +104,7 @@ class Checkpoint:
             "step": self.step,
             "optimizer_state": self.optimizer_state,
             "scaler_state": self.scaler_state,
+            "live_state": {k: v.detach().to("cpu") for k, v in self.live_state.items()},
             "history": json.dumps(self.history),
             "digest": self.digest,
         }
@@ -167,6 +173,7 @@ class Checkpoint:
                 step=int(raw["step"]),
                 optimizer_state=raw.get("optimizer_state") or {},
                 scaler_state=raw.get("scaler_state") or {},
+                live_state=dict(raw.get("live_state") or {}),
                 history=json.loads(raw.get("history", "[]")),
                 digest=str(raw.get("digest", "")),
             )

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Options that must match for ``resume`` to continue a run.
 _RESUME_KEYS = ("patch", "features", "batch_size", "seed", "val_fraction", "val_tiles",
-                "steps_per_epoch", "tiles_per_window", "schedule", "warmup", "loss")
+                "steps_per_epoch", "tiles_per_window", "schedule", "warmup", "loss",
+                "average")
 #: What checkpoints written before an option existed were trained with.
-_OLD_DEFAULTS = {"schedule": "constant", "warmup": 0.05, "loss": "l1+l2"}
+_OLD_DEFAULTS = {"schedule": "constant", "warmup": 0.05, "loss": "l1+l2", "average": 0.0}
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,31 @@ def _require_finite(value: float, epoch: int, where: str, lr: float) -> None:
                else "no checkpoint was written")
     raise TrainingError(f"training diverged in epoch {epoch} ({where}: the loss is {value:.3g}); "
                         f"lower --lr (it is {lr:g}) and train again ({earlier})")
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights (buffers are copied as they are).
+
+    The decay of step ``n`` is ``min(decay, (1 + n) / (10 + n))``: early, when the weights
+    move fast, the average follows them closely.
+    """
+
+    def __init__(self, model: UNet3D, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: UNet3D, step: int) -> None:
+        """Fold in the weights after optimiser step ``step`` (0-based, over the whole run)."""
+        keep = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()),
+                             [p.detach() for p in model.parameters()], 1.0 - keep)
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -321,6 +347,10 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
 
+    average = WeightAverage(model, config.average) if config.average else None
+    if average is not None and newest is not None:  # the checkpoint holds the average
+        average.model.load_state_dict(ckpt.model_state)
+        model.load_state_dict(ckpt.live_state)
     chunks = [(r.chunks[0], r.chunks[-2], r.chunks[-1]) for r in recordings]
     train_set = TilePairDataset(arrays, train_regions, tile, config.seed, norm,
                                 tiles_per_window=config.tiles_per_window, chunks=chunks)
@@ -357,18 +387,22 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if average is not None:
+                    average.update(model, epoch * steps + step)
                 total += value
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
-            val = _validate(model, val_set, val_draws, device, amp, config.loss)
+            judged = average.model if average is not None else model
+            val = _validate(judged, val_set, val_draws, device, amp, config.loss)
             _require_finite(val, epoch + 1, "validation", config.lr)
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            if not all(bool(torch.isfinite(p).all()) for p in judged.parameters()):
                 _require_finite(math.nan, epoch + 1, "the weights", config.lr)
             for pin in pins:  # the recordings are still the ones training started on
                 pin.verify()
             history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val,
                             "seconds": time.perf_counter() - started})
-            ckpt = Checkpoint(model_state=model.state_dict(), features=config.features,
+            ckpt = Checkpoint(model_state=judged.state_dict(), features=config.features,
+                              live_state=model.state_dict() if average is not None else {},
                               normalization=norm.as_dict(), config=record, epoch=epoch + 1,
                               step=(epoch + 1) * steps, optimizer_state=optimizer.state_dict(),
                               scaler_state=scaler.state_dict(), history=history)
