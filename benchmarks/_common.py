@@ -12,10 +12,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 import tifffile
+
+from deepcad_chunked import TrainConfig, load_model, train
+from deepcad_chunked.infer.predict import default_halo, predict_array
 
 
 def machine() -> str:
@@ -134,3 +138,31 @@ def publish(title: str, text: str, record: bool) -> None:
                             *(a for a in sys.argv[1:] if a != "--record")])
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write(f"\n### {title} (`{command}`)\n\n{text}\n")
+
+
+def denoise_in_memory(model_path: Path, raw: np.ndarray, piece: int = 200) -> np.ndarray:
+    """The whole recording denoised by pieces of ``piece`` frames with an exact temporal halo."""
+    model = load_model(model_path)
+    halo = default_halo()
+    out = np.empty(raw.shape, np.float32)
+    for start in range(0, len(raw), piece):
+        stop = min(len(raw), start + piece)
+        a, b = max(0, start - halo), min(len(raw), stop + halo)
+        out[start:stop] = predict_array(model, raw[a:b])[start - a:stop - a]
+    return out
+
+
+def train_for(rec: Path, run: Path, options: dict[str, Any], seconds: float) -> tuple[Path, int,
+                                                                                     float]:
+    """Train ``options`` for about ``seconds``; (last checkpoint, steps, minutes taken)."""
+    common = {"workers": 2, "device": "cpu", "val_tiles": 4, "epochs": 1}
+    t0 = time.perf_counter()
+    train(rec, run / "probe", config=TrainConfig(**{**options, **common, "steps_per_epoch": 30}),
+          progress=False)
+    per_step = (time.perf_counter() - t0) / 30  # startup included: errs on the short side
+    steps = max(20, int(seconds / per_step))
+    t0 = time.perf_counter()
+    result = train(rec, run / "real", config=TrainConfig(**{**options, **common,
+                                                            "steps_per_epoch": steps}),
+                   progress=False)
+    return result.last, steps, (time.perf_counter() - t0) / 60
