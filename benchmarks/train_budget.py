@@ -1,6 +1,6 @@
 """Training that gets there sooner: settings compared at the same wall time.
 
-Usage: python benchmarks/train_budget.py [--seconds 180] [--only 0 3 5] [--photons 1]
+Usage: python benchmarks/train_budget.py [--seconds 150] [--only 0 3 5] [--photons 1]
 
 The demo's recording (``simulate``: 1200 frames of 128×128 px, 1 photon/px/frame, seed 0) is
 converted once. Every setting then trains (seed 0, on this machine's CPU, as ``demo`` does)
@@ -61,7 +61,7 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
 def main() -> None:
     """Train with every setting for the same wall time and print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--seconds", type=float, default=150.0)
     parser.add_argument("--photons", type=float, default=1.0)
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run")
     args = parser.parse_args()
