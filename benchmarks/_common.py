@@ -154,13 +154,21 @@ def denoise_in_memory(model_path: Path, raw: np.ndarray, piece: int = 200) -> np
 
 def train_for(rec: Path, run: Path, options: dict[str, Any], seconds: float) -> tuple[Path, int,
                                                                                      float]:
-    """Train ``options`` for about ``seconds``; (last checkpoint, steps, minutes taken)."""
+    """Train ``options`` for about ``seconds``; (last checkpoint, steps, minutes taken).
+
+    Two short probes (10 and 40 steps) give the time of a step without the run's start-up
+    (loader processes, validation, checkpoints), which the budget's run then also pays.
+    """
     common = {"workers": 2, "device": "cpu", "val_tiles": 4, "epochs": 1}
-    t0 = time.perf_counter()
-    train(rec, run / "probe", config=TrainConfig(**{**options, **common, "steps_per_epoch": 30}),
-          progress=False)
-    per_step = (time.perf_counter() - t0) / 30  # startup included: errs on the short side
-    steps = max(20, int(seconds / per_step))
+    took = []
+    for n in (10, 40):
+        t0 = time.perf_counter()
+        train(rec, run / f"probe{n}", config=TrainConfig(**{**options, **common,
+                                                            "steps_per_epoch": n}),
+              progress=False)
+        took.append(time.perf_counter() - t0)
+    per_step = max(1e-3, (took[1] - took[0]) / 30)
+    steps = max(20, int((seconds - took[0] + 10 * per_step) / per_step))
     t0 = time.perf_counter()
     result = train(rec, run / "real", config=TrainConfig(**{**options, **common,
                                                             "steps_per_epoch": steps}),
