@@ -189,7 +189,7 @@ class TrainConfig(_Config):
         worker reads once (1: every tile read on its own; see benchmarks/RESULTS.md).
     schedule : {"cosine", "constant"}
         Learning rate over the run: ``cosine`` rises linearly over the ``warmup`` fraction of
-        the steps, then falls along a half cosine to zero at the last step; ``constant``
+        the steps, then falls along a half cosine to nearly zero at the last step; ``constant``
         keeps ``lr`` throughout (DeepCAD-RT's).
     warmup : float
         Fraction of all steps spent rising to ``lr`` (``cosine`` only).
