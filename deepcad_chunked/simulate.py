@@ -15,7 +15,8 @@ grow with the number of frames, and a seed always gives the same files.
 Files written for ``PREFIX``: ``PREFIX.tif`` (noisy, uint16, one page per frame, ImageJ
 metadata with the frame interval), ``PREFIX_clean.tif`` (noise-free, float32, in the same ADU
 units), ``PREFIX_truth.npz`` (footprints, neuron parameters, detector settings) and
-``PREFIX_traces.npy`` (frames × neurons ΔF/F of every neuron).
+``PREFIX_traces.npy`` (frames × neurons ΔF/F of every neuron). The spikes behind the traces
+are not stored: :func:`spike_counts` draws them again, exactly, from the settings.
 """
 
 from __future__ import annotations
@@ -195,6 +196,40 @@ def _spikes(rng: np.random.Generator, scene: Scene, frames: int,
     return counts
 
 
+def _chunk_spikes(config: SimulationConfig, scene: Scene, index: int
+                  ) -> tuple[np.random.Generator, np.ndarray]:
+    """The random stream of chunk ``index`` and the spike counts drawn first from it."""
+    frames = min(CHUNK, config.frames - index * CHUNK)
+    rng = np.random.default_rng([config.seed, 1, index])
+    counts = _spikes(rng, scene, CHUNK, config.frame_rate)[:frames]  # a short last chunk: a prefix
+    return rng, counts
+
+
+def spike_counts(config: SimulationConfig, scene: Scene | None = None) -> np.ndarray:
+    """The spikes every neuron fired, frame by frame: the ground truth of spike inference.
+
+    The simulation does not store them; they are drawn again from the same random streams,
+    so they are exactly the spikes behind ``PREFIX_traces.npy`` and the recording.
+
+    Parameters
+    ----------
+    config : SimulationConfig
+        The simulation's settings (``load_truth(path).config``).
+    scene : Scene, optional
+        Its scene, when already made.
+
+    Returns
+    -------
+    numpy.ndarray
+        Spike counts, float32, frames × neurons.
+    """
+    scene = scene or make_scene(config)
+    out = np.empty((config.frames, len(scene.footprints)), np.float32)
+    for index, start in enumerate(range(0, config.frames, CHUNK)):
+        out[start:start + CHUNK] = _chunk_spikes(config, scene, index)[1]
+    return out
+
+
 def clean_chunks(config: SimulationConfig, scene: Scene | None = None
                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(first frame, clean photons (t, y, x) float32, ΔF/F (t, neurons))`` by chunk."""
@@ -208,8 +243,7 @@ def clean_chunks(config: SimulationConfig, scene: Scene | None = None
     state = _State(np.zeros(n), np.zeros(n), 0.0)
     for index, start in enumerate(range(0, config.frames, CHUNK)):
         frames = min(CHUNK, config.frames - start)
-        rng = np.random.default_rng([config.seed, 1, index])
-        counts = _spikes(rng, scene, CHUNK, fr)[:frames]  # a short last chunk: a prefix
+        rng, counts = _chunk_spikes(config, scene, index)
         dff = np.empty((frames, n))
         neuropil = np.empty(frames)
         shocks = rng.standard_normal(frames) * 0.05 * math.sqrt(1 - rho**2)

@@ -7,10 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from scipy import signal
 
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import OutputExistsError
-from deepcad_chunked.simulate import clean_chunks, load_truth, simulate
+from deepcad_chunked.simulate import (
+    RISE_TAU_S,
+    clean_chunks,
+    load_truth,
+    make_scene,
+    simulate,
+    spike_counts,
+)
 from tests.conftest import assert_clean_error, run_cli
 
 
@@ -71,6 +79,26 @@ def test_neurons_are_rings_with_calcium_transients(tmp_path: Path) -> None:
     after = traces[peak:peak + 60, i]
     below = np.nonzero(after < after[0] / 3)[0]
     assert below.size == 0 or 6 <= below[0] <= 60
+
+
+def test_the_spike_counts_are_the_spikes_behind_the_traces(tmp_path: Path) -> None:
+    files, config = _sim(tmp_path, frames=150)  # three chunks, the last one short
+    counts = spike_counts(load_truth(files.truth).config)
+    traces = np.load(files.traces)
+    assert counts.shape == traces.shape and counts.min() >= 0
+    assert np.array_equal(counts, np.round(counts)) and counts.sum() > 0
+    # ΔF/F is each neuron's spikes through a rise-and-decay filter, scaled to its amplitude
+    scene = make_scene(config)
+    fr = config.frame_rate
+    for i in range(counts.shape[1]):
+        decay = signal.lfilter([1.0], [1.0, -np.exp(-1 / (scene.decay_s[i] * fr))], counts[:, i])
+        rise = signal.lfilter([1.0], [1.0, -np.exp(-1 / (RISE_TAU_S * fr))], counts[:, i])
+        k = np.arange(int(fr * 10))
+        h = np.exp(-k / (scene.decay_s[i] * fr)) - np.exp(-k / (RISE_TAU_S * fr))
+        np.testing.assert_allclose(traces[:, i], scene.amplitude[i] * (decay - rise) / h.max(),
+                                   rtol=1e-4, atol=1e-5)
+    other = spike_counts(SimulationConfig(**{**config.model_dump(), "seed": config.seed + 1}))
+    assert not np.array_equal(other, counts)
 
 
 def test_existing_files_are_kept_and_bad_options_are_one_line(tmp_path: Path) -> None:
