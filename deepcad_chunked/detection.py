@@ -6,6 +6,12 @@ a pair counts as a hit when its IoU is at least the threshold (0.5, as in the De
 Fig. 1). Precision is hits over ROIs found, recall hits over true neurons, F1 their harmonic
 mean. :func:`suite2p_rois` runs Suite2p's cell detection (the optional ``[eval]`` extra) on a
 movie held in memory.
+
+Spike inference is scored on the true footprints, so that it measures the traces a recording
+gives and not the detector: :func:`footprint_traces` reads each neuron's fluorescence,
+:func:`oasis_spikes` deconvolves it with Suite2p's OASIS, and :func:`spike_correlation`
+compares the result with the spikes the simulation fired
+(:func:`~deepcad_chunked.simulate.spike_counts`).
 """
 
 from __future__ import annotations
@@ -101,6 +107,17 @@ def match(found: Sequence[np.ndarray], true: Sequence[np.ndarray], iou: float = 
                      float(np.mean(good)) if good else float("nan"))
 
 
+def _require_suite2p() -> None:
+    """Import Suite2p, or say in one line how to get it (or why it does not load)."""
+    from deepcad_chunked.io.reader import require
+
+    try:
+        require("suite2p", "eval", "neuron detection")
+    except RuntimeError as exc:  # a compiled dependency that does not load
+        raise SourceError(f"Suite2p is installed but cannot be imported: {exc}".splitlines()[0]
+                          ) from None
+
+
 def suite2p_rois(movie: np.ndarray, *, frame_rate: float, diameter: float,
                  tau: float = 0.7, settings: dict[str, Any] | None = None) -> list[np.ndarray]:
     """Run Suite2p's cell detection on a ``(t, y, x)`` movie; the masks of the ROIs it finds.
@@ -128,21 +145,20 @@ def suite2p_rois(movie: np.ndarray, *, frame_rate: float, diameter: float,
         When Suite2p is not installed (``pip install deepcad-chunked[eval]``), or cannot be
         imported (its torchvision built for another torch, say).
     """
-    from deepcad_chunked.io.reader import require
-
-    try:
-        require("suite2p", "eval", "neuron detection")
-    except RuntimeError as exc:  # a compiled dependency that does not load
-        raise SourceError(f"Suite2p is installed but cannot be imported: {exc}".splitlines()[0]
-                          ) from None
+    _require_suite2p()
     import torch
     from suite2p import default_settings
     from suite2p.detection import detection_wrapper
 
     options = {**default_settings()["detection"], **(settings or {})}
-    _, stats, _ = detection_wrapper(np.asarray(movie, dtype=np.float32),
-                                    diameter=[float(diameter)] * 2, tau=tau, fs=frame_rate,
-                                    settings=options, device=torch.device("cpu"))
+    try:
+        _, stats, _ = detection_wrapper(np.asarray(movie, dtype=np.float32),
+                                        diameter=[float(diameter)] * 2, tau=tau, fs=frame_rate,
+                                        settings=options, device=torch.device("cpu"))
+    except ValueError as exc:  # Suite2p's way of saying it found nothing
+        if "no ROIs were found" not in str(exc):
+            raise
+        stats = []
     masks = []
     for stat in stats:
         keep = ~np.asarray(stat["overlap"], bool)
@@ -151,3 +167,75 @@ def suite2p_rois(movie: np.ndarray, *, frame_rate: float, diameter: float,
         masks.append(mask)
     log.info("Suite2p found %d ROIs", len(masks))
     return masks
+
+
+def footprint_traces(movie: np.ndarray, footprints: Sequence[Footprint]) -> np.ndarray:
+    """Each neuron's fluorescence: the footprint-weighted mean of the movie, neurons × frames.
+
+    Parameters
+    ----------
+    movie : numpy.ndarray
+        ``(t, y, x)`` frames.
+    footprints : sequence of Footprint
+        The simulation's neurons (``load_truth(path).footprints``).
+    """
+    traces = np.empty((len(footprints), movie.shape[0]), np.float32)
+    for i, fp in enumerate(footprints):
+        weights = fp.patch / float(fp.patch.sum())
+        traces[i] = np.einsum("tyx,yx->t", movie[(slice(None), *fp.region())], weights,
+                              dtype=np.float64)
+    return traces
+
+
+def oasis_spikes(traces: np.ndarray, *, frame_rate: float, tau: float = 0.7,
+                 window_s: float = 60.0) -> np.ndarray:
+    """Suite2p's spike deconvolution (OASIS) of fluorescence traces, neurons × frames.
+
+    Suite2p's own pipeline for it: a running maximin baseline (Gaussian σ 10 frames, window
+    ``window_s``) is subtracted, then OASIS infers non-negative spiking activity.
+
+    Raises
+    ------
+    SourceError
+        When Suite2p is missing or cannot be imported, as :func:`suite2p_rois`.
+    """
+    _require_suite2p()
+    import torch
+    from suite2p.extraction.dcnv import oasis, preprocess
+
+    flat = preprocess(np.array(traces, np.float32), "maximin", window_s, 10.0, frame_rate,
+                      device=torch.device("cpu"))
+    return oasis(flat, batch_size=100, tau=tau, fs=frame_rate)
+
+
+def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 1.0
+                      ) -> np.ndarray:
+    """Pearson correlation of inferred activity with the true spikes, per neuron.
+
+    Both are smoothed in time by a Gaussian of ``smooth`` frames first, so that a spike
+    placed one frame off still counts (the usual measure of spike inference, after the
+    spikefinder benchmark's 40 ms bins). NaN for a neuron without spikes or without activity.
+
+    Parameters
+    ----------
+    inferred : numpy.ndarray
+        Neurons × frames.
+    spikes : numpy.ndarray
+        Neurons × frames, the true spike counts.
+    smooth : float
+        Gaussian σ in frames (0: none).
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    a = np.asarray(inferred, np.float64)
+    b = np.asarray(spikes, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"inferred {a.shape} and true spikes {b.shape} differ in shape")
+    if smooth:
+        a = gaussian_filter1d(a, smooth, axis=1, mode="nearest")
+        b = gaussian_filter1d(b, smooth, axis=1, mode="nearest")
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    norm = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, (a * b).sum(axis=1) / norm, np.nan)

@@ -10,9 +10,17 @@ import pytest
 import tifffile
 
 from deepcad_chunked.config import SimulationConfig
-from deepcad_chunked.detection import footprint_masks, iou_matrix, match, suite2p_rois
+from deepcad_chunked.detection import (
+    footprint_masks,
+    footprint_traces,
+    iou_matrix,
+    match,
+    oasis_spikes,
+    spike_correlation,
+    suite2p_rois,
+)
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.simulate import Footprint, load_truth, simulate
+from deepcad_chunked.simulate import Footprint, load_truth, simulate, spike_counts
 
 
 def _disk(cy: int, cx: int, r: float, shape: tuple[int, int] = (40, 40)) -> np.ndarray:
@@ -48,10 +56,36 @@ def test_footprint_masks_keep_each_neurons_bright_pixels() -> None:
     assert not mask[2, 6] and not mask[4, 6]
 
 
+def test_footprint_traces_are_weighted_means() -> None:
+    rng = np.random.default_rng(0)
+    movie = rng.random((20, 10, 12)).astype(np.float32)
+    patch = np.array([[0.0, 1.0], [3.0, 0.0]])
+    (trace,) = footprint_traces(movie, [Footprint(4, 7, patch)])
+    np.testing.assert_allclose(trace, (movie[:, 4, 8] + 3 * movie[:, 5, 7]) / 4, rtol=1e-6)
+
+
+def test_spike_correlation_forgives_a_frame_but_not_unrelated_activity() -> None:
+    rng = np.random.default_rng(1)
+    spikes = (rng.random((5, 3000)) < 0.02).astype(np.float32)
+    spikes[4] = 0  # a silent neuron
+    same = spike_correlation(spikes, spikes)
+    np.testing.assert_allclose(same[:4], 1.0)
+    assert np.isnan(same[4])
+    late = spike_correlation(np.roll(spikes, 1, axis=1), spikes)[:4]
+    assert (late > 0.5).all() and (late < 0.95).all()
+    assert (spike_correlation(np.roll(spikes, 1, axis=1), spikes, smooth=0)[:4] < 0.1).all()
+    other = (rng.random((5, 3000)) < 0.02).astype(np.float32)
+    assert (np.abs(spike_correlation(other, spikes)[:4]) < 0.1).all()
+    with pytest.raises(ValueError, match="shape"):
+        spike_correlation(spikes[:, :10], spikes)
+
+
 def test_a_missing_suite2p_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "suite2p", None)  # import suite2p raises ImportError
     with pytest.raises(SourceError, match=r"pip install 'deepcad-chunked\[eval\]'"):
         suite2p_rois(np.zeros((50, 32, 32)), frame_rate=30.0, diameter=8)
+    with pytest.raises(SourceError, match=r"pip install 'deepcad-chunked\[eval\]'"):
+        oasis_spikes(np.zeros((2, 50)), frame_rate=30.0)
 
 
 def _suite2p_or_skip() -> None:
@@ -72,3 +106,18 @@ def test_suite2p_finds_the_simulated_neurons_in_the_clean_recording(tmp_path: Pa
     rng = np.random.default_rng(0)
     noise = rng.poisson(2.0, (600, 96, 96)).astype(np.float32)
     assert match(suite2p_rois(noise, frame_rate=30.0, diameter=10), true).hits <= 1
+
+
+def test_oasis_recovers_the_simulated_spikes_better_from_clean_than_raw(tmp_path: Path) -> None:
+    _suite2p_or_skip()
+    files = simulate(tmp_path / "s", SimulationConfig(frames=900, size=(64, 64), photons=0.5,
+                                                      seed=2))
+    truth = load_truth(files.truth)
+    spikes = spike_counts(truth.config).T
+    r = {}
+    for name, path in (("clean", files.clean), ("raw", files.raw)):
+        traces = footprint_traces(tifffile.imread(path).astype(np.float32), truth.footprints)
+        inferred = oasis_spikes(traces, frame_rate=30.0, window_s=10.0)
+        assert inferred.shape == spikes.shape and inferred.min() >= 0
+        r[name] = float(np.nanmean(spike_correlation(inferred, spikes)))
+    assert r["clean"] > 0.6 and r["raw"] < r["clean"] - 0.1, r
