@@ -27,6 +27,19 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       normalization={"mean": 100.0, "std": 20.0}).save(path)
 
 
+@pytest.fixture(scope="module")
+def bypass_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A network with a learned linear bypass, both paths with random weights."""
+    torch.manual_seed(3)
+    net = UNet3D(features=2, bypass=(13, 7, 7))
+    with torch.no_grad():
+        net.final.weight.normal_(0.0, 0.3)
+        net.bypass.weight.add_(torch.randn_like(net.bypass.weight) * 0.01)
+    path = tmp_path_factory.mktemp("model") / "bypass.pt"
+    return Checkpoint(model_state=net.state_dict(), features=2,
+                      normalization={"mean": 100.0, "std": 20.0}).save(path)
+
+
 def _recording(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).poisson(100.0, size=shape).astype(np.uint16)
 
@@ -51,6 +64,21 @@ def test_chunked_equals_monolithic(client: Client, model_path: Path,
     lazy = denoise_dask(da.from_array(raw, chunks=(16, 32, 32)), model_path, block=block)
     got = client.compute(lazy).result()
     assert got.shape == raw.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-4 * float(raw.max() - raw.min())
+
+
+def test_chunked_equals_monolithic_with_a_bypass(client: Client,
+                                                bypass_model_path: Path) -> None:
+    """The bypass is narrower than the U-Net's reach: the default halo stays exact."""
+    raw = _recording((100, 90, 70), seed=2)
+    model = load_model(bypass_model_path)
+    want = predict_array(model, raw)
+    with torch.no_grad():  # the bypass is part of what the blocks compute
+        model.bypass.weight.zero_()
+    assert np.abs(predict_array(model, raw) - want).max() > 1.0
+    lazy = denoise_dask(da.from_array(raw, chunks=(16, 32, 32)), bypass_model_path,
+                        block=(48, 56, 64))
+    got = client.compute(lazy).result()
     assert np.abs(got - want).max() <= 1e-4 * float(raw.max() - raw.min())
 
 

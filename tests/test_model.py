@@ -5,8 +5,10 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from deepcad_chunked.model import Checkpoint, CheckpointError, UNet3D, load_model, parameter_count
 
@@ -102,20 +104,58 @@ def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("features, shape", [(2, (8, 8, 8)), (4, (24, 40, 16)),
-                                             (16, (16, 24, 40))])
+def test_a_fresh_network_with_a_bypass_is_a_gaussian_blur() -> None:
+    """Before training, the bypassed network is the Gaussian filter it starts from (zero
+    padding), its U-Net contributing nothing; the bypass adds 637 weights."""
+    torch.manual_seed(0)
+    model = UNet3D(features=2, bypass=(13, 7, 7)).eval()
+    assert parameter_count(model) == parameter_count(UNet3D(features=2)) + 13 * 7 * 7
+    assert model.bypass_kernel == (13, 7, 7) and UNet3D(features=2).bypass_kernel is None
+    x = torch.rand(1, 1, 24, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got = model.double()(x)[0, 0].numpy()
+    t, y, z = (np.arange(n) - n // 2 for n in (13, 7, 7))
+    kernel = (np.exp(-t[:, None, None] ** 2 / 8) * np.exp(-y[None, :, None] ** 2 / 2)
+              * np.exp(-z[None, None, :] ** 2 / 2))
+    want = ndimage.correlate(x[0, 0].numpy(), kernel / kernel.sum(), mode="constant")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)  # a float32 kernel
+    with pytest.raises(ValueError, match="odd"):
+        UNet3D(features=2, bypass=(12, 7, 7))
+
+
+def test_a_bypass_checkpoint_rebuilds_its_bypass(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = UNet3D(features=2, bypass=(5, 3, 3))
+    with torch.no_grad():
+        model.bypass.weight.normal_()
+    Checkpoint(model_state=model.state_dict(), features=2, normalization={"mean": 0.0,
+               "std": 1.0}).save(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.bypass_kernel == (5, 3, 3)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("features, shape, bypass", [(2, (8, 8, 8), None),
+                                                     (4, (24, 40, 16), None),
+                                                     (16, (16, 24, 40), None),
+                                                     (4, (24, 40, 16), (13, 7, 7))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_lean_forward_is_the_same_function(features: int, shape: tuple[int, int, int],
+                                               bypass: tuple[int, int, int] | None,
                                                channels_last: bool) -> None:
     """The memory-lean inference pass (no concatenation, no upsampled tensor, skips
     released early) equals the module's forward within 1e-5 of its range, fp32."""
     from deepcad_chunked.model.lean import lean_forward
 
     torch.manual_seed(features)
-    model = UNet3D(features=features).eval()
+    model = UNet3D(features=features, bypass=bypass).eval()
     with torch.no_grad():  # weights that make every level matter, not just biases
         for p in model.parameters():
             p.mul_(1.5)
+        if bypass is not None:  # the U-Net's last convolution starts at zero
+            model.final.weight.normal_(0.0, 0.3)
     x = torch.randn(2, 1, *shape)
     with torch.no_grad():
         want = model(x)

@@ -19,10 +19,14 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
+@pytest.fixture(params=[None, (13, 7, 7)], ids=["plain", "bypass"])
+def model_path(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     torch.manual_seed(0)
-    return Checkpoint(model_state=UNet3D(features=4).state_dict(), features=4,
+    net = UNet3D(features=4, bypass=request.param)
+    if request.param is not None:
+        with torch.no_grad():
+            net.final.weight.normal_(0.0, 0.3)
+    return Checkpoint(model_state=net.state_dict(), features=4,
                       normalization={"mean": 100.0, "std": 20.0}).save(tmp_path / "m.pt")
 
 

@@ -31,7 +31,7 @@ from deepcad_chunked.model.deepcad_rt import (
     normalization_of,
     read_para,
 )
-from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.model.unet3d import UNet3D, bypass_of
 
 FORMAT = "deepcad-chunked/checkpoint/1"
 
@@ -228,10 +228,10 @@ class Checkpoint:
 
     def build_model(self) -> UNet3D:
         """The network with these weights, in evaluation mode."""
-        model = UNet3D(features=self.features)
         try:
+            model = UNet3D(features=self.features, bypass=bypass_of(self.model_state))
             model.load_state_dict(self.model_state)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint weights do not fit a {self.features}-feature "
                                   f"network: {str(exc).splitlines()[0]}") from None
         return model.eval()

@@ -12,7 +12,9 @@ the same function with the same weights, and keeps far less:
   volume equals, for each of the 8 parities of the output voxel, a 2×2×2 convolution of the
   low-resolution volume with weights folded from the 3×3×3 ones — a quarter of the arithmetic,
   at an eighth of the resolution — added into the output in place;
-- ReLUs run in place.
+- ReLUs run in place;
+- the bypass (a single-channel 13×7×7 convolution, when the network has one) is computed by
+  FFT, three times faster on the CPU than the direct convolution.
 
 It is for inference only (no autograd); training keeps the module's forward.
 """
@@ -53,6 +55,43 @@ def folded_weights(weight: torch.Tensor) -> dict[tuple[int, int, int], torch.Ten
             for a, b, c in itertools.product((0, 1), repeat=3)}
 
 
+def _fast_size(n: int) -> int:
+    """The smallest 5-smooth number (factors 2, 3 and 5 only) at least ``n``: a fast FFT."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def fft_convolve(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv3d(x, weight, padding=k // 2)`` for one channel in and out, computed by FFT.
+
+    The same linear, translation-equivariant function as the direct convolution with zero
+    padding (up to float rounding), in float32 whatever the input's dtype.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(n, 1, t, y, x)``.
+    weight : torch.Tensor
+        ``(1, 1, kt, ky, kx)``, odd sizes.
+    """
+    kernel = weight.shape[-3:]
+    size = x.shape[-3:]
+    padded = [_fast_size(n + k - 1) for n, k in zip(size, kernel, strict=True)]
+    dims = (-3, -2, -1)
+    spectrum = torch.fft.rfftn(x.float(), s=padded, dim=dims)
+    spectrum *= torch.fft.rfftn(torch.flip(weight.float(), dims), s=padded, dim=dims)
+    full = torch.fft.irfftn(spectrum, s=padded, dim=dims)
+    start = [k // 2 for k in kernel]  # the full linear convolution, centred: 'same' output
+    return full[..., start[0]:start[0] + size[0], start[1]:start[1] + size[1],
+                start[2]:start[2] + size[2]]
+
+
 def _upsample_concat_conv(conv: torch.nn.Conv3d, skips: list[torch.Tensor],
                           low: torch.Tensor) -> torch.Tensor:
     """``relu(conv(cat(skip, upsample(low))))`` without the concatenation or the upsampling.
@@ -90,6 +129,7 @@ def lean_forward(model: UNet3D, x: torch.Tensor) -> torch.Tensor:
     """
     check_grid(x)
     with torch.no_grad():
+        linear = None if model.bypass is None else fft_convolve(x, model.bypass.weight)
         skips: list[torch.Tensor] = []
         for k, encoder in enumerate(model.encoders):
             if k:
@@ -101,4 +141,5 @@ def lean_forward(model: UNet3D, x: torch.Tensor) -> torch.Tensor:
             first, _, second, _ = decoder
             x = _upsample_concat_conv(first, skips, x)
             x = F.conv3d(x, second.weight, second.bias, padding=1).relu_()
-        return model.final(x)
+        x = model.final(x)
+        return x if linear is None else x.add_(linear)
