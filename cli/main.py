@@ -23,6 +23,7 @@ from deepcad_chunked.cli.options import (
     add_cluster_options,
     add_source_options,
     cluster_of,
+    kernel,
     shard,
     size,
     source_options,
@@ -134,6 +135,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    f"spent warming up (cosine; default {_default(C, 'warmup')})")
     p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss: mean squared error, "
                    f"or DeepCAD's mean of L1 and L2 (default {_default(C, 'loss')})")
+    p.add_argument("--average", type=float, metavar="DECAY", help="keep an exponential "
+                   "moving average of the weights with this decay, e.g. 0.99, for inference "
+                   f"(default {_default(C, 'average')}: off)")
+    p.add_argument("--bypass", type=kernel, metavar="T,Y,X|none", help="kernel of the learned "
+                   "linear filter added beside the U-Net, which makes training reach a given "
+                   f"quality sooner (default {_default(C, 'bypass')}); none: DeepCAD-RT's "
+                   "network as published")
     p.add_argument("--workers", type=int, help="tile-loading worker processes (default "
                    f"{_default(C, 'workers')}; 0 reads in the training process)")
     p.add_argument("--seed", type=int, help="seed for weights and tiles")
@@ -151,8 +159,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name in (
         "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "schedule",
-        "warmup", "loss", "workers", "seed", "device", "val_fraction")}
-    config = TrainConfig.build(**{k: v for k, v in given.items() if v is not None})
+        "warmup", "loss", "average", "workers", "seed", "device", "val_fraction")}
+    values = {k: v for k, v in given.items() if v is not None}
+    if args.bypass is not None:
+        values["bypass"] = None if args.bypass == "none" else args.bypass
+    config = TrainConfig.build(**values)
     with cluster_of(args, workers=1) as cluster:
         result = train(args.data, args.output, config=config, resume=args.resume,
                        progress=False if args.no_progress else None, cluster=cluster,

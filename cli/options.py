@@ -39,6 +39,12 @@ def shard(text: str) -> tuple[int, int, int] | str:
     return word if word in ("auto", "none") else triple(text)
 
 
+def kernel(text: str) -> tuple[int, int, int] | str:
+    """``none`` or ``T,Y,X`` integers (a convolution's kernel)."""
+    word = text.strip().lower()
+    return word if word == "none" else triple(text)
+
+
 def pair(text: str) -> tuple[int, int]:
     """``Y,X`` (or ``YxX``) integers."""
     return _integers(text, "Y,X")  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from deepcad_chunked.cli.options import (
     add_cluster_options,
     add_source_options,
     cluster_of,
+    kernel,
     pair,
     region,
     source_options,
@@ -99,6 +100,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate over the "
                    "run: warm-up then cosine decay, or constant")
     p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss")
+    p.add_argument("--average", type=float, metavar="DECAY",
+                   help="moving average of the weights for inference (0: off)")
+    p.add_argument("--bypass", type=kernel, metavar="T,Y,X|none",
+                   help="kernel of the network's learned linear bypass; none: DeepCAD-RT's "
+                   "network as published")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
 
 
@@ -106,9 +112,11 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
     from deepcad_chunked.config import TrainConfig
 
     given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "features", "patch",
-                                           "lr", "schedule", "loss", "device")}
+                                           "lr", "schedule", "loss", "average", "device")}
     values = base.model_dump() if base is not None else {}
     values.update({k: v for k, v in given.items() if v is not None})
+    if args.bypass is not None:
+        values["bypass"] = None if args.bypass == "none" else args.bypass
     return TrainConfig.build(**values)
 
 

@@ -201,6 +201,11 @@ class TrainConfig(_Config):
         Training loss: DeepCAD's mean of the L1 and L2 errors, or the L2 (mean squared)
         error alone, whose optimum is the mean of the target rather than something between
         its mean and median (closer to the truth under photon noise; benchmarks/RESULTS.md).
+    bypass : (kt, ky, kx) or None
+        Kernel of the network's learned linear bypass (a 3D filter of the input added to the
+        U-Net's output, started as a Gaussian blur; odd sizes up to 31): a new network denoises
+        like a Gaussian filter from its first step, and reaches a given quality in far fewer
+        steps (benchmarks/RESULTS.md). None: DeepCAD-RT's network as published.
     """
 
     patch: tuple[int, int, int] = (16, 64, 64)
@@ -221,11 +226,19 @@ class TrainConfig(_Config):
     warmup: float = Field(0.05, ge=0, lt=1)
     loss: Literal["l1+l2", "l2"] = "l1+l2"
     average: float = Field(0.0, ge=0, lt=1)
+    bypass: tuple[int, int, int] | None = (13, 7, 7)
 
     @field_validator("patch")
     @classmethod
     def _patch_grid(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
         return _multiple_of_8(value, "patch")
+
+    @field_validator("bypass")
+    @classmethod
+    def _bypass_odd(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and any(k < 1 or k > 31 or k % 2 == 0 for k in value):
+            raise ValueError(f"bypass kernel sizes must be odd, from 1 to 31, got {value}")
+        return value
 
     @field_validator("betas")
     @classmethod

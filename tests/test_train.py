@@ -244,24 +244,57 @@ def test_the_schedule_and_the_loss_are_applied(tmp_path: Path, store: Path) -> N
     assert plain.history[-1]["val_loss"] != result.history[-1]["val_loss"]
 
 
-def test_checkpoints_from_before_the_schedule_and_loss_options_resume(
+def test_checkpoints_from_before_the_training_options_resume(
         tmp_path: Path, store: Path) -> None:
-    """A run directory written before ``schedule``, ``warmup`` and ``loss`` existed resumes
-    with their old meaning (constant, DeepCAD's L1+L2), and refuses another loss."""
-    old = {**TINY, "steps_per_epoch": 2, "schedule": "constant", "loss": "l1+l2"}
+    """A run directory written before ``schedule``, ``warmup``, ``loss``, ``average`` and
+    ``bypass`` existed resumes with their old meaning (constant, DeepCAD's L1+L2, no average,
+    DeepCAD-RT's network), and refuses another loss or a bypass its weights do not have."""
+    old = {**TINY, "steps_per_epoch": 2, "schedule": "constant", "loss": "l1+l2",
+           "bypass": None}
     run = tmp_path / "run"
     train(store, run, config=TrainConfig(**old, epochs=1), progress=False)
     for name in ("epoch_0001.pt", "last.pt", "best.pt"):
         ckpt = Checkpoint.load(run / name)
-        for key in ("schedule", "warmup", "loss"):
+        for key in ("schedule", "warmup", "loss", "average", "bypass"):
             ckpt.config.pop(key)
         ckpt.save(run / name)
     with pytest.raises(DeepCADError, match="loss"):
         train(store, run, config=TrainConfig(**{**old, "loss": "l2"}, epochs=2), resume=True,
               progress=False)
+    with pytest.raises(DeepCADError, match="bypass none"):  # today's default has one
+        train(store, run, config=TrainConfig(**{**old, "bypass": (13, 7, 7)}, epochs=2),
+              resume=True, progress=False)
     result = train(store, run, config=TrainConfig(**old, epochs=2), resume=True,
                    progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_the_bypass_is_trained_and_can_be_left_out(tmp_path: Path, store: Path) -> None:
+    """By default the network has a linear bypass, which starts as a Gaussian and is learned;
+    ``--bypass none`` trains DeepCAD-RT's network as published, ``--bypass 5,3,3`` another
+    kernel, and even or oversized kernels are one-line errors."""
+    from deepcad_chunked.model.unet3d import BYPASS_KERNEL, BYPASS_SIGMA, gaussian_kernel
+
+    with_bypass = Checkpoint.load(train(store, tmp_path / "b", config=TrainConfig(
+        **TINY, epochs=1, steps_per_epoch=4), progress=False).last)
+    weight = with_bypass.model_state["bypass.weight"][0, 0]
+    assert tuple(weight.shape) == BYPASS_KERNEL == TrainConfig().bypass
+    start = gaussian_kernel(BYPASS_KERNEL, BYPASS_SIGMA)
+    assert 0 < float((weight - start).abs().max()) < 0.1  # learned, from the Gaussian
+    assert float(with_bypass.model_state["final.weight"].abs().max()) > 0  # the U-Net learns
+    assert run_cli("train", str(store), "-o", str(tmp_path / "n"), "--patch", "8,16,16",
+                   "--features", "4", "--epochs", "1", "--steps-per-epoch", "2",
+                   "--workers", "0", "--device", "cpu", "--bypass", "none").returncode == 0
+    assert not any(k.startswith("bypass") for k in
+                   Checkpoint.load(tmp_path / "n" / "last.pt").model_state)
+    assert run_cli("train", str(store), "-o", str(tmp_path / "k"), "--patch", "8,16,16",
+                   "--features", "4", "--epochs", "1", "--steps-per-epoch", "2",
+                   "--workers", "0", "--device", "cpu", "--bypass", "5,3,3").returncode == 0
+    assert tuple(Checkpoint.load(tmp_path / "k" / "last.pt").model_state["bypass.weight"]
+                 .shape[2:]) == (5, 3, 3)
+    for bad in ("4,3,3", "33,7,7"):
+        assert_clean_error(run_cli("train", str(store), "-o", str(tmp_path / "x"),
+                                   "--bypass", bad), "bypass kernel sizes must be odd")
 
 
 def test_weight_averaging_is_saved_for_inference_and_resumes_exactly(

@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 #: Options that must match for ``resume`` to continue a run.
 _RESUME_KEYS = ("patch", "features", "batch_size", "seed", "val_fraction", "val_tiles",
                 "steps_per_epoch", "tiles_per_window", "schedule", "warmup", "loss",
-                "average")
+                "average", "bypass")
 #: What checkpoints written before an option existed were trained with.
-_OLD_DEFAULTS = {"schedule": "constant", "warmup": 0.05, "loss": "l1+l2", "average": 0.0}
+_OLD_DEFAULTS = {"schedule": "constant", "warmup": 0.05, "loss": "l1+l2", "average": 0.0,
+                 "bypass": None}
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     device = pick_device(config.device)
     amp = config.amp and device.type == "cuda"
     torch.manual_seed(config.seed)
-    model = UNet3D(features=config.features).to(device)
+    model = UNet3D(features=config.features, bypass=config.bypass).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
     start_epoch, history, best = 0, [], math.inf
@@ -333,8 +334,11 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         changed = [k for k in (*_RESUME_KEYS, "data", "normalization")
                    if ckpt.config.get(k, _OLD_DEFAULTS.get(k)) != record[k]]
         if changed:
+            was = ckpt.config.get("bypass", _OLD_DEFAULTS["bypass"])
+            kernel = "none" if was is None else ",".join(map(str, was))
+            hint = f" (it was trained with --bypass {kernel})" if "bypass" in changed else ""
             raise DeepCADError(f"cannot resume {run_dir}: its checkpoint was trained with "
-                               f"other {', '.join(changed)}")
+                               f"other {', '.join(changed)}{hint}")
         model.load_state_dict(ckpt.model_state)
         optimizer.load_state_dict(ckpt.optimizer_state)
         start_epoch, history = ckpt.epoch, ckpt.history
