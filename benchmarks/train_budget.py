@@ -29,7 +29,8 @@ from deepcad_chunked.metrics import score
 from deepcad_chunked.simulate import simulate
 
 #: The demo's training before this benchmark (f = 8, constant lr 3e-4, DeepCAD's L1+L2 loss).
-BASE: dict[str, Any] = {"features": 8, "lr": 3e-4, "schedule": "constant", "loss": "l1+l2"}
+BASE: dict[str, Any] = {"features": 8, "lr": 3e-4, "schedule": "constant", "loss": "l1+l2",
+                        "bypass": None}
 #: The base with the mean squared error as the loss.
 L2: dict[str, Any] = {**BASE, "loss": "l2"}
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
@@ -55,6 +56,12 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("constant lr 3e-4, L2, f 16, weight average 0.99", {**L2, "features": 16,
                                                          "average": 0.99}),
     ("the same, seed 1", {**L2, "features": 16, "average": 0.99, "seed": 1}),
+    ("row 17 + linear bypass 13,7,7", {**L2, "features": 16, "average": 0.99,
+                                       "bypass": (13, 7, 7)}),
+    ("row 17 + linear bypass, seed 1", {**L2, "features": 16, "average": 0.99,
+                                        "bypass": (13, 7, 7), "seed": 1}),
+    ("before + linear bypass (the new defaults at f 8)", {**BASE, "bypass": (13, 7, 7)}),
+    ("the same, seed 1", {**BASE, "bypass": (13, 7, 7), "seed": 1}),
 ]
 
 
