@@ -23,7 +23,13 @@ SIGMAS = ((1.0, 1.0), (4.0, 1.0))
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A small network trained on one simulation (seed 1); a second one (seed 2) to score."""
+    """A small network trained on one simulation (seed 1); a second one (seed 2) to score.
+
+    DeepCAD-RT's network (no bypass): after these few steps it stands well apart from both
+    Gaussians, where the held-out ranking must agree with the full-rate true SNR. (With the
+    bypass it ends within 1 dB of the best Gaussian, ahead of it at the half rate the score
+    measures and behind it at the full rate: a near-tie, which RESULTS.md shows can swap.)
+    """
     work = tmp_path_factory.mktemp("heldout")
     sim = SimulationConfig(frames=400, size=(64, 64), photons=1.0)
     a = simulate(work / "a", sim.model_copy(update={"seed": 1}))
@@ -31,7 +37,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rec = convert(a.raw, work / "a.zarr", workers=1, progress=False).path
     result = train(rec, work / "run", config=TrainConfig(
         features=4, epochs=1, steps_per_epoch=160, patch=(16, 32, 32), batch_size=4,
-        workers=0, device="cpu", val_tiles=2, lr=3e-3, schedule="cosine", loss="l2"),
+        workers=0, device="cpu", val_tiles=2, lr=3e-3, schedule="cosine", loss="l2",
+        bypass=None),
         progress=False)
     return {"store": rec, "model": result.last, "raw": b.raw, "clean": b.clean,
             "truth": b.truth, "train_raw": a.raw, "work": work}
