@@ -83,7 +83,7 @@ def acquire(folder: str | Path, config: SimulationConfig | None = None, *,
                                 "empty folder")
     log.info("acquiring %d frames of %d×%d px at %g Hz into %s, %d per file", config.frames,
              *config.size, rate, folder, frames_per_file)
-    begin = time.monotonic()
+    begin = None  # the clock starts at the first frame, once the simulation has begun
     written = 0
     frames = _frames(config)
     while (first := next(frames, None)) is not None:
@@ -94,6 +94,9 @@ def acquire(folder: str | Path, config: SimulationConfig | None = None, *,
                 tifffile.TiffWriter(handle, bigtiff=big) as writer:
             for frame in itertools.chain([first], itertools.islice(frames,
                                                                    frames_per_file - 1)):
+                # frame k is written no sooner than k / rate after frame 0; a writer that
+                # fell behind (a slow chunk of the simulation) catches up without waiting
+                begin = time.monotonic() if begin is None else begin
                 delay = begin + written / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
