@@ -24,6 +24,7 @@ from deepcad_chunked.cli.options import (
     add_source_options,
     cluster_of,
     kernel,
+    put_kernel,
     shard,
     size,
     source_options,
@@ -161,8 +162,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "schedule",
         "warmup", "loss", "average", "workers", "seed", "device", "val_fraction")}
     values = {k: v for k, v in given.items() if v is not None}
-    if args.bypass is not None:
-        values["bypass"] = None if args.bypass == "none" else args.bypass
+    put_kernel(values, "bypass", args.bypass)
     config = TrainConfig.build(**values)
     with cluster_of(args, workers=1) as cluster:
         result = train(args.data, args.output, config=config, resume=args.resume,

@@ -45,6 +45,13 @@ def kernel(text: str) -> tuple[int, int, int] | str:
     return word if word == "none" else triple(text)
 
 
+def put_kernel(values: dict[str, Any], key: str, given: tuple[int, int, int] | str | None
+               ) -> None:
+    """Set a config field from a :func:`kernel` option: ``none`` → None; not given → untouched."""
+    if given is not None:
+        values[key] = None if given == "none" else given
+
+
 def pair(text: str) -> tuple[int, int]:
     """``Y,X`` (or ``YxX``) integers."""
     return _integers(text, "Y,X")  # type: ignore[return-value]

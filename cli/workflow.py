@@ -14,6 +14,7 @@ from deepcad_chunked.cli.options import (
     cluster_of,
     kernel,
     pair,
+    put_kernel,
     region,
     source_options,
     span,
@@ -115,8 +116,7 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
                                            "lr", "schedule", "loss", "average", "device")}
     values = base.model_dump() if base is not None else {}
     values.update({k: v for k, v in given.items() if v is not None})
-    if args.bypass is not None:
-        values["bypass"] = None if args.bypass == "none" else args.bypass
+    put_kernel(values, "bypass", args.bypass)
     return TrainConfig.build(**values)
 
 

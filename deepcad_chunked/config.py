@@ -16,6 +16,10 @@ from pydantic import (
 
 from deepcad_chunked.errors import ConfigError
 
+#: Training's default kernel (t, y, x) of the network's learned linear bypass: it reaches
+#: 6 half-rate frames and 3 px, far inside the U-Net's receptive radius, so halos stay exact.
+BYPASS_KERNEL = (13, 7, 7)
+
 #: Default storage chunk (t, y, x); see benchmarks/RESULTS.md, "Chunk shape".
 DEFAULT_CHUNKS: tuple[int, int, int] = (32, 128, 128)
 #: Raw bytes of one shard of a new Zarr v3 store (``shards="auto"``); see benchmarks/RESULTS.md,
@@ -226,7 +230,7 @@ class TrainConfig(_Config):
     warmup: float = Field(0.05, ge=0, lt=1)
     loss: Literal["l1+l2", "l2"] = "l1+l2"
     average: float = Field(0.0, ge=0, lt=1)
-    bypass: tuple[int, int, int] | None = (13, 7, 7)
+    bypass: tuple[int, int, int] | None = BYPASS_KERNEL
 
     @field_validator("patch")
     @classmethod

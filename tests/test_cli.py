@@ -133,3 +133,23 @@ def test_unreachable_scheduler_fails_fast(tmp_path: Path) -> None:
     result = run_cli("convert", str(src), "-o", str(tmp_path / "o.zarr"), "--cluster",
                      "tcp://127.0.0.1:9", timeout=60)
     assert_clean_error(result, "cannot reach")
+
+
+@pytest.mark.parametrize(("given", "expected"), [((), "default"), (("--bypass", "none"), None),
+                                                 (("--bypass", "5,3,3"), (5, 3, 3))])
+def test_bypass_option_of_run_and_demo(given: tuple[str, ...], expected: object) -> None:
+    """``run`` and ``demo`` turn ``--bypass`` into the training config as ``train`` does, the
+    demo's other training settings kept."""
+    from deepcad_chunked.cli.main import build_parser
+    from deepcad_chunked.cli.workflow import _train_config
+
+    from deepcad_chunked.config import BYPASS_KERNEL, TrainConfig
+    from deepcad_chunked.pipeline import DEMO_TRAINING
+
+    parser = build_parser()
+    run = _train_config(parser.parse_args(["run", "a.tif", "-o", "o", *given]))
+    demo = _train_config(parser.parse_args(["demo", "-o", "o", *given]), DEMO_TRAINING)
+    want = BYPASS_KERNEL if expected == "default" else expected
+    assert run.bypass == demo.bypass == want
+    assert run.features == TrainConfig().features
+    assert (demo.features, demo.loss, demo.average) == (DEMO_TRAINING.features, "l2", 0.99)

@@ -275,7 +275,8 @@ def test_the_bypass_is_trained_and_can_be_left_out(tmp_path: Path, store: Path) 
     """By default the network has a linear bypass, which starts as a Gaussian and is learned;
     ``--bypass none`` trains DeepCAD-RT's network as published, ``--bypass 5,3,3`` another
     kernel, and even or oversized kernels are one-line errors."""
-    from deepcad_chunked.model.unet3d import BYPASS_KERNEL, BYPASS_SIGMA, gaussian_kernel
+    from deepcad_chunked.config import BYPASS_KERNEL
+    from deepcad_chunked.model.unet3d import BYPASS_SIGMA, gaussian_kernel
 
     with_bypass = Checkpoint.load(train(store, tmp_path / "b", config=TrainConfig(
         **TINY, epochs=1, steps_per_epoch=4), progress=False).last)

@@ -49,9 +49,7 @@ class DoubleConv(nn.Sequential):
         )
 
 
-#: The bypass's kernel (t, y, x) when one is asked for without a size.
-BYPASS_KERNEL = (13, 7, 7)
-#: Its starting Gaussian's σ in voxels (t, y, x): about the best blur of simulated
+#: The bypass's starting Gaussian's σ in voxels (t, y, x): about the best blur of simulated
 #: recordings at 1 photon per pixel (σt 4 frames at the full rate is 2 in training's half rate).
 BYPASS_SIGMA = (2.0, 1.0, 1.0)
 
