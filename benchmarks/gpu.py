@@ -2,13 +2,13 @@
 
 One command on a machine with a CUDA GPU, a few minutes:
 
-1. One forward pass of the f = 16 network over one default GPU block with the exact halo,
-   for each forward (the module's own, the memory-lean one), memory layout (contiguous,
-   channels-last 3D) and precision (fp32 — TF32 off, as ``denoise`` runs it —, tf32, bf16,
-   fp16); then the fastest of each precision again under ``torch.compile``. Per row:
-   milliseconds per pass, 512×512 frames per second it amounts to (core voxels ÷ 512²),
-   peak GPU memory per input voxel, and the error against fp32 (max |Δ| ÷ range of the
-   fp32 output, over the block's core).
+1. One forward pass of the f = 16 network (with training's default linear bypass, or
+   ``--bypass none``) over one default GPU block with the exact halo, for each forward (the
+   module's own, the memory-lean one), memory layout (contiguous, channels-last 3D) and
+   precision (fp32 — TF32 off, as ``denoise`` runs it —, tf32, bf16, fp16); then the fastest
+   of each precision again under ``torch.compile``. Per row: milliseconds per pass, 512×512
+   frames per second it amounts to (core voxels ÷ 512²), peak GPU memory per input voxel, and
+   the error against fp32 (max |Δ| ÷ range of the fp32 output, over the block's core).
 2. The default GPU block that the measured fp32 memory per voxel allows on this GPU, and its
    redundancy (network voxels ÷ output voxels) on a long 512×512 recording.
 3. ``denoise`` Zarr → Zarr at default settings on a ``LocalCUDACluster`` (one worker per GPU;
@@ -19,7 +19,7 @@ One command on a machine with a CUDA GPU, a few minutes:
 ``--record`` appends the tables to benchmarks/RESULTS.md. ``--dry-run`` runs every step on
 the CPU with a tiny network and recording (to check the script, not to measure anything).
 
-    python benchmarks/gpu.py [--frames 1000] [--no-compile] [--record] [--dry-run]
+    python benchmarks/gpu.py [--frames 1000] [--bypass none] [--no-compile] [--record] [--dry-run]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
+from deepcad_chunked.config import BYPASS_KERNEL
 from deepcad_chunked.infer.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.infer.memory import GPU_FRACTION, fit_block, network_voxels
 from deepcad_chunked.infer.predict import default_halo
@@ -68,11 +69,21 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int
     return best, out
 
 
-def forward_rows(features: int, core: tuple[int, ...], halo: int, device: torch.device,
-                 compile_best: bool, repeats: int) -> list[dict]:
-    """Part 1: one row per forward × layout × precision (and compiled bests)."""
+def network(features: int, bypass: tuple[int, int, int] | None) -> UNet3D:
+    """A seeded random network; with a bypass, its last layer made non-zero as training makes
+    it (a fresh one is zero: the output would be the bypass alone)."""
     torch.manual_seed(0)
-    model = UNet3D(features).to(device).eval()
+    model = UNet3D(features, bypass=bypass)
+    if bypass is not None:
+        torch.nn.init.normal_(model.final.weight, std=0.05)
+    return model
+
+
+def forward_rows(features: int, bypass: tuple[int, int, int] | None, core: tuple[int, ...],
+                 halo: int, device: torch.device, compile_best: bool, repeats: int
+                 ) -> list[dict]:
+    """Part 1: one row per forward × layout × precision (and compiled bests)."""
+    model = network(features, bypass).to(device).eval()
     shape = tuple(c + 2 * halo for c in core)
     x = torch.randn(1, 1, *shape, device=device)
     inner = (0, 0, *(slice(halo, halo + c) for c in core))
@@ -132,8 +143,8 @@ def forward_rows(features: int, core: tuple[int, ...], halo: int, device: torch.
     return rows
 
 
-def end_to_end(frames: int, size: int, features: int, work: Path, device: str,
-               compare: int) -> dict:
+def end_to_end(frames: int, size: int, features: int, bypass: tuple[int, int, int] | None,
+               work: Path, device: str, compare: int) -> dict:
     """Part 3: ``denoise`` Zarr → Zarr at default settings on a local GPU cluster."""
     from distributed import Client, LocalCluster
 
@@ -142,8 +153,7 @@ def end_to_end(frames: int, size: int, features: int, work: Path, device: str,
     tifffile.imwrite(tif, (pool[t % 64] for t in range(frames)), shape=(frames, size, size),
                      dtype=np.uint16, photometric="minisblack", bigtiff=True)
     store = convert(tif, work / "rec.zarr", progress=False).path
-    torch.manual_seed(0)
-    model = Checkpoint(model_state=UNet3D(features).state_dict(), features=features,
+    model = Checkpoint(model_state=network(features, bypass).state_dict(), features=features,
                        normalization={"mean": float(pool.mean()),
                                       "std": float(pool.std())}).save(work / "m.pt")
     kind = "LocalCluster (CPU)"
@@ -198,6 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--bypass", default=",".join(map(str, BYPASS_KERNEL)),
+                        metavar="T,Y,X|none", help="the network's linear bypass (default: "
+                        "training's; none: DeepCAD-RT's network as published)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
@@ -209,15 +222,16 @@ def main() -> None:
         sys.exit("gpu.py: no CUDA device is visible (use --dry-run to check the script)")
     device = torch.device("cpu" if dry else "cuda")
     features = 2 if dry else args.features
+    bypass = None if args.bypass == "none" else tuple(int(k) for k in args.bypass.split(","))
     halo = 8 if dry else default_halo()
     core = (16, 32, 32) if dry else DEFAULT_BLOCKS["cuda"]
     size, frames = (64, 40) if dry else (512, args.frames)
     name = ("CPU dry run" if dry else torch.cuda.get_device_name(0))
-    lines = [f"{machine()}; {name}; torch {torch.__version__}; f = {features}, block "
-             f"{'×'.join(map(str, core))} + halo {halo}", "",
+    lines = [f"{machine()}; {name}; torch {torch.__version__}; f = {features}, bypass "
+             f"{args.bypass}, block {'×'.join(map(str, core))} + halo {halo}", "",
              "| forward | layout | precision | compiled | ms/pass | 512² frames/s | "
              "GPU B/voxel | error ÷ range vs fp32 |", "|---|---|---|---|---|---|---|---|"]
-    rows = forward_rows(features, core, halo, device, not (dry or args.no_compile),
+    rows = forward_rows(features, bypass, core, halo, device, not (dry or args.no_compile),
                         1 if dry else args.repeats)
     for r in rows:
         head = f"| {r['forward']} | {r['layout']} | {r['precision']} | {r['compiled']} |"
@@ -242,7 +256,7 @@ def main() -> None:
                   f"{network_voxels(long, DEFAULT_BLOCKS['cuda'], halo) / math.prod(long):.2f})"]
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
-        e2e = end_to_end(frames, size, features, work, device.type,
+        e2e = end_to_end(frames, size, features, bypass, work, device.type,
                          compare=min(frames, 32 if dry else 96))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,7 @@ import torch
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import DenoiseConfig, denoise, predict_array
+from deepcad_chunked.config import BYPASS_KERNEL
 from deepcad_chunked.infer import denoise_dask
 from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint, load_model
@@ -23,12 +24,16 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
-@pytest.fixture(scope="module")
-def model16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DeepCAD-RT's f = 16 network with seeded random weights."""
+@pytest.fixture(scope="module", params=[None, BYPASS_KERNEL], ids=["plain", "bypass"])
+def model16(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepCAD-RT's f = 16 network with seeded random weights, and the same with training's
+    linear bypass (inference computes it by FFT on the GPU too)."""
     torch.manual_seed(0)
+    model = UNet3D(16, bypass=request.param)
+    if request.param is not None:  # a trained network's last layer is not the fresh zero one
+        torch.nn.init.normal_(model.final.weight, std=0.05)
     path = tmp_path_factory.mktemp("model") / "f16.pt"
-    return Checkpoint(model_state=UNet3D(16).state_dict(), features=16,
+    return Checkpoint(model_state=model.state_dict(), features=16,
                       normalization={"mean": 100.0, "std": 20.0}).save(path)
 
 
