@@ -18,8 +18,10 @@ import numpy as np
 import psutil
 import tifffile
 
-from deepcad_chunked import TrainConfig, load_model, train
+from deepcad_chunked import TrainConfig, convert, load_model, train
+from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.infer.predict import default_halo, predict_array
+from deepcad_chunked.simulate import simulate
 
 
 def machine() -> str:
@@ -150,6 +152,15 @@ def denoise_in_memory(model_path: Path, raw: np.ndarray, piece: int = 200) -> np
         a, b = max(0, start - halo), min(len(raw), stop + halo)
         out[start:stop] = predict_array(model, raw[a:b])[start - a:stop - a]
     return out
+
+
+def demo_recording(work: Path, photons: float) -> tuple[Any, Path, np.ndarray]:
+    """The demo's simulated recording (1200×128², seed 0) at ``photons`` per pixel and frame:
+    its files (raw, clean, truth), the converted store, and the raw frames in memory."""
+    files = simulate(work / "sim", SimulationConfig(frames=1200, size=(128, 128),
+                                                    photons=photons, seed=0))
+    rec = convert(files.raw, work / "sim.zarr", workers=1, progress=False).path
+    return files, rec, tifffile.imread(files.raw)
 
 
 def train_for(rec: Path, run: Path, options: dict[str, Any], seconds: float) -> tuple[Path, int,

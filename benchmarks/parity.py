@@ -24,12 +24,9 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from _common import denoise_in_memory, machine, train_for
+from _common import demo_recording, denoise_in_memory, machine, train_for
 
-from deepcad_chunked import convert
-from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.metrics import score
-from deepcad_chunked.simulate import simulate
 
 #: Trained settings: the demo's, and DeepCAD-RT's network (no bypass) at the same budget.
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
@@ -58,10 +55,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-parity-"))
     try:
-        files = simulate(work / "sim", SimulationConfig(frames=1200, size=(128, 128),
-                                                        photons=args.photons, seed=0))
-        rec = convert(files.raw, work / "sim.zarr", workers=1, progress=False).path
-        raw = tifffile.imread(files.raw)
+        files, rec, raw = demo_recording(work, args.photons)
         print(f"# machine: {machine()}")
         print(f"# demo recording (1200×128², {args.photons:g} photon/px/frame); "
               f"{args.seconds:.0f} s of training per setting and training seed\n")

@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import tifffile
-from _common import denoise_in_memory, machine, train_for
+from _common import demo_recording, denoise_in_memory, machine, train_for
 
-from deepcad_chunked import convert
-from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.metrics import score
-from deepcad_chunked.simulate import simulate
 
 #: The demo's training before this benchmark (f = 8, constant lr 3e-4, DeepCAD's L1+L2 loss).
 BASE: dict[str, Any] = {"features": 8, "lr": 3e-4, "schedule": "constant", "loss": "l1+l2",
@@ -75,10 +72,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-budget-"))
     try:
-        files = simulate(work / "sim", SimulationConfig(frames=1200, size=(128, 128),
-                                                        photons=args.photons, seed=0))
-        rec = convert(files.raw, work / "sim.zarr", workers=1, progress=False).path
-        raw = tifffile.imread(files.raw)
+        files, rec, raw = demo_recording(work, args.photons)
         print(f"# machine: {machine()}")
         print(f"# demo recording (1200×128², {args.photons:g} photon/px/frame); "
               f"{args.seconds:.0f} s of training per setting, 2 loader workers, seed 0\n")
