@@ -163,6 +163,15 @@ def demo_recording(work: Path, photons: float) -> tuple[Any, Path, np.ndarray]:
     return files, rec, tifffile.imread(files.raw)
 
 
+def parity_streams(model_path: Path, raw: np.ndarray) -> np.ndarray:
+    """Even and odd frames denoised as two separate half-rate recordings, interleaved back
+    (the rate the network trained at; see ``parity.py``)."""
+    out = np.empty(raw.shape, np.float32)
+    for parity in (0, 1):
+        out[parity::2] = denoise_in_memory(model_path, raw[parity::2])
+    return out
+
+
 def train_for(rec: Path, run: Path, options: dict[str, Any], seconds: float) -> tuple[Path, int,
                                                                                      float]:
     """Train ``options`` for about ``seconds``; (last checkpoint, steps, minutes taken).

@@ -1,7 +1,8 @@
 """Downstream: Suite2p's neuron detection on raw, Gaussian-filtered and denoised simulations.
 
 Usage: python benchmarks/detection.py [--photons 0.3 1] [--frames 1200] [--size 128]
-       [--iou 0.5] [--thresholds 1]   (needs the [eval] extra: pip install 'deepcad-chunked[eval]')
+       [--iou 0.5] [--thresholds 1] [--half-rate]
+       (needs the [eval] extra: pip install 'deepcad-chunked[eval]')
 
 For each photon level: ``simulate`` (seed 0) → ``run`` with the demo's training budget (convert,
 train, denoise on a LocalCluster, float32 output) → the best 3D Gaussian filter (chosen by its
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from _common import machine
+from _common import machine, parity_streams
 from scipy import ndimage
 
 from deepcad_chunked.config import DenoiseConfig, SimulationConfig
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--iou", type=float, default=0.5)
     parser.add_argument("--diameter", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--half-rate", action="store_true",
+                        help="also score the denoised recording averaged with the network's "
+                        "pass over the even and odd frames as half-rate streams (parity.py)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1.0],
                         help="Suite2p threshold_scaling values; the best F1 is kept")
     args = parser.parse_args()
@@ -93,6 +97,14 @@ def main() -> None:
                     snr["denoised"]),
                 "noise-free (ceiling)": (tifffile.imread(files.clean), float("inf")),
             }
+            if args.half_rate:
+                full = movies[f"denoised ({minutes:.1f} min)"][0]
+                mean = (full + parity_streams(out.model, raw)) / 2
+                tifffile.imwrite(work / "mean.tif", mean, photometric="minisblack")
+                db = score(work / "mean.tif", files.clean, footprints=files.truth)["rows"][0]
+                movies = {**dict(list(movies.items())[:3]),
+                          "denoised, mean with half-rate streams": (mean, db["snr_db"]),
+                          **dict(list(movies.items())[3:])}
             truth = load_truth(files.truth)
             true = footprint_masks(truth.footprints, raw.shape[1:])
             spikes = spike_counts(truth.config).T

@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tifffile
-from _common import demo_recording, denoise_in_memory, machine, train_for
+from _common import demo_recording, denoise_in_memory, machine, parity_streams, train_for
 
 from deepcad_chunked.metrics import score
 
@@ -35,14 +34,6 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("no bypass (f 8, L2, average)", {"features": 8, "loss": "l2", "average": 0.99,
                                       "bypass": None}),
 ]
-
-
-def parity_streams(model: Path, raw: np.ndarray) -> np.ndarray:
-    """Even and odd frames denoised as two separate half-rate recordings, interleaved back."""
-    out = np.empty(raw.shape, np.float32)
-    for parity in (0, 1):
-        out[parity::2] = denoise_in_memory(model, raw[parity::2])
-    return out
 
 
 def main() -> None:
