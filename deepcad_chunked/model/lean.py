@@ -25,6 +25,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from scipy.fft import next_fast_len
 
 from deepcad_chunked.model.unet3d import UNet3D, check_grid
 
@@ -55,18 +56,6 @@ def folded_weights(weight: torch.Tensor) -> dict[tuple[int, int, int], torch.Ten
             for a, b, c in itertools.product((0, 1), repeat=3)}
 
 
-def _fast_size(n: int) -> int:
-    """The smallest 5-smooth number (factors 2, 3 and 5 only) at least ``n``: a fast FFT."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
 def fft_convolve(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``conv3d(x, weight, padding=k // 2)`` for one channel in and out, computed by FFT.
 
@@ -82,7 +71,8 @@ def fft_convolve(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     kernel = weight.shape[-3:]
     size = x.shape[-3:]
-    padded = [_fast_size(n + k - 1) for n, k in zip(size, kernel, strict=True)]
+    # each axis padded to a 5-smooth length (factors 2, 3, 5 only), where the FFT is fast
+    padded = [next_fast_len(n + k - 1, real=True) for n, k in zip(size, kernel, strict=True)]
     dims = (-3, -2, -1)
     spectrum = torch.fft.rfftn(x.float(), s=padded, dim=dims)
     spectrum *= torch.fft.rfftn(torch.flip(weight.float(), dims), s=padded, dim=dims)

@@ -331,10 +331,11 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     newest = _newest_checkpoint(run_dir) if resume else None
     if newest is not None:
         ckpt = Checkpoint.load(newest, map_location=device)
-        changed = [k for k in (*_RESUME_KEYS, "data", "normalization")
-                   if ckpt.config.get(k, _OLD_DEFAULTS.get(k)) != record[k]]
+        trained = {k: ckpt.config.get(k, _OLD_DEFAULTS.get(k))
+                   for k in (*_RESUME_KEYS, "data", "normalization")}
+        changed = [k for k, v in trained.items() if v != record[k]]
         if changed:
-            was = ckpt.config.get("bypass", _OLD_DEFAULTS["bypass"])
+            was = trained["bypass"]
             kernel = "none" if was is None else ",".join(map(str, was))
             hint = f" (it was trained with --bypass {kernel})" if "bypass" in changed else ""
             raise DeepCADError(f"cannot resume {run_dir}: its checkpoint was trained with "
