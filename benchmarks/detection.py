@@ -87,24 +87,20 @@ def main() -> None:
             best = s["best_gaussian"]
             sigma = [float(v.split("=")[1]) for v in best.removeprefix("gaussian ").split()]
             raw = tifffile.imread(files.raw).astype(np.float32)
+            denoised = Frames(out.denoised).read(0, args.frames).astype(np.float32)
             movies = {
                 "raw": (raw, snr["raw"]),
                 f"Gaussian ({best.removeprefix('gaussian ')})": (
                     ndimage.gaussian_filter(raw, (sigma[0], sigma[1], sigma[1]),
                                             mode="reflect"), snr[best]),
-                f"denoised ({minutes:.1f} min)": (
-                    Frames(out.denoised).read(0, args.frames).astype(np.float32),
-                    snr["denoised"]),
-                "noise-free (ceiling)": (tifffile.imread(files.clean), float("inf")),
+                f"denoised ({minutes:.1f} min)": (denoised, snr["denoised"]),
             }
             if args.half_rate:
-                full = movies[f"denoised ({minutes:.1f} min)"][0]
-                mean = (full + parity_streams(out.model, raw)) / 2
+                mean = (denoised + parity_streams(out.model, raw)) / 2
                 tifffile.imwrite(work / "mean.tif", mean, photometric="minisblack")
                 db = score(work / "mean.tif", files.clean, footprints=files.truth)["rows"][0]
-                movies = {**dict(list(movies.items())[:3]),
-                          "denoised, mean with half-rate streams": (mean, db["snr_db"]),
-                          **dict(list(movies.items())[3:])}
+                movies["denoised, mean with half-rate streams"] = (mean, db["snr_db"])
+            movies["noise-free (ceiling)"] = (tifffile.imread(files.clean), float("inf"))
             truth = load_truth(files.truth)
             true = footprint_masks(truth.footprints, raw.shape[1:])
             spikes = spike_counts(truth.config).T
