@@ -21,10 +21,12 @@ from deepcad_chunked.cli.live import add_follow
 from deepcad_chunked.cli.options import (
     SOURCES_HELP,
     add_cluster_options,
+    add_raw_options,
     add_source_options,
     cluster_of,
     kernel,
     put_kernel,
+    raw_layout,
     shard,
     size,
     source_options,
@@ -225,7 +227,10 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
                        "(TIFF, HDF5, NWB, Suite2p plane): what convert would read from it.")
     p.add_argument("path", metavar="PATH", help="OME-Zarr store, Zarr array or source file")
     _add_axes(p)
+    p.add_argument("--verify", action="store_true", help="read every chunk of a store and "
+                   "list those that are missing or damaged (exit 1 if any)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_raw_options(p)
     p.set_defaults(run=_run_info)
 
 
@@ -233,7 +238,11 @@ def _run_info(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.info import describe, is_source_file
 
     if is_source_file(args.path):
+        if args.verify:
+            raise DeepCADError(f"{args.path} is a source file; --verify checks a store")
         return _print_source(args)
+    if args.verify:
+        return _verify(args)
     info = describe(args.path, axes=args.axes)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -271,6 +280,23 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from deepcad_chunked.io.info import verify_store
+
+    report = verify_store(args.path, axes=args.axes)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for problem in report["damaged"]:
+            print(f"frames {problem['frames']}: {problem['why']}")
+        print(f"{report['path']}: {report['frames']} frames in {report['rows']} chunk rows "
+              f"read; " + (f"{len(report['damaged'])} damaged" if report["damaged"]
+                           else "every chunk is there and decodes"
+                           + ("" if report["checksums"] else
+                              " (this store has no checksums: changed bytes may go unseen)")))
+    return EXIT_ERROR if report["damaged"] else 0
+
+
 def _print_rows(rows: list[tuple[str, str]]) -> None:
     """``key  value`` lines, the values aligned."""
     width = max(len(k) for k, _ in rows)
@@ -281,7 +307,7 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 def _print_source(args: argparse.Namespace) -> int:
     from deepcad_chunked.io.info import describe_source
 
-    info = describe_source(args.path)
+    info = describe_source(args.path, raw_layout(args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -171,6 +171,11 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
                    help="frames per second, overriding the files' metadata")
     p.add_argument("--pixel-size", type=float, metavar="UM",
                    help="pixel size in µm, overriding the files' metadata")
+    add_raw_options(p)
+
+
+def add_raw_options(p: argparse.ArgumentParser) -> None:
+    """The layout of raw binary sources: ``--raw-shape``, ``--raw-dtype``, … ."""
     raw = p.add_argument_group("raw binary sources (files without a header)")
     raw.add_argument("--raw-shape", metavar="T,Y,X",
                      help="frames, height, width; T = auto takes as many frames as each file "
@@ -186,6 +191,12 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 def source_options(args: argparse.Namespace) -> dict[str, Any]:
     """``frame_rate``, ``pixel_size`` and ``raw`` of a ConvertConfig, from the options of
     :func:`add_source_options`."""
+    return {"frame_rate": args.frame_rate, "pixel_size": args.pixel_size,
+            "raw": raw_layout(args)}
+
+
+def raw_layout(args: argparse.Namespace) -> Any:
+    """The RawLayout of :func:`add_raw_options`, or None when ``--raw-shape`` is not given."""
     from deepcad_chunked.config import RawLayout
 
     given = {k: getattr(args, f"raw_{k}") for k in ("dtype", "order", "offset")
@@ -202,4 +213,4 @@ def source_options(args: argparse.Namespace) -> dict[str, Any]:
         except argparse.ArgumentTypeError as exc:
             raise DeepCADError(f"--raw-shape: {exc}") from None
         layout = RawLayout.build(shape=shape, **given)
-    return {"frame_rate": args.frame_rate, "pixel_size": args.pixel_size, "raw": layout}
+    return layout

@@ -20,6 +20,15 @@ class StoreError(DeepCADError):
     """A Zarr store is missing, not a deepcad-chunked recording, or incomplete."""
 
 
+class DamagedStoreError(StoreError):
+    """A store's chunks are missing or do not decode, or its metadata disagrees with what was
+    written: its data cannot be trusted. ``detail`` says what is wrong in a few words."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
 class IncompleteStoreError(StoreError):
     """A store exists but its completion flag was never written."""
 

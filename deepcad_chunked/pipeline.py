@@ -27,6 +27,7 @@ from deepcad_chunked.config import (
 )
 from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.io import convert, export, open_recording
+from deepcad_chunked.io.convert import stale_sources
 from deepcad_chunked.io.lifecycle import check_disjoint, open_folder, remove_store
 from deepcad_chunked.io.location import is_url
 from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
@@ -112,12 +113,14 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
                 remove_store(path, command="run --overwrite")
         with connect(cluster, workers=workers) as client:
             if _complete(store):
-                converted = list(dict.fromkeys(
-                    s["path"] for s in open_recording(store).attrs["provenance"]["sources"]))
-                if converted != open_sources(specs, raw).paths:
-                    raise OutputExistsError(f"{store} was converted from other files; pass "
-                                            "--overwrite to start again")
-                log.info("%s is already converted", store)
+                stale = stale_sources(open_recording(store), open_sources(specs, raw))
+                if stale is not None:
+                    raise OutputExistsError(
+                        f"{store} no longer matches its sources: {stale}; pass --overwrite to "
+                        "convert, train and denoise again (it replaces recording.zarr, "
+                        "model/, denoised.zarr" + (" and denoised.ome.tif" if exported.exists()
+                                                   else "") + ")")
+                log.info("%s is already converted from the same, unchanged files", store)
             else:
                 convert(specs, store, config=convert_config, cluster=client, progress=progress)
             result = _train(store, run_dir, train_config, progress,

@@ -53,6 +53,7 @@ from deepcad_chunked.infer.predict import (
 )
 from deepcad_chunked.io.convert import create_recording, resolve_chunks
 from deepcad_chunked.io.growing import STOP_FILE, FolderWatch
+from deepcad_chunked.io.integrity import open_array
 from deepcad_chunked.io.lifecycle import (
     LOCK_NAME,
     StoreJob,
@@ -143,7 +144,7 @@ def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
 
     Returns ``(start, stop, time stored, (raw, denoised) of its last frame or None)``.
     """
-    source = zarr.open_array(f"{task.recording}/{ARRAY_PATH}", mode="r")
+    source = open_array(f"{task.recording}/{ARRAY_PATH}", strict=False)
     m = task.stop - task.start
     span = m + (-m % 8) + 2 * task.halo
     t = mirror_indices(task.known, task.halo)[task.start:task.start + span]
@@ -510,7 +511,7 @@ class _Run:
             norm = dict(self.ckpt.normalization)
             if norm["mean"] == RECORDING_MEAN:
                 count = min(frames, self.config.block_frames + self.halo)
-                array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r")
+                array = open_array(self.rec_path / ARRAY_PATH, strict=False)
                 recording_mean = float(np.asarray(array[:count]).mean(dtype=np.float64))
                 log.info("the model subtracts the recording's mean: using that of the first "
                          "%d frames, %.6g", count, recording_mean)

@@ -347,7 +347,8 @@ def _interrupted_conversion(src: Path, out: Path) -> None:
 
 @pytest.mark.parametrize("frames, words", [
     # the first frames: the file's sampled bytes differ, its identity is another
-    (slice(0, 2), ("unfinished 'convert' run with other sources (rec.tif changed since)",)),
+    (slice(0, 2), ("unfinished 'convert' run with other sources",
+                   "(rec.tif changed since (rewritten")),
     # frames already converted, past the sampled bytes: found by comparing them
     (slice(12, 14), ("changed since the unfinished conversion", "frames 12–13 differ")),
 ], ids=["head", "middle"])

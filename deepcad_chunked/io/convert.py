@@ -32,6 +32,7 @@ from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.io.lifecycle import (
     StoreJob,
     check_disjoint,
+    describe_change,
     now,
     open_store,
     writing,
@@ -128,15 +129,47 @@ def resolve_shards(setting: tuple[int, int, int] | str, chunks: tuple[int, ...],
     return (chunks[0] * k, *chunks[1:-2], sy, sx)
 
 
+def source_identity(part: Part) -> dict[str, Any]:
+    """What identifies one source of a conversion: its file, series, size, modification time
+    and the digest of its ends, and those of the files it links to (when it has any)."""
+    entry: dict[str, Any] = {"path": part.path, "series": part.series, "size": part.size,
+                             "mtime_ns": part.mtime_ns, "sample": part.sample}
+    if part.linked:
+        entry["linked"] = [{"path": name, "size": st.size, "mtime_ns": st.mtime_ns,
+                            "sample": st.sample} for name, st in part.linked]
+    return entry
+
+
 def _identity(plan: SourcePlan, shape: tuple[int, ...], chunks: tuple[int, ...],
               shards: tuple[int, ...] | None, config: ConvertConfig) -> dict[str, Any]:
     return {
-        "sources": [{"path": s.path, "series": s.series, "size": s.size,
-                     "mtime_ns": s.mtime_ns, "sample": s.sample} for s in plan.sources],
+        "sources": [source_identity(s) for s in plan.sources],
         "shape": list(shape), "chunks": list(chunks),
         "shards": list(shards) if shards else None, "dtype": plan.first.dtype,
         "zarr_format": config.zarr_format, "compression": config.compression.model_dump(),
     }
+
+
+def stale_sources(rec: Recording, plan: SourcePlan) -> str | None:
+    """How the sources of a finished conversion differ from what it converted, in words
+    (``rec.tif changed since (4096 → 8192 bytes)``), or None when they are the same files,
+    unchanged (same size, modification time and sampled bytes, and the same for the files
+    they link to).
+    """
+    job = rec.attrs.get("job") or {}
+    then = (job.get("identity") or {}).get("sources") if job.get("command") == "convert" \
+        else None
+    if then is None:  # written by follow, or before jobs were recorded: compare the files
+        files = list(dict.fromkeys(s["path"] for s in
+                                   (rec.attrs.get("provenance") or {}).get("sources") or []))
+        return None if files == plan.paths else "it was converted from other files"
+    now = [source_identity(s) for s in plan.sources]
+    if [e["path"] for e in then] != [e["path"] for e in now]:
+        return "it was converted from other files"
+    for old, new in zip(then, now, strict=True):
+        if old != new:
+            return describe_change(old, new)
+    return None
 
 
 def scales(meta: PhysicalMetadata, frame_rate: float | None,
@@ -200,7 +233,7 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path | Rem
     output = resolve(output)
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
     plan = open_sources(named, config.raw)
-    files = [Path(p) for p in plan.paths if not is_url(p)]
+    files = [Path(p) for p in plan.files if not is_url(p)]
     # the folders named as sources are inputs too: the output may not lie inside them
     folders = [Path(s).expanduser() for s in named
                if not is_url(str(s)) and Path(s).expanduser().is_dir()]
@@ -251,7 +284,7 @@ def convert(sources: str | Path | Sequence[str | Path], output: str | Path | Rem
 
 def _save_states(job: StoreJob, plan: SourcePlan) -> None:
     """Record each source file's state (inode, status-change time) for a later resume."""
-    states = {p: file_state(p) for p in plan.paths if not is_url(p)}
+    states = {p: file_state(p) for p in plan.files if not is_url(p)}
     with writing(job.path):
         (job.progress / SOURCE_STATES).write_text(json.dumps(states))
 
@@ -271,12 +304,12 @@ def _check_sources_since(client: Client, job: StoreJob, plan: SourcePlan,
         before = json.loads((job.progress / SOURCE_STATES).read_text())
     except (OSError, ValueError):
         before = {}
-    changed = [p for p in plan.paths if not is_url(p) and before.get(p) != file_state(p)]
+    changed = [p for p in plan.files if not is_url(p) and before.get(p) != file_state(p)]
     if not changed:
         return
     done = sorted(int(m.stem) for m in job.progress.glob("*.npz"))
     suspect = [s for s in done
-               if any(part.path in changed for part in plan.parts_of(
+               if any(set(part.files) & set(changed) for part in plan.parts_of(
                    s * slab_frames, min(plan.frames, (s + 1) * slab_frames)))]
     log.info("%s changed on disk since the conversion started; checking the %d slabs "
              "already converted from it against the file", Path(changed[0]).name, len(suspect))

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 import zarr
 
 from deepcad_chunked.errors import StoreError
+from deepcad_chunked.io.integrity import open_array
 from deepcad_chunked.io.location import StorePath, list_files, write_atomic
 from deepcad_chunked.io.omezarr import read_slabs
 from deepcad_chunked.io.stats import BlockStats
@@ -134,11 +134,10 @@ class Found:
     attrs: dict[str, Any]
 
 
-def _open_array(path: StorePath) -> zarr.Array:
+def _open_array(path: StorePath, label: str) -> zarr.Array:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return zarr.open_array(str(path), mode="r")
+        # another tool may leave out chunks that hold only its fill value: not strict
+        return open_array(path, strict=False, label=label)
     except Exception as exc:
         raise StoreError(f"{path}: its array cannot be opened ({exc})") from None
 
@@ -173,7 +172,7 @@ def inspect(path: StorePath, attrs: dict[str, Any], axes: tuple[str, ...] | None
     ms = multiscales(attrs)
     if ms is not None:
         level = str(ms["datasets"][0].get("path", "0"))
-        array = _open_array(path / level)
+        array = _open_array(path / level, label=str(path))
         found = _axis_names(ms.get("axes") or [])
         if axes is not None and found and axes != found:
             raise StoreError(f"{path} says its axes are {''.join(found)}, not "
@@ -190,7 +189,7 @@ def inspect(path: StorePath, attrs: dict[str, Any], axes: tuple[str, ...] | None
                  for a, e in zip(axes, ms.get("axes") or [{}] * len(axes), strict=True)}
     elif any((path / m).is_file() for m in (".zarray",)) or _node_type(path) == "array":
         level = ""
-        array = _open_array(path)
+        array = _open_array(path, label=str(path))
         axes = axes or _array_axes(array)
         if axes is None:
             raise StoreError(f"{path} is a Zarr array whose axes are unknown; give them with "

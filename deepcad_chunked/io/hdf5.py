@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,14 +154,25 @@ def open_spec(spec: str, suffixes: Iterable[str]
 
 
 def datasets_3d(handle: Any) -> list[str]:
-    """Paths of the file's datasets of three dimensions, in file order."""
+    """Paths of the file's datasets of three dimensions, in file order, those reached through
+    soft or external links included (groups are entered through hard links only)."""
+    module = h5py()
     found: list[str] = []
 
-    def visit(name: str, obj: Any) -> None:
-        if getattr(obj, "ndim", None) == 3 and obj.dtype.kind in "uif":
-            found.append("/" + name)
+    def walk(group: Any, prefix: str) -> None:
+        for key in group:
+            link = group.get(key, getlink=True)
+            try:
+                obj = group.get(key)
+            except (KeyError, OSError):
+                obj = None  # a link to nothing
+            if isinstance(obj, module.Group):
+                if isinstance(link, module.HardLink):
+                    walk(obj, f"{prefix}{key}/")
+            elif getattr(obj, "ndim", None) == 3 and obj.dtype.kind in "uif":
+                found.append(f"/{prefix}{key}")
 
-    handle.visititems(visit)
+    walk(handle, "")
     return found
 
 
@@ -186,16 +198,63 @@ def describe(path: str, state: FileState, handle: Any, dataset: str, *, kind: st
     height, width = (b, a) if transposed else (a, b)
     if min(frames, height, width) < 1:
         raise SourceError(f"{where} is empty (shape {tuple(obj.shape)})")
-    part = Hdf5Source(path=path, **state.fields(), series=obj.name, kind=kind,
+    linked = tuple((name, FileState.of(name)) for name in linked_files(path, obj))
+    part = Hdf5Source(path=path, **state.fields(), series="/" + dataset.lstrip("/"), kind=kind,
                       dtype=np.dtype(obj.dtype).newbyteorder("=").str, frames=frames,
                       height=height, width=width, transposed=transposed,
-                      metadata=metadata or _metadata(handle, obj))
+                      metadata=metadata or _metadata(handle, obj), linked=linked)
     try:  # a missing filter or a truncated file shows at the first read, not at opening
         obj[0, :1, :1]
         obj[frames - 1, -1:, -1:]
     except (OSError, ValueError, RuntimeError) as exc:
         raise SourceError(_read_error(part, exc)) from None
     return part
+
+
+def linked_files(path: str, obj: Any) -> list[str]:
+    """The other files whose bytes a dataset's reads take: the file an external link led
+    into, the sources of a virtual dataset, the files of external raw storage. HDF5 reads
+    a missing one as fill values without a word, so each must be there.
+
+    Raises
+    ------
+    SourceError
+        When one is missing, lacks the dataset the mapping names, or is named by a pattern,
+        or a virtual dataset is read over HTTP.
+    """
+    where = f"{path}:{obj.name}"
+    own = str(obj.file.filename)
+    found: list[str] = []
+    if not is_http(path) and os.path.realpath(own) != os.path.realpath(path):
+        found.append(os.path.abspath(own))  # an external link led into another file
+    base = os.path.dirname(os.path.abspath(own))
+    if obj.is_virtual:
+        if is_http(path):
+            raise SourceError(f"{where} is a virtual dataset, whose source files cannot be "
+                              "read over HTTP; download the files and convert them locally")
+        for mapping in obj.virtual_sources():
+            name = mapping.file_name
+            if name == ".":
+                continue
+            if "%" in name:
+                raise SourceError(f"{where} is a virtual dataset whose sources are named by a "
+                                  f"pattern ({name}); name its files directly")
+            full = os.path.normpath(os.path.join(base, name))
+            if not os.path.isfile(full):
+                raise SourceError(f"{where} is a virtual dataset reading from {full}, which "
+                                  "does not exist (HDF5 would give its frames as zeros)")
+            with open_file(full) as source:
+                if mapping.dset_name not in source:
+                    raise SourceError(f"{where} is a virtual dataset reading "
+                                      f"{full}:{mapping.dset_name}, which is not there (HDF5 "
+                                      "would give its frames as zeros)")
+            found.append(full)
+    for name, _, _ in obj.external or ():
+        full = os.path.normpath(os.path.join(base, os.fsdecode(name)))
+        if not os.path.isfile(full):
+            raise SourceError(f"{where} stores its samples in {full}, which does not exist")
+        found.append(full)
+    return list(dict.fromkeys(found))
 
 
 def _number(value: Any) -> float | None:

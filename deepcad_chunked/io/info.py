@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepcad_chunked.io.integrity import has_checksums, verify
 from deepcad_chunked.io.location import RemotePath, list_files, resolve
 from deepcad_chunked.io.omezarr import open_recording
 
@@ -73,6 +74,36 @@ def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str
     }
 
 
+def verify_store(path: str | Path | RemotePath, axes: str | None = None) -> dict[str, Any]:
+    """Read every chunk of a complete store and report those missing or damaged.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store (ours: a missing chunk is damage; another tool's: only chunks that do not
+        decode are).
+    axes : str, optional
+        Axis names of a plain Zarr array that does not name them.
+
+    Returns
+    -------
+    dict
+        ``path``, ``frames``, ``rows`` (chunk rows read), ``checksums`` (whether its chunks
+        carry them) and ``damaged``: one ``{"frames", "why"}`` per row that failed.
+
+    Raises
+    ------
+    StoreError
+        When the store cannot be opened, is incomplete, or its metadata is damaged.
+    """
+    rec = open_recording(path, axes=axes)
+    found = verify(rec.array)
+    unit = (rec.shards or rec.chunks)[0]
+    return {"path": str(rec.path), "frames": rec.shape[0], "rows": -(-rec.shape[0] // unit),
+            "checksums": has_checksums(rec.array),
+            "damaged": [{"frames": d.frames, "why": d.why} for d in found]}
+
+
 def is_source_file(path: str | Path) -> bool:
     """Whether ``path`` names a source (a file, a file's member, an ``http(s)`` URL or a
     Suite2p plane) rather than a store."""
@@ -117,7 +148,7 @@ def describe_source(path: str | Path, raw: RawLayout | None = None) -> dict[str,
     return {
         "path": str(path),
         "source_format": first.kind,
-        "files": plan.paths,
+        "files": plan.files,
         "member": first.series if isinstance(first.series, str) and first.kind in (
             "hdf5", "nwb") else None,
         "axes": list(first.axes),

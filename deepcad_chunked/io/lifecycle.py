@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import zarr
+
 from deepcad_chunked.errors import OutputExistsError, StoreError
 from deepcad_chunked.io.location import RemotePath, StorePath, resolve, rmtree
 from deepcad_chunked.io.lock import WriterLock, lock_path
 from deepcad_chunked.io.omezarr import (
+    ARRAY_PATH,
     ATTRS_KEY,
     is_zarr_store,
     read_group_attrs,
@@ -251,12 +254,15 @@ class StoreJob:
             pin.verify()
 
     def finalise(self, **attrs: Any) -> None:
-        """Check the lock and the pinned inputs, write ``attrs``, the completion time and the
-        completion flag (last), and remove the progress markers."""
+        """Check the lock and the pinned inputs, write ``attrs``, the completion time, the
+        array's shape (which readers compare with its metadata) and the completion flag
+        (last), and remove the progress markers."""
         self.check()
         provenance = {**(self.attrs.get("provenance") or {}), "completed": now()}
+        shape = list(zarr.open_array(str(self.path / ARRAY_PATH), mode="r").shape)
         with writing(self.path):
-            update_attrs(self.path, **attrs, provenance=provenance, complete=True)
+            update_attrs(self.path, **attrs, provenance=provenance, shape=shape,
+                         complete=True)
         rmtree(self.path / PROGRESS_DIR)
 
     def remove_partial_writes(self) -> None:
@@ -298,12 +304,36 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
         if isinstance(a, list) and isinstance(b, list) and all(
                 isinstance(e, dict) and "path" in e for e in (*a, *b)):
             before = {e["path"]: e for e in a}
-            changed = [e["path"] for e in b if before.get(e["path"]) not in (None, e)]
+            changed = [e for e in b if before.get(e["path"]) not in (None, e)]
             if changed and len(a) == len(b):
-                words.append(f"{key} ({Path(changed[0]).name} changed since)")
+                what = describe_change(before[changed[0]["path"]], changed[0])
+                words.append(f"{key} ({what})")
                 continue
         words.append(key)
     return ", ".join(words) or "inputs or options"
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Words for how an input file changed, from its identity then and now (``path``,
+    ``size``, ``mtime_ns``, ``sample``, and ``linked``: the same for the files it reads
+    through links): ``rec.tif changed since (4096 → 8192 bytes)``."""
+    before = {e["path"]: e for e in old.get("linked") or []}
+    for entry in new.get("linked") or []:
+        if before.get(entry["path"]) != entry:
+            then = before.get(entry["path"])
+            return (f"{Path(entry['path']).name} (read through {Path(new['path']).name}) "
+                    f"{_how(then, entry)}")
+    if len(before) != len(new.get("linked") or []):
+        return f"the files {Path(new['path']).name} links to changed since"
+    return f"{Path(new['path']).name} {_how(old, new)}"
+
+
+def _how(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    if old is None:
+        return "is new since"
+    if old.get("size") != new.get("size"):
+        return f"changed since ({old.get('size')} → {new.get('size')} bytes)"
+    return "changed since (rewritten: same size, other modification time or bytes)"
 
 
 def _make_room(path: StorePath) -> bool:

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,10 +22,12 @@ from typing import Any, Literal
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from deepcad_chunked.errors import IncompleteStoreError, StoreError
+from deepcad_chunked.errors import DamagedStoreError, IncompleteStoreError, StoreError
+from deepcad_chunked.io.integrity import ArrayRef, open_array
 from deepcad_chunked.io.location import RemotePath, StorePath, resolve
+from deepcad_chunked.io.reader import require_numbers
 
 ATTRS_KEY = "deepcad_chunked"
 #: Largest shard read whole as one dask chunk (:meth:`Recording.to_dask`).
@@ -150,7 +151,9 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
     zarr_format : {2, 3}
         Zarr v3 with NGFF 0.5, or Zarr v2 with NGFF 0.4.
     compression : Compression
-        The chunks' compressor.
+        The chunks' compressor; on Zarr v3 each chunk also carries a CRC-32C checksum of
+        its compressed bytes (:mod:`deepcad_chunked.io.integrity`). Zarr v2, kept for
+        viewers such as Fiji, has no standard checksum and goes without.
     attrs : dict
         Our own attributes, stored under ``deepcad_chunked``.
     shards : tuple, optional
@@ -177,6 +180,7 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
         kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
     else:
         kwargs["dimension_names"] = list(axes)
+        kwargs["compressors"] = (compression.codec(zarr_format), Crc32cCodec())
         if shards is not None:
             kwargs["shards"] = tuple(shards)
     return group.create_array(ARRAY_PATH, **kwargs)
@@ -252,10 +256,17 @@ class Recording:
         """Where the full-resolution array is, for ``zarr.open_array``."""
         return f"{self.path}/{self.array_path}" if self.array_path else str(self.path)
 
+    @property
+    def array_ref(self) -> ArrayRef:
+        """The full-resolution array as a small picklable reference, to open where it is read
+        (checked as :attr:`array` is)."""
+        return ArrayRef(url=self.array_url, strict=self.complete and not self.foreign)
+
     def with_statistics(self) -> Recording:
-        """This recording with its whole-recording statistics: a foreign store's are read
-        from its sidecar or computed once (:mod:`deepcad_chunked.io.foreign`)."""
-        if self.statistics is not None or not self.foreign:
+        """This recording with its whole-recording statistics: those of a foreign store, or of
+        one of ours that has none (a denoised recording), are read from its sidecar or
+        computed once (:mod:`deepcad_chunked.io.foreign`)."""
+        if self.statistics is not None:
             return self
         from deepcad_chunked.io.foreign import statistics
 
@@ -375,7 +386,8 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
         return Recording(path=path, array=found.array, axes=found.axes,
                          attrs={**found.attrs, **({"statistics": stats} if stats else {})},
                          ome=found.ome, array_path=found.array_path, foreign=True)
-    if require_complete and not ours.get("complete"):
+    complete = bool(ours.get("complete"))
+    if require_complete and not complete:
         job = ours.get("job", {}).get("command", "the command that wrote it")
         raise IncompleteStoreError(
             f"{path} is incomplete: {job} did not finish; rerun it to resume, "
@@ -384,12 +396,27 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
     ms = (ome.get("multiscales") or [{}])[0]
     found_axes = tuple(a["name"] for a in ms.get("axes", []))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = zarr.open_array(str(path / ARRAY_PATH), mode="r")
+        # a complete store of ours has every chunk: one missing is damage, not fill value
+        array = open_array(path / ARRAY_PATH, strict=complete, label=str(path))
     except Exception as exc:
         raise StoreError(f"{path}: its array {ARRAY_PATH!r} cannot be opened ({exc})") from None
     if len(found_axes) != array.ndim:
         raise StoreError(f"{path}: axes {found_axes} do not match the array's {array.ndim} "
                          "dimensions")
+    written = written_shape(ours) if complete else None
+    if written is not None and written != tuple(array.shape):
+        raise DamagedStoreError(
+            f"{path} is damaged: its array's metadata says shape {tuple(array.shape)} but "
+            f"it was written with shape {written}; it cannot be trusted — write it again or "
+            "restore it from a copy")
+    require_numbers(array.dtype, str(path))
     return Recording(path=path, array=array, axes=found_axes, attrs=ours, ome=ms)
+
+
+def written_shape(ours: dict[str, Any]) -> tuple[int, ...] | None:
+    """The array shape a complete store of ours was finished with (recorded at completion;
+    a conversion's job identity for stores from before that), or None when unknown."""
+    shape = ours.get("shape") or ((ours.get("job") or {}).get("identity") or {}).get("shape")
+    if isinstance(shape, list) and all(isinstance(n, int) for n in shape):
+        return tuple(shape)
+    return None

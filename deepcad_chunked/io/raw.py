@@ -89,6 +89,9 @@ def frames_in(path: str, size: int, offset: int, frame_bytes: int, frames: int,
         When the file does not hold a whole number of frames, or not ``frames`` of them.
     """
     body = size - offset
+    if body <= 0:
+        raise SourceError(f"{path} is {size} bytes long, no more than its header (--raw-offset "
+                          f"{offset}); check the offset")
     if frames == -1:
         if body <= 0 or body % frame_bytes:
             raise SourceError(f"{path} holds {body} bytes after the header, not a whole number "

@@ -95,6 +95,10 @@ class Part:
         Number of time points.
     metadata : PhysicalMetadata
         Scales (and descriptive metadata) found in the file.
+    linked : tuple of (str, FileState)
+        Other files whose bytes the part reads (the sources of an HDF5 virtual dataset, the
+        file an external link points into), each with its state when inspected: pinned and
+        checked like ``path``.
     """
 
     path: str
@@ -108,6 +112,12 @@ class Part:
     dtype: str
     frames: int
     metadata: PhysicalMetadata = field(default_factory=PhysicalMetadata)
+    linked: tuple[tuple[str, FileState], ...] = ()
+
+    @property
+    def files(self) -> list[str]:
+        """``path`` and the linked files."""
+        return [self.path, *(name for name, _ in self.linked)]
 
     @property
     def frame_shape(self) -> tuple[int, ...]:
@@ -233,14 +243,33 @@ def check_unchanged(part: Part) -> None:
     """
     if part.ino == -1:
         return
-    try:
-        st = os.stat(part.path)
-        now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    except OSError:
-        now = None
-    if now != (part.size, part.mtime_ns, part.ino, part.ctime_ns):
-        raise SourceError(f"{part.path} changed while it was being read (written, replaced "
-                          "or removed); the output is left incomplete")
+    for path, was in ((part.path, FileState(part.size, part.mtime_ns, part.ino, part.ctime_ns)),
+                      *part.linked):
+        try:
+            st = os.stat(path)
+            now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        except OSError:
+            now = None
+        if now != (was.size, was.mtime_ns, was.ino, was.ctime_ns):
+            through = "" if path == part.path else f" (read through {part.path})"
+            raise SourceError(f"{path}{through} changed while it was being read (written, "
+                              "replaced or removed); the output is left incomplete")
+
+
+def require_numbers(dtype: Any, where: str) -> None:
+    """Refuse samples that are not plain integers or floating-point numbers (complex, bool,
+    strings, records): converting them would drop a part of them, or mean nothing.
+
+    Raises
+    ------
+    SourceError
+        Naming ``where`` and the sample type.
+    """
+    kind = np.dtype(dtype).kind
+    if kind not in "uif":
+        what = {"c": "complex", "b": "boolean (true/false)"}.get(kind, str(np.dtype(dtype)))
+        raise SourceError(f"{where} holds {what} samples ({np.dtype(dtype)}); a recording "
+                          "is integer or floating-point intensities")
 
 
 def require(module: str, extra: str, what: str) -> ModuleType:
@@ -282,6 +311,11 @@ class SourcePlan:
     def paths(self) -> list[str]:
         """The files, in order, each once."""
         return list(dict.fromkeys(s.path for s in self.sources))
+
+    @property
+    def files(self) -> list[str]:
+        """Every file read: :attr:`paths` and the files they link to, each once."""
+        return list(dict.fromkeys(f for s in self.sources for f in s.files))
 
     def parts_of(self, start: int, stop: int) -> list[Part]:
         """The parts that hold frames ``start:stop``."""

@@ -31,6 +31,7 @@ from deepcad_chunked.io.reader import (
     SourcePlan,
     check_unchanged,
     join_parts,
+    require_numbers,
 )
 
 if TYPE_CHECKING:
@@ -221,6 +222,7 @@ def _describe(tif: tifffile.TiffFile, path: Path, state: FileState, index: int) 
     extra = {ax: sizes[ax] for ax in EXTRA_AXES if sizes.get(ax, 1) > 1}
     strides = {ax: strides[ax] for ax in ("t", *extra)}
     dtype = np.dtype(series.dtype)
+    require_numbers(dtype, str(path))
     contiguous = series.dataoffset
     if contiguous is not None and int(series.nbytes) != math.prod(shape) * dtype.itemsize:
         contiguous = None

@@ -17,6 +17,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
+from deepcad_chunked.io.integrity import ArrayRef
 from deepcad_chunked.training.tiles import (
     Region,
     TileDraw,
@@ -44,8 +45,8 @@ class TilePairDataset(Dataset):
 
     Parameters
     ----------
-    stores : list of str
-        The recordings' full-resolution arrays (``Recording.array_url``), in the order
+    stores : list of ArrayRef
+        The recordings' full-resolution arrays (``Recording.array_ref``), in the order
         ``Region.recording`` refers to.
     regions : list of Region
         Where tiles may be cut.
@@ -64,7 +65,7 @@ class TilePairDataset(Dataset):
         Each store's chunk shape, which windows align to; needed when ``tiles_per_window > 1``.
     """
 
-    def __init__(self, stores: list[str], regions: list[Region], tile: tuple[int, int, int],
+    def __init__(self, stores: list[ArrayRef], regions: list[Region], tile: tuple[int, int, int],
                  seed: int, normalization: Normalization, augment: bool = True,
                  tiles_per_window: int = 1,
                  chunks: list[tuple[int, int, int]] | None = None) -> None:
@@ -93,7 +94,7 @@ class TilePairDataset(Dataset):
     def _array(self, recording: int) -> zarr.Array:
         array = self._arrays.get(recording)
         if array is None:
-            array = zarr.open_array(self.stores[recording], mode="r")
+            array = self.stores[recording].open()
             self._arrays[recording] = array
         return array
 

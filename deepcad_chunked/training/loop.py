@@ -184,12 +184,27 @@ def _loader_worker_init(worker_id: int) -> None:
 
 def _next_batch(batches: Any) -> Any:
     """The next batch; a loader that died because the command is being stopped is an
-    interruption, not an error."""
+    interruption, not an error, and an error of the user's data raised in a loader (a damaged
+    store) is its own one line, not the loader's traceback that PyTorch wraps it in."""
     try:
         return next(batches)
+    except DeepCADError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1 and "Traceback" in lines[1]:
+            cls = type(exc)
+            raise cls(lines[-1].removeprefix(f"{cls.__module__}.{cls.__name__}: ")) from None
+        raise
     except RuntimeError:
         check_interrupt()
         raise
+
+
+def _stop_loaders(batches: Any) -> None:
+    """End a loader's worker processes now (they ignore SIGTERM, so a run that ends in an
+    error while its iterator is still referenced would wait for them at exit)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _publish(checkpoint: Path, name: Path) -> None:
@@ -306,7 +321,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     _prepare_run_dir(run_dir, resume)
     pins = [StorePin(r.path) for r in recordings]
     stores = [str(r.path.absolute()) for r in recordings]
-    arrays = [str(resolve(r.array_url)) for r in recordings]
+    arrays = [r.array_ref for r in recordings]
     norm = pooled_normalization(recordings)
     tile = config.tile
     train_regions, val_regions = split_regions([r.shape for r in recordings], tile,
@@ -421,6 +436,7 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
                      config.epochs, total / steps, val, " (best)" if val == best else "")
     finally:
         bar.close()
+        _stop_loaders(batches)
         del batches
     return TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", history)
 
