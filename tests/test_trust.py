@@ -246,7 +246,7 @@ def test_a_source_of_a_virtual_dataset_changed_while_it_is_read(tmp_path: Path) 
     assert plan.files[1:] == [str(tmp_path / "src_0.h5"), str(tmp_path / "src_1.h5")]
     with h5py.File(tmp_path / "src_1.h5", "r+") as f:
         f["d"][0] = 0
-    with pytest.raises(DeepCADError, match="src_1.h5 .read through .*vds.h5. changed while"):
+    with pytest.raises(DeepCADError, match=r"src_1\.h5 \(read through .*vds\.h5\) changed while"):
         plan.read(0, FRAMES)
 
 
