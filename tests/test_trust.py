@@ -275,3 +275,73 @@ def test_run_rerun_after_its_source_changed_is_refused(tmp_path: Path, change: s
     assert_clean_error(stale, "recording.zarr no longer matches its sources", "rec.tif", words,
                        "--overwrite to convert, train and denoise again")
     assert open_recording(tmp_path / "out" / "recording.zarr").shape[0] == FRAMES
+
+
+# --------------------------------------------------------------------------- full disks
+
+EXPORTS = {"tiff": "x.tif", "hdf5": "x.h5", "nwb": "x.nwb", "suite2p": "s2p"}
+
+
+@pytest.fixture(scope="module")
+def long_store(world: Path, tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
+    """96 frames of 64×64 in 12 chunk rows: an export of several slabs."""
+    folder = tmp_path_factory.mktemp("long")
+    data = np.random.default_rng(2).integers(0, 30000, (96, 64, 64), dtype=np.uint16)
+    tifffile.imwrite(folder / "long.tif", data)
+    convert(folder / "long.tif", folder / "long.zarr",
+            config=ConvertConfig(chunks=(8, 64, 64), shards=(8, 64, 64), frame_rate=30.0),
+            cluster=client, progress=False)
+    return folder / "long.zarr"
+
+
+def _export(store: Path, out: Path, fmt: str) -> list[str]:
+    return ["export", str(store), "-o", str(out / EXPORTS[fmt]), "--format", fmt,
+            "--no-progress"]
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPORTS))
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(
+        long_store: Path, small_fs: Path, fmt: str) -> None:
+    result = run_cli(*_export(long_store, small_fs, fmt))
+    assert_clean_error(result, "no space left on", "make room")
+    assert result.returncode == 1
+    assert os.listdir(small_fs) == []  # no temporary file, no lock, no empty folder
+
+
+@pytest.fixture
+def roomy_fs(tmp_path: Path) -> Path:
+    """A 6 MiB tmpfs: room for an export of ``long_store`` until something else fills it."""
+    from tests.conftest import _tmpfs
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    with _tmpfs(mnt, "size=6m") as ok:
+        if not ok:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        yield mnt
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "nwb", "tiff"])
+def test_a_disk_that_fills_during_an_export_never_crashes_it(
+        long_store: Path, roomy_fs: Path, fmt: str) -> None:
+    """The disk fills while the export runs (another program writes a big file): the export
+    ends in its one line, exit 1 — never a segmentation fault of HDF5 — and removes its
+    temporary file and its lock."""
+    proc = start_cli(*_export(long_store, roomy_fs, fmt))
+    partial = lambda: [p for p in roomy_fs.iterdir() if p.name.endswith(".partial")]  # noqa: E731
+    wait_until(lambda: any(p.stat().st_size > 0 for p in partial()), proc)
+    with paused(proc):
+        filler = roomy_fs / "filler"
+        with open(filler, "wb") as fh:  # the rest of the disk, but for a few KiB
+            while True:
+                try:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+                except OSError:
+                    break
+        os.truncate(filler, filler.stat().st_size - 16384)
+    err = finish(proc)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "no space left on" in err, err
+    assert sorted(os.listdir(roomy_fs)) == ["filler"]

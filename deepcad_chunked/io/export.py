@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
+import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +26,38 @@ from deepcad_chunked.io.sources import FORMATS, file_of, format_named
 log = logging.getLogger(__name__)
 
 
-def _slabs(rec: Recording, bar: tqdm) -> Iterator[np.ndarray]:
-    """The recording a chunk row at a time, the next row read ahead while one is written."""
+#: Room kept free beyond the samples an export writes: its own metadata (an HDF5 file's
+#: B-trees and attributes, an NWB file's whole description, a TIFF's page directories).
+MARGIN_BYTES = 4 * 2**20
+
+
+def _slabs(rec: Recording, bar: tqdm, folder: Path, name: str) -> Iterator[np.ndarray]:
+    """The recording a chunk row at a time, the next row read ahead while one is written;
+    before each row is handed to the writer, the output's filesystem must have room for it.
+
+    A writer must never meet a full disk itself: HDF5, which every HDF5 and NWB export goes
+    through, cannot close a file it failed to write, and the objects it leaves half-closed
+    crash the process when they are freed.
+    """
     for slab in read_slabs(rec.array, rec.chunks[0]):
+        require_room(folder, name, 2 * slab.nbytes + MARGIN_BYTES)
         yield slab
         bar.update(slab.shape[0])
+
+
+def require_room(folder: Path, name: str, needed: int) -> None:
+    """Refuse to go on writing ``name`` into ``folder`` with less than ``needed`` bytes free.
+
+    Raises
+    ------
+    StoreError
+        ``no space left on ...``, with what is needed and what is free.
+    """
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StoreError(f"no space left on the filesystem of {folder} to write {name} "
+                         f"(it needs {needed / 2**20:.1f} MiB more, {free / 2**20:.1f} MiB "
+                         "are free); nothing was kept — make room and export again")
 
 
 def output_format(output: str, format: str | None) -> tuple[Format, str, str | None]:
@@ -144,7 +174,21 @@ def _write(fmt: Format, rec: Recording, files: list[Path], member: str | None,
                     for f in reversed(files)][::-1]
         bar = stack.enter_context(tqdm(total=rec.shape[0], unit="frame", desc="export",
                                        disable=None if progress is None else not progress))
+        folder = files[0].parent
+        # the whole export first: most full disks are found before anything is written
+        require_room(folder, files[0].name, math.prod(rec.shape) * rec.dtype.itemsize
+                     + MARGIN_BYTES)
         try:
-            fmt.write(rec, _slabs(rec, bar), partials, member)
+            fmt.write(rec, _slabs(rec, bar, folder, files[0].name), partials, member)
         except OSError as exc:
-            raise StoreError(f"cannot write {files[0]}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot write {files[0]}: {_why(exc, folder)}") from None
+
+
+def _why(exc: OSError, folder: Path) -> str:
+    """What an error of a writer means: a full disk for ENOSPC and EDQUOT, and for a short
+    write on a filesystem with no room left (tifffile's "N requested and M written")."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or (
+        "written" in str(exc) and shutil.disk_usage(folder).free < MARGIN_BYTES)
+    if full:
+        return "no space left on its device; nothing was kept — make room and export again"
+    return exc.strerror or str(exc).splitlines()[0]

@@ -310,7 +310,7 @@ def write_hdf5(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path]
         raise SourceError(f"{rec.path} has axes {','.join(rec.axes)}; HDF5 export writes "
                           "t,y,x recordings")
     t, y, x = rec.shape
-    with module.File(partials[0], "w") as handle:
+    with writing_file(module, partials[0]) as handle:
         data = handle.create_dataset(member or DEFAULT_DATASET, shape=rec.shape,
                                      dtype=rec.dtype, chunks=(min(t, rec.chunks[0]), y, x))
         start = 0
@@ -324,6 +324,34 @@ def write_hdf5(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path]
             data.attrs["pixel_size_um"] = np.asarray(size, dtype=np.float64)
             data.attrs["element_size_um"] = np.asarray([1.0, *size], dtype=np.float64)
         data.attrs["axes"] = "tyx"
+
+
+@contextlib.contextmanager
+def writing_file(module: Any, path: Path) -> Iterator[Any]:
+    """An HDF5 file opened for writing whose failure never crashes the process.
+
+    When writing fails (a full disk, above all), HDF5 must still close the file, which flushes
+    its metadata: with no room that close fails too, and the objects left half-closed crash
+    the interpreter when they are freed. So on any failure the file's bytes are dropped first
+    (the output is a temporary that is removed anyway), which gives the close its room; the
+    file is flushed inside the guard, so a flush that finds the disk full is handled alike.
+    """
+    handle = module.File(path, "w")
+    try:
+        yield handle
+        handle.flush()
+    except BaseException:
+        drop_bytes(path)
+        with contextlib.suppress(Exception):
+            handle.close()
+        raise
+    handle.close()
+
+
+def drop_bytes(path: Path) -> None:
+    """Truncate a temporary output to nothing (freeing its space), if it is still there."""
+    with contextlib.suppress(OSError):
+        os.truncate(path, 0)
 
 
 FORMAT = Format("hdf5", HDF5_SUFFIXES, inspect_hdf5, members=True, write=write_hdf5)

@@ -279,8 +279,9 @@ def _write(module: Any, rec: Recording, slabs: Iterable[np.ndarray], partial: Pa
         field_of_view=series_meta.get("field_of_view"),
     )
     nwbfile.add_acquisition(series)
-    with module.NWBHDF5IO(str(partial), "w") as io:
-        io.write(nwbfile)
+    # the file is ours to open and close: hdf5.writing_file keeps a full disk from crashing
+    with hdf5.writing_file(hdf5.h5py(), partial) as handle:
+        module.NWBHDF5IO(file=handle, mode="w").write(nwbfile)
 
 
 FORMAT = Format("nwb", NWB_SUFFIXES, inspect_nwb, members=True, write=write_nwb)
