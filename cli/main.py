@@ -389,6 +389,16 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _urls(args: argparse.Namespace) -> list[str]:
+    """The command's arguments that are URLs (stores, sources, models), for messages."""
+    from deepcad_chunked.io.location import is_url
+
+    values: list[object] = []
+    for value in vars(args).values():
+        values.extend(value if isinstance(value, list) else [value])
+    return [str(v) for v in values if isinstance(v, str) and is_url(v)]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported in one line instead of the usage text."""
 
@@ -451,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     interrupt.install()
     try:
+        from deepcad_chunked.config import RemoteConfig
+
+        RemoteConfig.from_environment()  # a bad limit in the environment: one line, now
         code = int(args.run(args))
         sys.stdout.flush()  # a reader gone away shows here, inside the try
         return code
@@ -473,6 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             log.exception("error")
+        from deepcad_chunked.io.location import service_error
+
+        if (said := service_error(exc, _urls(args))) is not None:  # a store that is a URL
+            log.error("error: %s", said)
+            return EXIT_ERROR
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         log.error("error: %s%s", where, exc.strerror or exc)
         return EXIT_ERROR
@@ -481,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("internal error")
         from deepcad_chunked.io.location import service_error
 
-        if (said := service_error(exc)) is not None:  # endpoint, credentials, permissions
+        if (said := service_error(exc, _urls(args))) is not None:  # endpoint, credentials
             log.error("error: %s", said)
             return EXIT_ERROR
         log.error("internal error: %s: %s (rerun with --debug for the traceback and please "

@@ -209,7 +209,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", metavar="CLEAN", help="noise-free recording")
     p.add_argument("--raw", metavar="RAW", help="the noisy recording")
     p.add_argument("--footprints", metavar="TRUTH.npz",
-                   help="neuron footprints (default: PREFIX_truth.npz beside PREFIX_clean.tif)")
+                   help="neuron footprints and detector offset (default: PREFIX_truth.npz "
+                   "beside PREFIX_clean.tif)")
+    p.add_argument("--offset", type=float, metavar="VALUE", help="detector baseline of the "
+                   "clean recording, removed before the SNR's signal power (default: the "
+                   "simulation's, from --footprints)")
     p.add_argument("--dark", type=region, metavar="Y0:Y1,X0:X1",
                    help="dark region for the no-ground-truth score (default: found)")
     p.add_argument("--model", metavar="MODEL.pt", help="network of the held-out score "
@@ -234,7 +238,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--held-out needs --raw (the noisy recording)")
     scores: dict[str, Any] = {}
     if args.truth:
-        scores = score(args.denoised, args.truth, args.raw, footprints=args.footprints)
+        scores = score(args.denoised, args.truth, args.raw, footprints=args.footprints,
+                       offset=args.offset)
     else:
         scores["dark"] = dark_region_std(args.denoised, args.raw, region=args.dark)
     if args.raw and (args.held_out or not args.truth):
@@ -274,8 +279,11 @@ def _print_scores(scores: dict[str, Any], as_json: bool) -> None:
         dark = scores["dark"]
         y0, y1, x0, x1 = dark["region"]
         line = f"dark region {y0}:{y1},{x0}:{x1}: temporal std {dark['denoised_std']:.4g}"
+        if dark["denoised_std"] == 0:
+            line += " (constant over time)"
         if "raw_std" in dark:
-            line += f" (raw {dark['raw_std']:.4g}, {dark['reduction']:.1f}× lower)"
+            line += (f" (raw {dark['raw_std']:.4g}, {dark['reduction']:.1f}× lower)"
+                     if dark["reduction"] is not None else f" (raw {dark['raw_std']:.4g})")
         print(line)
 
 

@@ -23,6 +23,7 @@ import tifffile
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import ConfigError, OutputExistsError, SourceError
 from deepcad_chunked.io.growing import STOP_FILE
+from deepcad_chunked.io.location import no_folder
 from deepcad_chunked.simulate import CHUNK, clean_chunks, detect
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def acquire(folder: str | Path, config: SimulationConfig | None = None, *,
     folder = Path(folder).expanduser()
     if not folder.exists():
         if not folder.parent.is_dir():
-            raise SourceError(f"folder {folder.parent} does not exist")
+            raise SourceError(f"cannot write {folder}: {no_folder(folder.parent)}")
         folder.mkdir()
     old = [p.name for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff")
            or p.name == STOP_FILE]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -40,6 +41,54 @@ class _Config(BaseModel):
             where = ".".join(str(p) for p in first["loc"])
             msg = first["msg"].removeprefix("Value error, ")
             raise ConfigError(f"invalid {where}: {msg}" if where else msg) from None
+
+
+class RemoteConfig(_Config):
+    """Bounds of every request to an object store (S3, GCS) or a web server.
+
+    A store that stops answering ends a command in about ``attempts × read_timeout_s``
+    (40 s by default) with one line, instead of waiting for ever. Set from the environment of
+    the command and of its workers (:meth:`from_environment`):
+    ``DEEPCAD_CHUNKED_CONNECT_TIMEOUT``, ``DEEPCAD_CHUNKED_READ_TIMEOUT`` (seconds) and
+    ``DEEPCAD_CHUNKED_ATTEMPTS``.
+
+    Attributes
+    ----------
+    connect_timeout_s : float
+        Seconds to open a connection.
+    read_timeout_s : float
+        Seconds to wait for the next bytes of an answer.
+    attempts : int
+        Tries of one request (transient errors are retried, with backoff).
+    """
+
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0)
+    attempts: int = Field(2, ge=1, le=20)
+
+    #: The environment variable of each field.
+    ENVIRONMENT: ClassVar[dict[str, str]] = {
+        "connect_timeout_s": "DEEPCAD_CHUNKED_CONNECT_TIMEOUT",
+        "read_timeout_s": "DEEPCAD_CHUNKED_READ_TIMEOUT",
+        "attempts": "DEEPCAD_CHUNKED_ATTEMPTS"}
+
+    @classmethod
+    def from_environment(cls) -> RemoteConfig:
+        """The bounds the environment sets (defaults where it sets none).
+
+        Raises
+        ------
+        ConfigError
+            Naming the variable whose value cannot work.
+        """
+        given = {f: os.environ[v] for f, v in cls.ENVIRONMENT.items() if os.environ.get(v)}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = cls.ENVIRONMENT[str(first["loc"][0])]
+            raise ConfigError(f"invalid {name}={given[str(first['loc'][0])]!r}: "
+                              f"{first['msg'].removeprefix('Value error, ')}") from None
 
 
 class CompressionConfig(_Config):

@@ -213,6 +213,9 @@ def heldout_score(raw: str | Path, *, model: str | Path | None = None,
     voxels = pairs * math.prod(source.shape[1:])
     mse = sse / voxels
     best = float(mse.min())
+    if best <= 0:
+        raise ConfigError(f"{source.path} does not change from frame to frame over the frames "
+                          "scored: the held-out score measures noise, and there is none")
     rows = [HeldOutRow(m.name, float(e), float(e - best), 10 * math.log10(e / best))
             for m, e in zip(methods, mse, strict=True)]
     order = np.argsort(mse)

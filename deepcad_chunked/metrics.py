@@ -142,7 +142,8 @@ def score(denoised: str | Path, truth: str | Path, raw: str | Path | None = None
         A simulation's ``_truth.npz``; default: the one beside a ``PREFIX_clean.tif`` truth.
     offset : float, optional
         Detector baseline removed from the truth before its power is taken for the SNR;
-        default: the simulation's, else 0.
+        default: the simulation's (from ``footprints``). Without either it is refused: an
+        offset taken as 0 would overstate every SNR by as much as the baseline's power.
     sigmas : sequence of (σt, σyx)
         Gaussian filters of the baseline (applied to ``raw``).
 
@@ -164,6 +165,11 @@ def score(denoised: str | Path, truth: str | Path, raw: str | Path | None = None
             raise ConfigError(f"{other.path} has shape {other.shape} but {est.path} has "
                               f"{est.shape}")
     fps, sim_offset = _footprints(footprints, truth)
+    if offset is None and sim_offset is None:
+        raise ConfigError(f"the SNR needs the detector offset (baseline) of {ref.path}, which "
+                          "a simulation's PREFIX_truth.npz gives and none was found beside it: "
+                          "give --footprints TRUTH.npz, or --offset VALUE (0 when the clean "
+                          "recording has no baseline)")
     offset = sim_offset if offset is None else offset
     weights = _footprint_matrix(fps, est.shape[1:]) if fps else None
     n = len(fps)
@@ -193,6 +199,9 @@ def score(denoised: str | Path, truth: str | Path, raw: str | Path | None = None
         for name, x in estimates.items():
             acc[name].add(x, clean, _traces(x, weights), truth_traces)
     voxels = math.prod(est.shape)
+    if power <= 0 or high <= low:
+        raise ConfigError(f"{ref.path} is constant (or holds nothing above the offset "
+                          f"{offset:g}): it has no signal to take an SNR against")
     rows = [_row(name, a, power, voxels, high - low, truth_sums, frames)
             for name, a in acc.items()]
     result: dict[str, Any] = {"denoised": str(est.path), "truth": str(ref.path),
@@ -208,7 +217,7 @@ def score(denoised: str | Path, truth: str | Path, raw: str | Path | None = None
 
 
 def _footprints(footprints: str | Path | None, truth: str | Path
-                ) -> tuple[list[Footprint], float]:
+                ) -> tuple[list[Footprint], float | None]:
     if footprints is None:
         name = Path(truth).name
         if name.endswith("_clean.tif"):
@@ -216,7 +225,7 @@ def _footprints(footprints: str | Path | None, truth: str | Path
             if guess.is_file():
                 footprints = guess
     if footprints is None:
-        return [], 0.0
+        return [], None
     loaded = load_truth(footprints)
     return loaded.footprints, loaded.config.offset
 
@@ -299,5 +308,7 @@ def dark_region_std(denoised: str | Path, raw: str | Path | None = None, *,
     out: dict[str, Any] = {"region": list(region), "denoised_std": temporal_std(est, region)}
     if noisy is not None:
         out["raw_std"] = temporal_std(noisy, region)
-        out["reduction"] = out["raw_std"] / max(out["denoised_std"], 1e-300)
+        # a region the denoiser made constant has no finite reduction to give
+        out["reduction"] = (out["raw_std"] / out["denoised_std"] if out["denoised_std"] > 0
+                            else None)
     return out

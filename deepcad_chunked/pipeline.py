@@ -29,7 +29,7 @@ from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.io import convert, export, open_recording
 from deepcad_chunked.io.convert import stale_sources
 from deepcad_chunked.io.lifecycle import check_disjoint, open_folder, remove_store
-from deepcad_chunked.io.location import is_url
+from deepcad_chunked.io.location import is_url, local_folder, no_folder
 from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
 from deepcad_chunked.io.sources import GLOB_CHARS, discover_sources, file_of, open_sources
 
@@ -93,7 +93,7 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         When another ``run`` works in ``outdir``, or another command writes one of its
         products.
     """
-    outdir = Path(outdir).expanduser().absolute()
+    outdir = local_folder(outdir, "run's output folder (it holds the training run)")
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
     raw = convert_config.raw if convert_config else None
     specs = discover_sources(named, raw)
@@ -106,7 +106,7 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         check_disjoint(product, [*files, *folders])
         _check_patterns(named, product)
     if not outdir.parent.is_dir():
-        raise SourceError(f"folder {outdir.parent} does not exist")
+        raise SourceError(f"cannot write {outdir}: {no_folder(outdir.parent)}")
     with open_folder(outdir, command="run"):
         if overwrite:
             for path in (store, run_dir, denoised, exported):
@@ -201,7 +201,7 @@ def demo(outdir: str | Path, *, simulation: SimulationConfig = DEMO_SIMULATION,
 
     outdir = Path(outdir).expanduser().absolute()
     if not outdir.parent.is_dir():
-        raise SourceError(f"folder {outdir.parent} does not exist")
+        raise SourceError(f"cannot write {outdir}: {no_folder(outdir.parent)}")
     outdir.mkdir(exist_ok=True)
     files = output_paths(outdir / "simulated")
     have = all(p.exists() for p in (files.raw, files.clean, files.truth))

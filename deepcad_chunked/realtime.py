@@ -62,7 +62,7 @@ from deepcad_chunked.io.lifecycle import (
     open_store,
     writing,
 )
-from deepcad_chunked.io.location import resolve, write_atomic
+from deepcad_chunked.io.location import local_folder, no_folder, resolve, write_atomic
 from deepcad_chunked.io.lock import WriterLock
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
@@ -150,6 +150,12 @@ def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
     t = mirror_indices(task.known, task.halo)[task.start:task.start + span]
     lo, hi = int(t.min()), int(t.max()) + 1
     raw = np.asarray(source[lo:hi])[t - lo]
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        frames = sorted({int(f) for f in t[~np.isfinite(raw).all(axis=(1, 2))]})
+        raise SourceError(f"frame {frames[0]} of the acquisition holds NaN or infinite "
+                          f"samples ({len(frames)} such frame(s) around it); the network needs "
+                          "finite values: replace them where the files are written (e.g. with "
+                          "numpy.nan_to_num) and follow again")
     ys = mirror_indices(raw.shape[1], task.halo)
     xs = mirror_indices(raw.shape[2], task.halo)
     x = (raw[:, ys][:, :, xs].astype(np.float32) - np.float32(task.mean)) / np.float32(task.std)
@@ -223,17 +229,17 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
         As ``convert`` and ``denoise``; nothing is marked complete.
     """
     config = config or FollowConfig()
-    folder = Path(source_dir).expanduser().absolute()
+    folder = local_folder(source_dir, "the folder follow watches")
     if not folder.is_dir():
         raise SourceError(f"{folder} is not a folder (follow watches the folder an "
                           "acquisition writes its TIFF files into)")
-    outdir = Path(output_dir).expanduser().absolute()
+    outdir = local_folder(output_dir, "follow's output folder")
     model_path = resolve(model)
     check_disjoint(outdir, [folder, model_path])
     if outdir.exists() and not outdir.is_dir():
         raise OutputExistsError(f"output {outdir} exists and is not a folder")
     if not outdir.parent.is_dir():
-        raise StoreError(f"cannot write {outdir}: folder {outdir.parent} does not exist")
+        raise StoreError(f"cannot write {outdir}: {no_folder(outdir.parent)}")
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
     halo = default_halo() if config.denoise.halo is None else check_halo(config.denoise.halo)

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
 from deepcad_chunked.io.lifecycle import check_disjoint
+from deepcad_chunked.io.location import no_folder
 from deepcad_chunked.metrics import Frames
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def preview(raw: str | Path, denoised: str | Path, output: str | Path, *,
         if path is not None and path.exists() and not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
         if path is not None and not path.parent.is_dir():
-            raise ConfigError(f"folder {path.parent} does not exist")
+            raise ConfigError(f"cannot write {path}: {no_folder(path.parent)}")
     a, d = Frames(raw), Frames(denoised)
     if a.shape != d.shape:
         raise ConfigError(f"{a.path} has shape {a.shape} but {d.path} has {d.shape}")

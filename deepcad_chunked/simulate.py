@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError
+from deepcad_chunked.io.location import no_folder
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def simulate(prefix: str | Path, config: SimulationConfig | None = None, *,
     config = config or SimulationConfig()
     files = output_paths(prefix)
     if not files.raw.parent.is_dir():
-        raise SourceError(f"folder {files.raw.parent} does not exist")
+        raise SourceError(f"cannot write {files.raw}: {no_folder(files.raw.parent)}")
     for path in (files.raw, files.clean, files.truth, files.traces):
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")

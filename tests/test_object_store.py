@@ -10,15 +10,30 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 
+from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint
-from tests.conftest import S3, assert_clean_error, finish, run_cli, start_cli, wait_until
+from tests.conftest import (
+    COMMAND,
+    S3,
+    assert_clean_error,
+    finish,
+    run_cli,
+    start_cli,
+    wait_until,
+)
+from tests.stall_proxy import StallingProxy
 from tests.tiffs import movie, write_plain
 
 
@@ -135,7 +150,7 @@ def test_object_store_mistakes_are_one_line(tmp_path: Path, s3: S3, tiny_model: 
                        "export writes local files")
     unreachable = run_cli("info", s3.url("rec.zarr"),
                           env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
-    assert_clean_error(unreachable, "object store could not be used")
+    assert_clean_error(unreachable, "object store cannot be reached", "AWS_ENDPOINT_URL")
 
 
 def test_a_lock_of_another_host_on_s3_is_respected(tmp_path: Path, s3: S3) -> None:
@@ -170,3 +185,126 @@ def test_an_ome_zarr_image_in_a_bucket_is_read_as_it_is(tmp_path: Path, s3: S3) 
     assert stats["mean"] == data.mean(dtype=np.float64)
     sidecar = json.loads(s3.fs.cat_file(f"{s3.bucket}/theirs.zarr.deepcad-chunked.json"))
     assert sidecar["statistics"] == stats and s3.objects("theirs.zarr") == before
+
+
+# --------------------------------------------------------------------------- a stalled store
+
+@pytest.fixture
+def stalling(s3: S3) -> Iterator[StallingProxy]:
+    """A loopback proxy in front of the S3 server, which the test can make stop answering."""
+    host, port = s3.endpoint.removeprefix("http://").split(":")
+    proxy = StallingProxy((host, int(port)))
+    try:
+        yield proxy
+    finally:
+        proxy.resume()
+        proxy.close()
+
+
+def _stalled_conversion(tmp_path: Path, s3: S3, proxy: StallingProxy, env: dict[str, str]
+                        ) -> tuple[subprocess.Popen[str], list[str], Path]:
+    """A conversion to S3 through the proxy, stalled once some slabs are stored."""
+    data = np.random.default_rng(4).poisson(40.0, size=(800, 32, 32)).astype(np.uint16)
+    src = write_plain(tmp_path / "rec.tif", data)
+    args = ["convert", str(src), "-o", s3.url("rec.zarr"), "--chunks", "2,32,32", "--shard",
+            "2,32,32", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **env})
+    wait_until(lambda: _markers(s3, "rec.zarr/.progress/convert", pause=0.25) >= 10, proc)
+    proxy.stall()
+    return proc, args, src
+
+
+def test_a_store_that_stops_answering_ends_the_command_in_one_line(tmp_path: Path, s3: S3,
+                                                                  stalling: StallingProxy
+                                                                  ) -> None:
+    """Every request is bounded (here 3 s × 2 attempts; 20 s × 2 by default): the command
+    ends with its one line, and after the store answers again the rerun resumes."""
+    env = {"AWS_ENDPOINT_URL": stalling.endpoint, "DEEPCAD_CHUNKED_READ_TIMEOUT": "3"}
+    proc, args, src = _stalled_conversion(tmp_path, s3, stalling, env)
+    started = time.monotonic()
+    err = finish(proc, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, err
+    assert took < 30, took
+    assert "Traceback" not in err and "leaked" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "stopped answering" in errors[0], err
+    assert "rerun the command to resume" in errors[0]
+    stalling.resume()
+    again = run_cli(*args, env=env)  # takes over the lock the stalled run could not remove
+    _ok(again)
+    np.testing.assert_array_equal(np.asarray(open_recording(s3.url("rec.zarr")).array[:]),
+                                  tifffile.imread(src))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_the_store_does_not_answer_takes_seconds(tmp_path: Path, s3: S3,
+                                                              stalling: StallingProxy,
+                                                              sig: signal.Signals) -> None:
+    """Ctrl-C or a batch system's SIGTERM while every request hangs (default limits, which
+    alone would take 40 s): the command stops within seconds, resumable."""
+    proc, args, src = _stalled_conversion(tmp_path, s3, stalling,
+                                          {"AWS_ENDPOINT_URL": stalling.endpoint})
+    time.sleep(2)  # the workers are waiting on the stalled store now
+    os.killpg(proc.pid, sig)
+    started = time.monotonic()
+    err = finish(proc, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert took < 15, took
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert ("interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)") in err
+    stalling.resume()
+    again = run_cli(*args, env={"AWS_ENDPOINT_URL": stalling.endpoint})
+    _ok(again)
+    assert "taking over the lock" in again.stderr
+    np.testing.assert_array_equal(np.asarray(open_recording(s3.url("rec.zarr")).array[:]),
+                                  tifffile.imread(src))
+
+
+def test_wrong_credentials_name_the_store_and_what_to_check(tmp_path: Path) -> None:
+    """A real S3 server that checks credentials (moto with authentication on)."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        wait_until(lambda: _answers(port), server, timeout=60)
+        src = write_plain(tmp_path / "rec.tif", movie((16, 16, 16), "uint16"))
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wrong",
+               "AWS_SECRET_ACCESS_KEY": "wrong"}
+        for line in (["convert", str(src), "-o", "s3://lab/rec.zarr", "--workers", "1"],
+                     ["export", "s3://lab/rec.zarr", "-o", str(tmp_path / "x.tif")]):
+            assert_clean_error(run_cli(*line, "--no-progress", env=env), "s3://lab/rec.zarr",
+                               "refused access", "AWS_ACCESS_KEY_ID")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_doubled_slash_in_a_url_is_one_slash(tmp_path: Path, s3: S3) -> None:
+    src = write_plain(tmp_path / "rec.tif", movie((16, 16, 16), "uint16"))
+    doubled = f"s3://{s3.bucket}//rec.zarr"
+    _ok(run_cli("convert", str(src), "-o", doubled, "--workers", "1", "--no-progress"))
+    assert "zarr.json" in s3.objects("rec.zarr")
+    assert_clean_error(run_cli("convert", str(src), "-o", doubled, "--no-progress"),
+                       "already exists")
+    _ok(run_cli("info", s3.url("rec.zarr")))
+
+
+def test_a_bad_limit_in_the_environment_is_one_line() -> None:
+    result = run_cli("info", "x.zarr", env={"DEEPCAD_CHUNKED_READ_TIMEOUT": "-1"})
+    assert_clean_error(result, "DEEPCAD_CHUNKED_READ_TIMEOUT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -83,19 +83,28 @@ class Hdf5Source(PlanePart):
         try:
             data = dataset[start:stop]
         except OSError as exc:
-            raise SourceError(_read_error(self, exc)) from None
+            raise SourceError(_read_error(self, exc, f"{start}–{stop - 1}")) from None
         if self.transposed:
             data = data.transpose(0, 2, 1)
         check_unchanged(self)
         return np.ascontiguousarray(data, dtype=self.dtype)
 
 
-def _read_error(part: Hdf5Source, exc: BaseException) -> str:
+def _read_error(part: Hdf5Source, exc: BaseException, frames: str = "") -> str:
+    """One line for a failed read: a missing filter plugin, or damaged data (a filter that
+    ran and failed: a Fletcher32 checksum that does not match, a chunk that does not
+    decompress)."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "filter" in text.lower() or "plugin" in text.lower():
+    lower = text.lower()
+    where = f"{part.path}:{part.series}" + (f" (frames {frames})" if frames else "")
+    if any(w in lower for w in ("not registered", "not available", "plugin",
+                                "can't open directory")):
         return (f"{part.path}:{part.series} is compressed with an HDF5 filter that is not "
                 f"available ({text}); pip install 'deepcad-chunked[hdf5]' adds hdf5plugin")
-    return f"{part.path}:{part.series} cannot be read (truncated or damaged: {text})"
+    if "filter returned failure" in lower:
+        return (f"{where} is damaged: a chunk fails its checksum or does not decompress "
+                f"({text}); the file cannot be trusted — copy it again from its origin")
+    return f"{where} cannot be read (truncated or damaged: {text})"
 
 
 def open_file(path: str, *, size: int | None = None) -> Any:

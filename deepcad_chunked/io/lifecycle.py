@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import zarr
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
-from deepcad_chunked.io.location import RemotePath, StorePath, resolve, rmtree
+from deepcad_chunked.io.location import RemotePath, StorePath, no_folder, resolve, rmtree
 from deepcad_chunked.io.lock import WriterLock, lock_path
 from deepcad_chunked.io.omezarr import (
     ARRAY_PATH,
@@ -357,7 +357,7 @@ def _make_room(path: StorePath) -> bool:
                                     "to delete it, even with --overwrite")
         return False
     if not path.parent.is_dir():
-        raise StoreError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise StoreError(f"cannot write {path}: {no_folder(path.parent)}")
     try:
         path.mkdir()
     except FileExistsError:
@@ -452,9 +452,12 @@ def open_store(output: str | Path | RemotePath, *, command: str, identity: dict[
             log.info("resuming the unfinished %s in %s", command, path)
             job.remove_partial_writes()
         yield job
-    finally:
-        lock.release()
+    except BaseException:
+        lock.release(hurry=True)
         _remove_if_empty(path)
+        raise
+    lock.release()
+    _remove_if_empty(path)
 
 
 def _remove_if_empty(path: StorePath) -> None:
@@ -518,7 +521,7 @@ def open_file(output: str | Path, *, command: str, inputs: Sequence[str | Path] 
     if path.is_dir():
         raise OutputExistsError(f"output {path} is a directory")
     if not path.parent.is_dir():
-        raise StoreError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise StoreError(f"cannot write {path}: {no_folder(path.parent)}")
     with open_file_lock(path, command=command) as lock:
         if path.exists() and not overwrite:
             raise OutputExistsError(f"output {path} already exists; pass --overwrite to "

@@ -19,12 +19,14 @@ import fnmatch
 import functools
 import os
 import posixpath
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from deepcad_chunked.errors import StoreError
+from deepcad_chunked.config import RemoteConfig
+from deepcad_chunked.errors import ConfigError, StoreError
 
 #: Extras that bring each object store's fsspec filesystem.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -34,6 +36,42 @@ def is_url(target: str | os.PathLike[str]) -> bool:
     """True for ``scheme://…`` other than ``file://``."""
     text = str(target)
     return "://" in text and not text.startswith("file://")
+
+
+def apply_remote_limits(limits: RemoteConfig | None = None) -> RemoteConfig:
+    """Bound every request of this process's fsspec filesystems (S3 and HTTP; also those
+    zarr creates for a URL) by ``limits`` (default: :meth:`RemoteConfig.from_environment`).
+
+    Values in the user's own fsspec configuration are kept. For S3, botocore makes one
+    attempt per call and s3fs its ``attempts`` with backoff (its ``retries``, a class
+    attribute, would otherwise try 5 times over botocore's own 5).
+
+    Returns
+    -------
+    RemoteConfig
+        The limits applied.
+    """
+    import fsspec.config
+
+    limits = limits or RemoteConfig.from_environment()
+    s3 = fsspec.config.conf.setdefault("s3", {})
+    botocore = s3.setdefault("config_kwargs", {})
+    botocore.setdefault("connect_timeout", limits.connect_timeout_s)
+    botocore.setdefault("read_timeout", limits.read_timeout_s)
+    botocore.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    with contextlib.suppress(ImportError):
+        import s3fs
+
+        s3fs.S3FileSystem.retries = limits.attempts
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.connect_timeout_s,
+                                        sock_read=limits.read_timeout_s)
+        for protocol in ("http", "https"):
+            web = fsspec.config.conf.setdefault(protocol, {})
+            web.setdefault("client_kwargs", {}).setdefault("timeout", timeout)
+    return limits
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,7 +103,8 @@ class RemotePath:
     def __init__(self, url: str) -> None:
         protocol, _, rest = url.partition("://")
         self.protocol = protocol
-        self.key = rest.rstrip("/")
+        # "bucket//rec.zarr" is a typo for "bucket/rec.zarr", never a key with an empty part
+        self.key = re.sub("/{2,}", "/", rest).strip("/")
         if not self.key:
             raise StoreError(f"{url} names no bucket")
 
@@ -207,16 +246,79 @@ def resolve(target: str | os.PathLike[str] | RemotePath) -> StorePath:
 #: Packages whose exceptions say that an object store could not be reached or used.
 _SERVICE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "fsspec",
                     "urllib3", "requests")
+_DENIED = ("forbidden", "accessdenied", "access denied", "invalidaccesskeyid",
+           "signaturedoesnotmatch", "expiredtoken", "invalidtoken", "403")
+_UNREACHABLE = ("could not connect", "cannot connect", "connection refused",
+                "name or service not known", "endpointconnectionerror")
 
 
-def service_error(exc: BaseException) -> str | None:
-    """One line for an exception of an object store's client (no endpoint, no credentials,
-    access denied, …), or None for any other exception."""
-    for cls in type(exc).__mro__:
-        if cls.__module__.split(".")[0] in _SERVICE_MODULES:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else cls.__name__
-            return f"the object store could not be used ({text[:200]})"
-    return None
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or during, outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def service_error(exc: BaseException, urls: Sequence[str] = ()) -> str | None:
+    """One line for a failure to use an object store or web server — it did not answer in
+    time, refused the credentials, cannot be reached — naming ``urls`` (the command's
+    stores and sources that are URLs), or None for any other exception.
+
+    An exception of an object store's client package is always one; an ``OSError`` (s3fs
+    translates the client's errors into them) only when the command uses URLs and the error
+    names no local file.
+    """
+    chain = _chain(exc)
+    ours = any(cls.__module__.split(".")[0] in _SERVICE_MODULES
+               for e in chain for cls in type(e).__mro__)
+    if not ours and not (urls and isinstance(exc, OSError) and not exc.filename):
+        return None
+    text = next((str(e).strip().splitlines()[0] for e in chain if str(e).strip()),
+                type(exc).__name__)[:200]
+    words = " ".join(f"{type(e).__name__} {e}" for e in chain).lower()
+    where = ", ".join(dict.fromkeys(urls)) or "the object store"
+    if "timeout" in words or "timed out" in words or any(
+            isinstance(e, TimeoutError) for e in chain):
+        limits = RemoteConfig.from_environment()
+        return (f"{where}: the server stopped answering ({text}; {limits.attempts} attempt(s) "
+                f"of {limits.read_timeout_s:g} s each); check the endpoint and the network, "
+                "then rerun the command to resume (DEEPCAD_CHUNKED_READ_TIMEOUT and "
+                "DEEPCAD_CHUNKED_ATTEMPTS set the limits)")
+    if any(w in words for w in _DENIED) or any(isinstance(e, PermissionError) for e in chain):
+        return (f"{where}: the object store refused access ({text}); check the credentials "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                "~/.aws/credentials) and that they may read and write there")
+    if any(w in words for w in _UNREACHABLE):
+        return (f"{where}: the object store cannot be reached ({text}); check the endpoint "
+                "(AWS_ENDPOINT_URL) and the network")
+    return f"{where}: the object store could not be used ({text})"
+
+
+def local_folder(target: str | os.PathLike[str], what: str) -> Path:
+    """``target`` as an absolute local path, or a one-line refusal of a URL where a command
+    needs a local folder (a training run's checkpoints, a folder watched while written).
+
+    Raises
+    ------
+    StoreError
+    """
+    if is_url(target):
+        raise StoreError(f"{target}: {what} must be a local folder (the stores that convert "
+                         "and denoise write may be URLs: convert SRC -o s3://bucket/rec.zarr)")
+    return Path(os.fspath(target).removeprefix("file://")).expanduser().absolute()
+
+
+def no_folder(folder: Path) -> str:
+    """Why ``folder`` cannot hold an output, in words: it, or a folder above it, is a file,
+    or it does not exist."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            return (f"{part} is a file, not a folder" if not part.is_dir()
+                    else f"folder {folder} does not exist")
+    return f"folder {folder} does not exist"
 
 
 def rmtree(path: StorePath) -> None:
@@ -282,3 +384,7 @@ def file_state(path: str | os.PathLike[str] | RemotePath) -> dict[str, Any]:
     st = os.stat(path)
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+with contextlib.suppress(ConfigError):  # a bad variable is reported by the command itself
+    apply_remote_limits()

@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from deepcad_chunked import interrupt
 from deepcad_chunked.errors import LockedError, StoreError
 from deepcad_chunked.io.location import RemotePath, StorePath
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 15.0
 #: A lock of another host whose heartbeat is older than this is taken to be abandoned.
 STALE_AFTER_S = 120.0
+#: Seconds a stopped command waits for its lock to be removed.
+RELEASE_WAIT_S = 3.0
 
 #: Errors of the output's filesystem that make a lock (and so any write) impossible.
 _CANNOT_WRITE = {errno.EROFS: "its filesystem is read-only", errno.EACCES: "permission denied",
@@ -308,6 +311,8 @@ class WriterLock:
                     self._lost.set()
             except OSError:
                 self._lost.set()
+            except Exception as exc:  # an object store that did not answer: try again later
+                log.debug("the heartbeat of %s failed: %s", self.path, exc)
 
     def check(self) -> None:
         """Raise when this process no longer holds the lock (removed or taken over).
@@ -320,17 +325,38 @@ class WriterLock:
             raise LockedError(f"the lock {self.path} was removed or taken over while this "
                               "command held it; its output is left incomplete")
 
-    def release(self) -> None:
-        """Give the lock up (only if it is still this process's)."""
+    def release(self, *, hurry: bool = False) -> None:
+        """Give the lock up (only if it is still this process's).
+
+        When the command is being stopped (Ctrl-C, SIGTERM) or is ending in an error
+        (``hurry``), the removal is given :data:`RELEASE_WAIT_S`: an object store that
+        stopped answering — often the very reason of the stop — must not hold the command
+        up, nor replace its error with its own. A lock left behind names a process that is
+        gone, and the next run takes it over.
+        """
         self._stop.set()
-        self._beat.join(timeout=5)
-        self._file.remove(self.holder)
+        hurry = hurry or interrupt.REQUESTED.is_set()
+        if not hurry:
+            self._beat.join(timeout=5)
+            self._file.remove(self.holder)
+            return
+        remover = threading.Thread(target=self._remove_quietly, name="writer-lock-release",
+                                   daemon=True)
+        remover.start()
+        remover.join(RELEASE_WAIT_S)
+        if remover.is_alive():
+            log.warning("the lock %s could not be removed in time; the next run takes it "
+                        "over (its holder is gone)", self.path)
+
+    def _remove_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.remove(self.holder)
 
     def __enter__(self) -> WriterLock:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
+        self.release(hurry=kind is not None)
 
 
 def lock_path(output: Path, *, is_store: bool) -> Path:

@@ -141,6 +141,10 @@ class Checkpoint:
             When the file is missing, truncated, contains pickled code, or is not ours.
         """
         path = resolve(path)
+        if isinstance(path, Path) and path.is_dir():
+            hint = (f": give a checkpoint in it, such as {path / 'best.pt'}"
+                    if (path / "best.pt").is_file() else "")
+            raise CheckpointError(f"{path} is a folder, not a model file{hint}")
         if not path.is_file():
             raise CheckpointError(f"model file {path} does not exist")
         source: Any = io.BytesIO(path.read_bytes()) if isinstance(path, RemotePath) else path
