@@ -7,12 +7,16 @@ requests (DANDI's S3 buckets and any static file server do).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
+import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from deepcad_chunked.config import RemoteConfig
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.io.reader import FileState, require
 
@@ -20,8 +24,10 @@ from deepcad_chunked.io.reader import FileState, require
 SCHEMES = ("http://", "https://")
 #: Bytes hashed at each end of a remote file for its identity.
 SAMPLE_BYTES = 65536
-#: Seconds before an unanswered request fails.
-TIMEOUT_S = 60
+
+
+def _limits() -> RemoteConfig:
+    return RemoteConfig.from_environment()
 
 
 def is_http(text: str) -> bool:
@@ -31,19 +37,29 @@ def is_http(text: str) -> bool:
 
 def _request(url: str, *, method: str = "GET", byte_range: tuple[int, int] | None = None
              ) -> tuple[dict[str, str], bytes]:
+    """One request, retried with backoff on a network failure or a timeout (never on an
+    HTTP error), within the limits of :class:`~deepcad_chunked.config.RemoteConfig`."""
     headers = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
-    request = urllib.request.Request(url, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            if byte_range and response.status != 206:
-                raise SourceError(f"{url}: the server does not answer range requests (HTTP "
-                                  f"{response.status}); download the file and read it locally")
-            return dict(response.headers), response.read() if method == "GET" else b""
-    except urllib.error.HTTPError as exc:
-        raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SourceError(f"{url} cannot be reached: {reason}") from None
+    limits = _limits()
+    for attempt in range(limits.attempts):
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=limits.read_timeout_s) as response:
+                if byte_range and response.status != 206:
+                    raise SourceError(f"{url}: the server does not answer range requests (HTTP "
+                                      f"{response.status}); download the file and read it "
+                                      "locally")
+                return dict(response.headers), response.read() if method == "GET" else b""
+        except urllib.error.HTTPError as exc:
+            raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            if attempt + 1 < limits.attempts:
+                time.sleep(min(0.5 * 2**attempt, 5))
+                continue
+            reason = getattr(exc, "reason", exc)
+            raise SourceError(f"{url} cannot be reached ({reason}; {limits.attempts} "
+                              f"attempt(s) of {limits.read_timeout_s:g} s each)") from None
+    raise AssertionError("unreachable")
 
 
 def url_state(url: str) -> FileState:
@@ -103,6 +119,10 @@ def open_url(url: str, *, size: int | None = None) -> Any:
         When remfile (the ``nwb`` extra) is not installed.
     """
     remfile = require("remfile", "nwb", "reading files over HTTP")
+    # remfile retries a failed read 8 times with backoff: bounded like every other request
+    # (its retry count is a module variable it reads at each read)
+    with contextlib.suppress(KeyError, AttributeError):
+        sys.modules["remfile.RemFile"]._num_request_retries = _limits().attempts - 1
     handle = remfile.File(url, _size=size) if size else remfile.File(url)
     if getattr(handle, "session", None) is not None:  # its reads go through this session
         handle.session = _session()
@@ -110,14 +130,16 @@ def open_url(url: str, *, size: int | None = None) -> Any:
 
 
 def _session() -> Any:
-    """A requests session whose requests give up after :data:`TIMEOUT_S` without an answer
+    """A requests session whose requests give up after the connect and read timeouts
     (requests waits for ever by default: a stalled server would hang a worker; remfile
     retries a request that timed out, then fails the read)."""
     import requests
 
+    limits = _limits()
+
     class _Session(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs.setdefault("timeout", TIMEOUT_S)
+            kwargs.setdefault("timeout", (limits.connect_timeout_s, limits.read_timeout_s))
             return super().request(*args, **kwargs)
 
     return _Session()
