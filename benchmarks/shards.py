@@ -50,7 +50,7 @@ def _tile_rate(store: Path, batches: int) -> float:
     pt, py, px = config.patch
     tile = (2 * pt, py, px)
     regions, _ = split_regions([rec.shape], tile, 0.05)
-    dataset = TilePairDataset([rec.array_url], regions, tile, 0,
+    dataset = TilePairDataset([rec.array_ref], regions, tile, 0,
                               Normalization(rec.statistics["mean"], rec.statistics["std"]),
                               tiles_per_window=config.tiles_per_window,
                               chunks=[(rec.chunks[0], rec.chunks[-2], rec.chunks[-1])])

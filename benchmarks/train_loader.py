@@ -84,7 +84,7 @@ def loader_rates(args: argparse.Namespace, work: Path) -> None:
     print("|---|---|---|---|---|")
     for per_window in args.tiles_per_window:
         kw = {"tiles_per_window": per_window, "chunks": chunks}
-        from_store = TilePairDataset([rec.array_url], regions, tile, 0, norm, **kw)
+        from_store = TilePairDataset([rec.array_ref], regions, tile, 0, norm, **kw)
         memory = InMemory(memory_array, [str(rec.path)], regions, tile, 0, norm, **kw)
         for workers in (0, 1, 2, 4):
             mem = _rate(memory, workers, args.batches)

@@ -297,6 +297,16 @@ def test_bad_acquisitions_and_outputs_are_one_line_errors(tmp_path: Path, tiny_m
     assert not (tmp_path / "o3" / "recording.zarr").exists()
     assert_clean_error(run_cli("follow", str(tmp_path / "b"), "-o", str(tmp_path / "b" / "o"),
                                *common), "lies inside")
+    # frames with NaN: the acquisition's fault, said as such (not the model's)
+    (tmp_path / "nan").mkdir()
+    frames = _simulated(_simulation(70)).astype(np.float32)
+    frames[45, 3, 3] = np.nan
+    for i, start in enumerate(range(0, 70, 35)):
+        tifffile.imwrite(tmp_path / "nan" / f"file_{i + 1:05d}.tif", frames[start:start + 35],
+                         photometric="minisblack")
+    (tmp_path / "nan" / STOP_FILE).touch()
+    result = run_cli("follow", str(tmp_path / "nan"), "-o", str(tmp_path / "o5"), *common)
+    assert_clean_error(result, "frame 45 of the acquisition holds NaN or infinite samples")
 
 
 def test_simulate_acquire_writes_files_as_a_microscope_does(tmp_path: Path) -> None:

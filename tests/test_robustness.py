@@ -7,15 +7,20 @@ untouched (every file's bytes compared), and nothing complete-looking written.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
 import torch
+import zarr
 from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
@@ -80,6 +85,17 @@ def world(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
     (w / "truncated.pt").write_bytes(model[: len(model) // 2])
     torch.save({"format": "x", "payload": _Payload(str(w / "pwned"))}, w / "evil.pt")
     (w / "evil.pkl").write_bytes(pickle.dumps(_Payload(str(w / "pwned"))))
+    tifffile.imwrite(w / "complex.tif", good.astype(np.complex64))
+    zarr.create_array(w / "bool.zarr", shape=(8, 16, 16), dtype=bool, fill_value=False,
+                      dimension_names=["t", "y", "x"])[:] = good[:8, :16, :16] > 100
+    good[:8].tofile(w / "rec.raw")
+    tifffile.imwrite(w / "const.tif", np.full((8, 16, 16), 7, np.uint16))
+    with h5py.File(w / "damaged.h5", "w") as f:
+        dataset = f.create_dataset("data", data=good, chunks=(8, 32, 32), fletcher32=True)
+        offset = dataset.id.get_chunk_info(1).byte_offset
+    damaged = bytearray((w / "damaged.h5").read_bytes())
+    damaged[offset + 100] ^= 0xFF
+    (w / "damaged.h5").write_bytes(bytes(damaged))
     return w
 
 
@@ -141,7 +157,27 @@ ROWS: dict[str, tuple[str, str]] = {
     "zero-workers": ("convert {w}/good.tif -o {o}/a.zarr --workers 0", "at least 1"),
     "zero-epochs": ("train {w}/good.zarr -o {o}/run --epochs 0", "epochs"),
     "bad-patch": ("train {w}/good.zarr -o {o}/run --patch 12,16,16", "patch"),
+    "complex-samples": ("convert {w}/complex.tif -o {o}/a.zarr", "complex samples"),
+    "bool-samples": ("export {w}/bool.zarr -o {o}/x.nwb --frame-rate 30", "boolean"),
+    "raw-offset-past-the-end": ("convert {w}/rec.raw -o {o}/a.zarr --raw-shape auto,32,32 "
+                                "--raw-offset 99999999", "no more than its header"),
+    "model-folder": ("denoise {w}/good.zarr -m {w} -o {o}/a.zarr", "is a folder, not a model"),
+    "output-under-a-file": ("convert {w}/good.tif -o {w}/one.tif/a.zarr",
+                            "one.tif is a file, not a folder"),
+    "damaged-hdf5-chunk": ("convert {w}/damaged.h5 -o {o}/a.zarr", "is damaged"),
+    "no-offset-for-the-snr": ("evaluate {w}/good.tif --truth {w}/good.tif", "detector offset"),
+    "constant-truth": ("evaluate {w}/const.tif --truth {w}/const.tif --offset 0",
+                       "is constant"),
+    "constant-raw": ("evaluate {w}/const.tif --raw {w}/const.tif",
+                     "does not change from frame to frame"),
+    "run-to-a-url": ("run {w}/good.tif -o s3://bucket/out", "must be a local folder"),
+    "follow-to-a-url": ("follow {w} -m {w}/model.pt -o s3://bucket/out",
+                        "must be a local folder"),
+    "bad-remote-limit": ("info {w}/good.zarr --json", "DEEPCAD_CHUNKED_ATTEMPTS"),
 }
+
+#: Rows whose command runs with extra environment variables.
+ENVIRONMENT = {"bad-remote-limit": {"DEEPCAD_CHUNKED_ATTEMPTS": "none"}}
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
@@ -151,7 +187,8 @@ def test_bad_input_gives_one_line_and_changes_nothing(row: str, world: Path,
     out = tmp_path / "out"
     out.mkdir()
     before = _snapshot(world)
-    result = run_cli(*line.format(w=world, o=out).split(), timeout=180)
+    result = run_cli(*line.format(w=world, o=out).split(), timeout=180,
+                     env=ENVIRONMENT.get(row, {}))
     assert_clean_error(result, words)
     assert result.returncode == 1
     assert _snapshot(world) == before, "an input was changed"
@@ -165,6 +202,35 @@ def test_every_row_is_documented() -> None:
                         "nan-convert", "debug"}
     missing = [row for row in rows if f"`{row}`" not in text]
     assert not missing, missing
+
+
+def test_python_m_runs_the_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "deepcad_chunked", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("deepcad-chunked "), result
+
+
+def test_info_reads_a_raw_file_with_its_layout(world: Path) -> None:
+    asked = run_cli("info", str(world / "rec.raw"))
+    assert_clean_error(asked, "--raw-shape")
+    described = run_cli("info", str(world / "rec.raw"), "--raw-shape", "auto,32,32", "--json")
+    assert described.returncode == 0, described.stderr
+    assert json.loads(described.stdout)["shape"] == [8, 32, 32]
+
+
+def test_a_denoised_store_can_be_trained_on(world: Path, tmp_path: Path) -> None:
+    """A denoised store has no statistics of its own: they are computed once, as for a store
+    written by another tool, and kept beside it."""
+    dn = tmp_path / "dn.zarr"
+    made = run_cli("denoise", str(world / "good.zarr"), "-m", str(world / "model.pt"), "-o",
+                   str(dn), "--workers", "1", "--no-progress")
+    assert made.returncode == 0, made.stderr
+    trained = run_cli("train", str(dn), "-o", str(tmp_path / "run"), "--features", "2",
+                      "--patch", "8,16,16", "--epochs", "1", "--steps-per-epoch", "2",
+                      "--workers", "0", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    assert "computing the statistics" in trained.stderr
+    assert (tmp_path / "dn.zarr.deepcad-chunked.json").is_file()
 
 
 def test_debug_shows_the_traceback(world: Path) -> None:

@@ -132,6 +132,14 @@ def read_group_attrs(path: StorePath) -> dict[str, Any] | None:
     return None
 
 
+def stored_codecs(compression: Compression, checksums: bool = True) -> tuple[Any, ...]:
+    """The bytes-to-bytes codecs of a new Zarr v3 store's chunks: Blosc, then the CRC-32C
+    checksum of the compressed bytes that readers verify (:mod:`deepcad_chunked.io.integrity`;
+    ``benchmarks/integrity.py`` measures what it costs)."""
+    blosc = compression.codec(3)
+    return (blosc, Crc32cCodec()) if checksums else (blosc,)
+
+
 def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
                  chunks: tuple[int, ...],
                  axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
@@ -180,7 +188,7 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
         kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
     else:
         kwargs["dimension_names"] = list(axes)
-        kwargs["compressors"] = (compression.codec(zarr_format), Crc32cCodec())
+        kwargs["compressors"] = stored_codecs(compression)
         if shards is not None:
             kwargs["shards"] = tuple(shards)
     return group.create_array(ARRAY_PATH, **kwargs)
@@ -381,6 +389,7 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
     ours = attrs.get(ATTRS_KEY)
     if not isinstance(ours, dict):
         found = foreign.inspect(path, attrs, names)
+        require_numbers(found.array.dtype, str(path))
         kept = foreign.read_sidecar(path, foreign.state(path))
         stats = (kept or {}).get("statistics")
         return Recording(path=path, array=found.array, axes=found.axes,

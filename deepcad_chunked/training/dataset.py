@@ -45,8 +45,9 @@ class TilePairDataset(Dataset):
 
     Parameters
     ----------
-    stores : list of ArrayRef
-        The recordings' full-resolution arrays (``Recording.array_ref``), in the order
+    stores : list of ArrayRef or str
+        The recordings' full-resolution arrays (``Recording.array_ref``; a path or URL is
+        read without refusing missing chunks), in the order
         ``Region.recording`` refers to.
     regions : list of Region
         Where tiles may be cut.
@@ -65,13 +66,14 @@ class TilePairDataset(Dataset):
         Each store's chunk shape, which windows align to; needed when ``tiles_per_window > 1``.
     """
 
-    def __init__(self, stores: list[ArrayRef], regions: list[Region], tile: tuple[int, int, int],
-                 seed: int, normalization: Normalization, augment: bool = True,
-                 tiles_per_window: int = 1,
+    def __init__(self, stores: list[ArrayRef | str], regions: list[Region],
+                 tile: tuple[int, int, int], seed: int, normalization: Normalization,
+                 augment: bool = True, tiles_per_window: int = 1,
                  chunks: list[tuple[int, int, int]] | None = None) -> None:
         if tiles_per_window > 1 and chunks is None:
             raise ValueError("windows need the storage chunk shape")
-        self.stores = list(stores)
+        self.stores = [s if isinstance(s, ArrayRef) else ArrayRef(str(s), strict=False)
+                       for s in stores]
         self.regions = list(regions)
         self.tile = tile
         self.seed = seed
