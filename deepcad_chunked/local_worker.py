@@ -27,6 +27,12 @@ def dask_setup(worker: Any) -> None:
     with contextlib.suppress(ValueError):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+    thread_lock_for_blosc()
+
+
+def thread_lock_for_blosc() -> None:
+    """Give Blosc's codec a thread lock for its in-process mutex instead of the
+    ``multiprocessing.Lock`` it would create (see the module's text)."""
     with contextlib.suppress(ImportError, AttributeError):
         import numcodecs.blosc
 

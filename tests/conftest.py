@@ -146,14 +146,21 @@ def _tmpfs(mountpoint: Path, options: str) -> Iterator[bool]:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
+@contextmanager
+def sized_fs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``256k``, ``6m``) mounted at ``folder`` (created): a real
+    filesystem that fills up. Skips the test where mounting is not allowed."""
+    folder.mkdir()
+    with _tmpfs(folder, f"size={size}") as ok:
+        if not ok:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        yield folder
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs: a real filesystem that fills up. Skips where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    with _tmpfs(mnt, "size=256k") as ok:
-        if not ok:
-            pytest.skip("cannot mount a small tmpfs here (needs root)")
+    with sized_fs(tmp_path / "small", "256k") as mnt:
         yield mnt
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -32,6 +33,7 @@ from tests.conftest import (
     lock_holder,
     paused,
     run_cli,
+    sized_fs,
     start_cli,
     wait_until,
 )
@@ -309,15 +311,9 @@ def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(
 
 
 @pytest.fixture
-def roomy_fs(tmp_path: Path) -> Path:
+def roomy_fs(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs: room for an export of ``long_store`` until something else fills it."""
-    from tests.conftest import _tmpfs
-
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    with _tmpfs(mnt, "size=6m") as ok:
-        if not ok:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
+    with sized_fs(tmp_path / "fs", "6m") as mnt:
         yield mnt
 
 

@@ -9,7 +9,7 @@ import errno
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from deepcad_chunked.io.location import resolve
 from deepcad_chunked.io.omezarr import Recording, open_recording, read_slabs
 from deepcad_chunked.io.reader import Format
 from deepcad_chunked.io.sources import FORMATS, file_of, format_named
+from deepcad_chunked.io.writer_process import write_in_child
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,26 @@ log = logging.getLogger(__name__)
 MARGIN_BYTES = 4 * 2**20
 
 
-def _slabs(rec: Recording, bar: tqdm, folder: Path, name: str) -> Iterator[np.ndarray]:
+def _slabs(rec: Recording, report: Callable[[int], None], folder: Path, name: str
+           ) -> Iterator[np.ndarray]:
     """The recording a chunk row at a time, the next row read ahead while one is written;
-    before each row is handed to the writer, the output's filesystem must have room for it.
-
-    A writer must never meet a full disk itself: HDF5, which every HDF5 and NWB export goes
-    through, cannot close a file it failed to write, and the objects it leaves half-closed
-    crash the process when they are freed.
-    """
+    before each row is handed to the writer, the output's filesystem must have room for it,
+    and ``report`` is told its frames once it is written."""
     for slab in read_slabs(rec.array, rec.chunks[0]):
         require_room(folder, name, 2 * slab.nbytes + MARGIN_BYTES)
         yield slab
-        bar.update(slab.shape[0])
+        report(slab.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slabs:
+    """:func:`_slabs` with its folder and name bound: sent to a writer process."""
+
+    folder: Path
+    name: str
+
+    def __call__(self, rec: Recording, report: Callable[[int], None]) -> Iterator[np.ndarray]:
+        return _slabs(rec, report, self.folder, self.name)
 
 
 def require_room(folder: Path, name: str, needed: int) -> None:
@@ -176,12 +185,32 @@ def _write(fmt: Format, rec: Recording, files: list[Path], member: str | None,
                                        disable=None if progress is None else not progress))
         folder = files[0].parent
         # the whole export first: most full disks are found before anything is written
-        require_room(folder, files[0].name, math.prod(rec.shape) * rec.dtype.itemsize
-                     + MARGIN_BYTES)
+        itemsize = 2 if fmt.name == "suite2p" else rec.dtype.itemsize  # Suite2p: int16
+        require_room(folder, files[0].name, math.prod(rec.shape) * itemsize + MARGIN_BYTES)
+        slabs = _Slabs(folder, files[0].name)
         try:
-            fmt.write(rec, _slabs(rec, bar, folder, files[0].name), partials, member)
+            if fmt.name in ISOLATED:
+                write_in_child(fmt.name, rec, slabs, partials, member, bar.update,
+                               lambda code: f"cannot write {files[0]}: "
+                               + _died(code, folder))
+            else:
+                fmt.write(rec, slabs(rec, bar.update), partials, member)
         except OSError as exc:
             raise StoreError(f"cannot write {files[0]}: {_why(exc, folder)}") from None
+
+
+#: Formats written by HDF5, which can crash the process on a failed write: their writer runs
+#: in a process of its own (:mod:`deepcad_chunked.io.writer_process`).
+ISOLATED = ("hdf5", "nwb")
+
+
+def _died(code: int | None, folder: Path) -> str:
+    """Why a writer process ended without a word."""
+    if shutil.disk_usage(folder).free < MARGIN_BYTES:
+        return ("no space left on its device (its HDF5 writer died of it); nothing was "
+                "kept — make room and export again")
+    return (f"its HDF5 writer died (exit code {code}); nothing was kept — rerun with --debug "
+            "and please report it")
 
 
 def _why(exc: OSError, folder: Path) -> str:
