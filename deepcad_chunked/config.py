@@ -90,6 +90,12 @@ class RemoteConfig(_Config):
             raise ConfigError(f"invalid {name}={given[str(first['loc'][0])]!r}: "
                               f"{first['msg'].removeprefix('Value error, ')}") from None
 
+    def deadline_s(self, nbytes: int = 0) -> float:
+        """Seconds one call moving ``nbytes`` may take, all its attempts included:
+        ``attempts × (connect + read timeout)``, plus a second per MiB it sends."""
+        return (self.attempts * (self.connect_timeout_s + self.read_timeout_s)
+                + nbytes / 2**20)
+
 
 class CompressionConfig(_Config):
     """Blosc settings of stored chunks (defaults chosen in benchmarks/RESULTS.md)."""

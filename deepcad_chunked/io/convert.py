@@ -29,6 +29,7 @@ from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect, results_as_completed
 from deepcad_chunked.config import DEFAULT_CHUNKS, SHARD_BYTES, ConvertConfig
 from deepcad_chunked.errors import ConfigError, SourceError
+from deepcad_chunked.io.integrity import zarr_target
 from deepcad_chunked.io.lifecycle import (
     StoreJob,
     check_disjoint,
@@ -330,7 +331,8 @@ def _slab_differs(slab: int, job: _SlabJob) -> int | None:
     """``slab`` if the store's frames differ from the sources' now, else None."""
     t0 = slab * job.slab_frames
     t1 = min(job.plan.frames, t0 + job.slab_frames)
-    stored = zarr.open_array(f"{job.store}/{ARRAY_PATH}", mode="r")[t0:t1]
+    stored = zarr.open_array(zarr_target(f"{job.store}/{ARRAY_PATH}", read_only=True),
+                             mode="r")[t0:t1]
     source = job.plan.read(t0, t1)
     return None if stored.tobytes() == source.tobytes() else slab
 

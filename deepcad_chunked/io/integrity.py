@@ -19,6 +19,7 @@ they left out is their fill value, as the Zarr specification allows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import warnings
@@ -33,8 +34,9 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from deepcad_chunked.config import RemoteConfig
 from deepcad_chunked.errors import DamagedStoreError
-from deepcad_chunked.io.location import RemotePath, StorePath, resolve
+from deepcad_chunked.io.location import RemotePath, StorePath, is_url, resolve
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +172,82 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:160] if text else type(exc).__name__
 
 
+class BoundedStore(WrapperStore[Any]):
+    """A remote store each of whose operations ends within a deadline.
+
+    The object-store clients bound every request by their connect and read timeouts
+    (:func:`~deepcad_chunked.io.location.apply_remote_limits`), but a request caught at an
+    unlucky moment by a server that stops answering (between a PUT's headers and its body)
+    has been seen to wait for ever all the same. Every operation here is given
+    :meth:`RemoteConfig.deadline_s`, and then fails with a :class:`TimeoutError` that names
+    the store.
+
+    Parameters
+    ----------
+    store : zarr Store
+        The remote store.
+    url : str
+        Its URL, for messages.
+    limits : RemoteConfig, optional
+        Default: :meth:`RemoteConfig.from_environment`.
+    """
+
+    def __init__(self, store: Any, *, url: str = "", limits: RemoteConfig | None = None
+                 ) -> None:
+        super().__init__(store)
+        self.url = url
+        self.limits = limits or RemoteConfig.from_environment()
+
+    def _with_store(self, store: Any) -> BoundedStore:
+        return BoundedStore(store, url=self.url, limits=self.limits)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    async def _bounded(self, what: str, key: str, operation: Any, nbytes: int = 0) -> Any:
+        seconds = self.limits.deadline_s(nbytes)
+        task = asyncio.ensure_future(operation)
+        # not asyncio.wait_for: it waits for the cancelled request to wind down, which a
+        # client stuck on a silent socket may never do
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            task.cancel()
+            raise TimeoutError(f"{self.url}/{key}: no answer to a {what} within {seconds:g} s "
+                               "(timed out)")
+        return task.result()
+
+    async def get(self, key: str, prototype: BufferPrototype,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        return await self._bounded("read", key, self._store.get(key, prototype, byte_range))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._bounded("write", key, self._store.set(key, value), len(value))
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._bounded("look-up", key, self._store.exists(key)))
+
+    async def delete(self, key: str) -> None:
+        await self._bounded("deletion", key, self._store.delete(key))
+
+
+def remote_store(url: str, *, read_only: bool) -> BoundedStore:
+    """A zarr store over an fsspec URL whose operations are bounded (:class:`BoundedStore`)."""
+    return BoundedStore(FsspecStore.from_url(url, read_only=read_only), url=url)
+
+
+def zarr_target(path: str | StorePath, *, read_only: bool) -> Any:
+    """What to give zarr for ``path``: the path itself when local, a bounded store for a URL
+    (:class:`BoundedStore`)."""
+    text = str(path)
+    return remote_store(text, read_only=read_only) if is_url(text) else text
+
+
 def _base_store(url: StorePath) -> Any:
     if isinstance(url, RemotePath):
-        return FsspecStore.from_url(str(url), read_only=True)
+        return remote_store(str(url), read_only=True)
     return LocalStore(str(url), read_only=True)
 
 

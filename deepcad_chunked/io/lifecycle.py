@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import zarr
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
+from deepcad_chunked.io.integrity import zarr_target
 from deepcad_chunked.io.location import RemotePath, StorePath, no_folder, resolve, rmtree
 from deepcad_chunked.io.lock import WriterLock, lock_path
 from deepcad_chunked.io.omezarr import (
@@ -259,7 +260,8 @@ class StoreJob:
         (last), and remove the progress markers."""
         self.check()
         provenance = {**(self.attrs.get("provenance") or {}), "completed": now()}
-        shape = list(zarr.open_array(str(self.path / ARRAY_PATH), mode="r").shape)
+        shape = list(zarr.open_array(zarr_target(self.path / ARRAY_PATH, read_only=True),
+                                     mode="r").shape)
         with writing(self.path):
             update_attrs(self.path, **attrs, provenance=provenance, shape=shape,
                          complete=True)

@@ -88,7 +88,63 @@ def _filesystem(protocol: str) -> Any:
                          f"{str(exc).splitlines()[0][:120]}") from None
     # listings are never cached: other processes write the same store
     kwargs = {"use_listings_cache": False} if protocol in ("s3", "s3a") else {}
-    return cls(**kwargs)
+    fs = cls(**kwargs)
+    return BoundedFileSystem(fs, protocol) if getattr(fs, "async_impl", False) else fs
+
+
+#: Calls of an asynchronous fsspec filesystem that each make one request (retried within
+#: the limits); listings of whole prefixes and recursive removals make any number.
+_ONE_REQUEST = frozenset({"exists", "isdir", "isfile", "info", "cat_file", "pipe_file",
+                          "rm_file", "call_s3", "ls"})
+
+
+class BoundedFileSystem:
+    """An asynchronous fsspec filesystem whose single-request calls end within
+    :meth:`RemoteConfig.deadline_s` whatever the client does.
+
+    The clients' own connect and read timeouts bound most requests, but a write caught by a
+    server that stops answering at an unlucky moment has been seen to wait for ever; fsspec's
+    ``timeout`` argument stops the wait (the request is left to its event loop). Every other
+    attribute is the filesystem's own.
+
+    Parameters
+    ----------
+    fs : fsspec.asyn.AsyncFileSystem
+        The filesystem.
+    protocol : str
+        Its protocol, for messages.
+    limits : RemoteConfig, optional
+        Default: :meth:`RemoteConfig.from_environment` at each call.
+    """
+
+    def __init__(self, fs: Any, protocol: str, limits: RemoteConfig | None = None) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.limits = limits
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "fs":  # not set yet (while copied)
+            raise AttributeError(name)
+        attr = getattr(self.fs, name)
+        if name not in _ONE_REQUEST:
+            return attr
+
+        @functools.wraps(attr)
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            from fsspec.exceptions import FSTimeoutError
+
+            sent = sum(len(a) for a in (*args, *kwargs.values())
+                       if isinstance(a, (bytes, bytearray, memoryview)))
+            seconds = (self.limits or RemoteConfig.from_environment()).deadline_s(sent)
+            try:
+                return attr(*args, timeout=seconds, **kwargs)
+            except FSTimeoutError:
+                where = (f"{kwargs.get('Bucket')}/{kwargs['Key']}" if "Key" in kwargs
+                         else next((a for a in args if isinstance(a, str)), ""))
+                raise TimeoutError(f"{self.protocol}://{where}: no answer to {name} within "
+                                   f"{seconds:g} s (timed out)") from None
+
+        return bounded
 
 
 class RemotePath:

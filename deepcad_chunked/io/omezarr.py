@@ -25,7 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from deepcad_chunked.errors import DamagedStoreError, IncompleteStoreError, StoreError
-from deepcad_chunked.io.integrity import ArrayRef, open_array
+from deepcad_chunked.io.integrity import ArrayRef, open_array, zarr_target
 from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 from deepcad_chunked.io.reader import require_numbers
 
@@ -176,8 +176,8 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
     ngff = "0.4" if zarr_format == 2 else "0.5"
     ms = multiscales(axes, scale, units, name=path.stem, ngff_version=ngff)
     group_attrs = {**ome_attributes(ms, zarr_format), ATTRS_KEY: attrs}
-    group = zarr.create_group(store=str(path), zarr_format=zarr_format, overwrite=False,
-                              attributes=group_attrs)
+    group = zarr.create_group(store=zarr_target(path, read_only=False),
+                              zarr_format=zarr_format, overwrite=False, attributes=group_attrs)
     kwargs: dict[str, Any] = {
         "shape": shape, "chunks": chunks, "dtype": np.dtype(dtype),
         "compressors": compression.codec(zarr_format), "fill_value": 0,
@@ -215,13 +215,14 @@ def open_for_writing(store: str) -> zarr.Array:
     Every chunk is written, even all-zero ones: a finished piece of work is whole on disk,
     and zarr skips comparing each chunk with the fill value (12 % of a conversion's CPU).
     """
-    array = zarr.open_array(f"{store}/{ARRAY_PATH}", mode="r+")
+    # a store in an object store: every operation bounded, whatever the client does
+    array = zarr.open_array(zarr_target(f"{store}/{ARRAY_PATH}", read_only=False), mode="r+")
     return array.with_config({"write_empty_chunks": True})
 
 
 def update_attrs(path: StorePath, **changes: Any) -> dict[str, Any]:
     """Merge ``changes`` into the store's ``deepcad_chunked`` attributes and return them."""
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(zarr_target(path, read_only=False), mode="r+")
     ours = dict(group.attrs.get(ATTRS_KEY, {}))
     ours.update(changes)
     group.attrs[ATTRS_KEY] = ours
