@@ -36,9 +36,9 @@ from _common import machine, noisy_frames, run_measured
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
-from deepcad_chunked.infer.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.infer.memory import network_voxels
 from deepcad_chunked.infer.predict import denoise_dask
+from deepcad_chunked.jobs.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
 

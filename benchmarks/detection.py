@@ -42,8 +42,8 @@ from deepcad_chunked.detection import (
     spike_correlation,
     suite2p_rois,
 )
+from deepcad_chunked.jobs.run import DEMO_TRAINING, run
 from deepcad_chunked.metrics import Frames, score
-from deepcad_chunked.pipeline import DEMO_TRAINING, run
 from deepcad_chunked.simulate import load_truth, simulate, spike_counts
 
 

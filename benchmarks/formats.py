@@ -26,7 +26,7 @@ import numpy as np
 from _common import drop_caches, machine, noisy_frames, publish, run_measured, write_big_tiff
 
 from deepcad_chunked import open_recording
-from deepcad_chunked.io.omezarr import read_slabs
+from deepcad_chunked.store.omezarr import read_slabs
 
 POOL = 256
 

@@ -41,9 +41,9 @@ from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
 from deepcad_chunked.config import BYPASS_KERNEL
-from deepcad_chunked.infer.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.infer.memory import GPU_FRACTION, fit_block, network_voxels
 from deepcad_chunked.infer.predict import default_halo
+from deepcad_chunked.jobs.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.lean import lean_forward
 from deepcad_chunked.model.unet3d import UNet3D
@@ -198,7 +198,7 @@ def end_to_end(frames: int, size: int, features: int, bypass: tuple[int, int, in
 
 def open_store_frames(store: Path, n: int) -> np.ndarray:
     """The first ``n`` frames of a recording store."""
-    from deepcad_chunked.io.omezarr import open_recording
+    from deepcad_chunked.store.recording import open_recording
 
     return np.asarray(open_recording(store).to_dask()[:n])
 

@@ -23,8 +23,8 @@ from _common import denoise_in_memory, machine
 from deepcad_chunked import convert, train
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.heldout import heldout_score
+from deepcad_chunked.jobs.run import DEMO_TRAINING
 from deepcad_chunked.metrics import score
-from deepcad_chunked.pipeline import DEMO_TRAINING
 from deepcad_chunked.simulate import simulate
 
 

@@ -39,9 +39,9 @@ from denoise import deepcad_rt
 
 from deepcad_chunked import predict_array
 from deepcad_chunked.infer.memory import network_voxels
-from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.recording import open_recording
 
 
 def _recording(frames: int, size: int) -> np.ndarray:

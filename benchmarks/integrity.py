@@ -7,7 +7,7 @@ Writes the same frames (photon-limited two-photon-like uint16, the default chunk
 whole frames) into two Zarr v3 stores that differ only in the ``crc32c`` codec after Blosc,
 then reads each back whole, the way ``export`` reads a store (a chunk row at a time, one read
 ahead): once as a plain ``zarr.Array`` without checksums (today's reader before this change),
-and through :class:`~deepcad_chunked.io.integrity.CheckedArray` with checksums (what every
+and through :class:`~deepcad_chunked.store.integrity.CheckedArray` with checksums (what every
 command reads now: missing chunks refused, checksums verified). The variants alternate within
 each repeat, so a noisy machine slows all of them alike; the median of the repeats is
 reported, with the ratio to the plain store.
@@ -36,9 +36,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from deepcad_chunked import convert, export
 from deepcad_chunked.config import DEFAULT_CHUNKS, ConvertConfig
-from deepcad_chunked.io import omezarr
-from deepcad_chunked.io.integrity import open_array
-from deepcad_chunked.io.omezarr import read_slabs
+from deepcad_chunked.store import omezarr
+from deepcad_chunked.store.integrity import open_array
+from deepcad_chunked.store.omezarr import read_slabs
 
 
 def _write(path: Path, data: np.ndarray, checksums: bool) -> tuple[float, float]:

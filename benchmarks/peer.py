@@ -12,7 +12,7 @@ at run time (nothing else is changed). Its training gets the budget and then the
 epoch it is in (it saves a model at the end of each epoch), so it is never given less time
 than ours; the table shows the time it took.
 
-For each budget: ours (the demo's settings, :data:`deepcad_chunked.pipeline.DEMO_TRAINING`,
+For each budget: ours (the demo's settings, :data:`deepcad_chunked.jobs.run.DEMO_TRAINING`,
 trained for as many steps as fit in the budget) and DeepCAD-RT (its demo's learning rate and
 network unless told otherwise; patches that fit the 128² frames) denoise the whole recording;
 both are scored against the ground truth (SNR, mean trace correlation), with the best
@@ -39,8 +39,8 @@ from _common import denoise_in_memory, machine, train_for
 
 from deepcad_chunked import convert
 from deepcad_chunked.config import SimulationConfig
+from deepcad_chunked.jobs.run import DEMO_TRAINING
 from deepcad_chunked.metrics import score
-from deepcad_chunked.pipeline import DEMO_TRAINING
 from deepcad_chunked.simulate import simulate
 
 HOW = ("this benchmark needs a checkout of DeepCAD-RT: git clone "

@@ -20,8 +20,8 @@ from pathlib import Path
 from _common import machine
 
 from deepcad_chunked.config import DenoiseConfig, SimulationConfig, TrainConfig
+from deepcad_chunked.jobs.run import run
 from deepcad_chunked.metrics import score
-from deepcad_chunked.pipeline import run
 from deepcad_chunked.simulate import simulate
 
 

@@ -36,9 +36,9 @@ from _common import machine, publish
 
 from deepcad_chunked.config import DenoiseConfig, FollowConfig
 from deepcad_chunked.infer.predict import default_halo
+from deepcad_chunked.jobs.follow import follow
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
-from deepcad_chunked.realtime import follow
 
 #: Seconds the acquisition waits for follow's cluster to start.
 WARMUP_S = 12.0

@@ -60,7 +60,7 @@ def add_follow(sub: argparse._SubParsersAction) -> None:
 
 def _run_follow(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import ConvertConfig, DenoiseConfig, FollowConfig
-    from deepcad_chunked.realtime import follow
+    from deepcad_chunked.jobs.follow import follow
 
     denoise = {k: getattr(args, k) for k in ("halo", "device", "precision", "dtype",
                                              "tile_memory")}

@@ -78,7 +78,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import CompressionConfig, ConvertConfig
-    from deepcad_chunked.io.convert import convert
+    from deepcad_chunked.jobs.convert import convert
 
     config = ConvertConfig.build(
         chunks=args.chunks, zarr_format=args.zarr_format,
@@ -158,7 +158,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import TrainConfig
-    from deepcad_chunked.training import train
+    from deepcad_chunked.jobs.train import train
 
     given = {name: getattr(args, name) for name in (
         "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "schedule",
@@ -206,7 +206,7 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
 
 def _run_denoise(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import DenoiseConfig
-    from deepcad_chunked.infer import denoise
+    from deepcad_chunked.jobs.denoise import denoise
 
     given = {name: getattr(args, name) for name in ("block", "halo", "device", "precision",
                                                     "dtype", "tile_memory")}
@@ -235,7 +235,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.info import describe, is_source_file
+    from deepcad_chunked.jobs.info import describe, is_source_file
 
     if is_source_file(args.path):
         if args.verify:
@@ -281,7 +281,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.info import verify_store
+    from deepcad_chunked.jobs.info import verify_store
 
     report = verify_store(args.path, axes=args.axes)
     if args.json:
@@ -305,7 +305,7 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 def _print_source(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.info import describe_source
+    from deepcad_chunked.jobs.info import describe_source
 
     info = describe_source(args.path, raw_layout(args))
     if args.json:
@@ -358,7 +358,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from deepcad_chunked.io.export import export
+    from deepcad_chunked.jobs.export import export
 
     path = export(args.source, args.output, overwrite=args.overwrite,
                   progress=False if args.no_progress else None, axes=args.axes,
@@ -391,7 +391,7 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
 
 def _urls(args: argparse.Namespace) -> list[str]:
     """The command's arguments that are URLs (stores, sources, models), for messages."""
-    from deepcad_chunked.io.location import is_url
+    from deepcad_chunked.store.location import is_url
 
     values: list[object] = []
     for value in vars(args).values():
@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             log.exception("error")
-        from deepcad_chunked.io.location import service_error
+        from deepcad_chunked.store.location import service_error
 
         if (said := service_error(exc, _urls(args))) is not None:  # a store that is a URL
             log.error("error: %s", said)
@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             log.exception("internal error")
-        from deepcad_chunked.io.location import service_error
+        from deepcad_chunked.store.location import service_error
 
         if (said := service_error(exc, _urls(args))) is not None:  # endpoint, credentials
             log.error("error: %s", said)

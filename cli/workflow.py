@@ -141,7 +141,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _run_run(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import ConvertConfig, DenoiseConfig
-    from deepcad_chunked.pipeline import run
+    from deepcad_chunked.jobs.run import run
 
     denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
     recording = ConvertConfig.build(**source_options(args))
@@ -156,8 +156,8 @@ def _run_run(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from deepcad_chunked.pipeline import DEMO_SIMULATION as S
-    from deepcad_chunked.pipeline import DEMO_TRAINING as T
+    from deepcad_chunked.jobs.run import DEMO_SIMULATION as S
+    from deepcad_chunked.jobs.run import DEMO_TRAINING as T
 
     p = sub.add_parser("demo", help="simulate, denoise, evaluate and draw a report",
                        description="Simulate a small recording with ground truth "
@@ -179,7 +179,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import SimulationConfig
-    from deepcad_chunked.pipeline import DEMO_SIMULATION, DEMO_TRAINING, demo
+    from deepcad_chunked.jobs.run import DEMO_SIMULATION, DEMO_TRAINING, demo
 
     sim = DEMO_SIMULATION.model_dump()
     sim.update({k: v for k, v in (("frames", args.frames), ("size", args.size),

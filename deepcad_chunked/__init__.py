@@ -22,10 +22,12 @@ from deepcad_chunked.config import (
     TrainConfig,
 )
 from deepcad_chunked.errors import DeepCADError
-from deepcad_chunked.io import Recording, convert, export, open_recording
-from deepcad_chunked.io import describe as info
-from deepcad_chunked.io.sources import open_sources
+from deepcad_chunked.jobs.convert import convert
+from deepcad_chunked.jobs.export import export
+from deepcad_chunked.jobs.info import describe as info
 from deepcad_chunked.simulate import simulate
+from deepcad_chunked.sources.registry import open_sources
+from deepcad_chunked.store.recording import Recording, open_recording
 
 __all__ = [
     "CompressionConfig",
@@ -58,23 +60,27 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "train":
-        from deepcad_chunked.training import train
+        from deepcad_chunked.jobs.train import train
 
         return train
     if name == "load_model":
         from deepcad_chunked.model import load_model
 
         return load_model
-    if name in ("predict_array", "denoise"):
-        from deepcad_chunked import infer
+    if name == "predict_array":
+        from deepcad_chunked.infer import predict_array
 
-        return getattr(infer, name)
+        return predict_array
+    if name == "denoise":
+        from deepcad_chunked.jobs.denoise import denoise
+
+        return denoise
     if name in ("run", "demo"):
-        from deepcad_chunked import pipeline
+        from deepcad_chunked.jobs import run as pipeline
 
         return getattr(pipeline, name)
     if name == "follow":
-        from deepcad_chunked.realtime import follow
+        from deepcad_chunked.jobs.follow import follow
 
         return follow
     if name == "evaluate":

@@ -22,9 +22,9 @@ import tifffile
 
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import ConfigError, OutputExistsError, SourceError
-from deepcad_chunked.io.growing import STOP_FILE
-from deepcad_chunked.io.location import no_folder
 from deepcad_chunked.simulate import CHUNK, clean_chunks, detect
+from deepcad_chunked.sources.growing import STOP_FILE
+from deepcad_chunked.store.location import no_folder
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
 from distributed.system import MEMORY_LIMIT
 
+from deepcad_chunked import launchers
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.interrupt import check as check_interrupt
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for a scheduler given by address before giving up.
 CONNECT_TIMEOUT_S = 10
-#: Seconds a job waits for a first worker to join a scheduler it was given.
-WORKER_WAIT_S = 300
 _SCHEMES = ("tcp://", "tls://", "ucx://", "ws://", "wss://", "inproc://")
 
 #: glibc malloc settings for local workers. distributed sets MALLOC_TRIM_THRESHOLD_=64 KiB, which
@@ -207,7 +206,6 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
             yield client
         return
     if cluster in LAUNCHED:
-        from deepcad_chunked import launchers
 
         if cluster == "cuda":
             with launchers.start_cuda(workers) as started, Client(started) as client:
@@ -270,24 +268,6 @@ def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def wait_for_a_worker(client: Client, timeout: float = WORKER_WAIT_S) -> None:
-    """Return once the cluster has a worker; fail with one line after ``timeout`` seconds.
-
-    Raises
-    ------
-    ConfigError
-        When no worker joins in time.
-    """
-    if client.scheduler_info().get("workers"):
-        return
-    log.info("waiting for a dask worker to join %s", client.scheduler.address)
-    try:
-        client.wait_for_workers(1, timeout=timeout)
-    except TimeoutError:
-        raise ConfigError(f"no dask worker joined the scheduler at {client.scheduler.address} "
-                          f"within {timeout:g} s") from None
 
 
 def advertises_gpus(client: Client) -> bool:

@@ -320,7 +320,7 @@ class DenoiseConfig(_Config):
     ----------
     block : (t, y, x) or None
         Core block of one task, multiples of 8 (and by default of the storage chunks);
-        None picks one from the device (see :func:`deepcad_chunked.infer.denoise.plan_layout`).
+        None picks one from the device (see :func:`deepcad_chunked.jobs.denoise.plan_layout`).
     halo : int or None
         Overlap on every side of a block; None: the network's receptive radius rounded up to
         a multiple of 8 (exact).

@@ -109,7 +109,7 @@ def match(found: Sequence[np.ndarray], true: Sequence[np.ndarray], iou: float = 
 
 def _require_suite2p() -> None:
     """Import Suite2p, or say in one line how to get it (or why it does not load)."""
-    from deepcad_chunked.io.reader import require
+    from deepcad_chunked.sources.reader import require
 
     try:
         require("suite2p", "eval", "neuron detection")

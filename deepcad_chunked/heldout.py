@@ -252,10 +252,10 @@ def network_of(denoised: str | Path, model: str | Path | None = None
         When the store's model file is gone or was replaced since (its digest differs).
     """
     from deepcad_chunked.errors import StoreError
-    from deepcad_chunked.io.location import resolve
-    from deepcad_chunked.io.omezarr import open_recording
-    from deepcad_chunked.io.remote import is_http
     from deepcad_chunked.model.checkpoint import Checkpoint
+    from deepcad_chunked.sources.remote import is_http
+    from deepcad_chunked.store.location import resolve
+    from deepcad_chunked.store.recording import open_recording
 
     attrs: dict[str, Any] = {}
     if not is_http(str(denoised)):

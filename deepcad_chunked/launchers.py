@@ -20,11 +20,13 @@ from typing import Any
 
 import dask
 
-from deepcad_chunked.cluster import wait_for_a_worker
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: Seconds a job waits for a first worker to join a scheduler it was given.
+WORKER_WAIT_S = 300
 
 #: dask-jobqueue cluster class per ``--cluster`` kind.
 JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster",
@@ -38,6 +40,24 @@ ACCOUNT_OPTION = {"slurm": "account", "pbs": "account", "sge": "project", "lsf":
 #: their retirements are spread.
 LIFETIME_MARGIN_MIN = 10
 LIFETIME_STAGGER_MIN = 5
+
+
+def wait_for_a_worker(client: Any, timeout: float = WORKER_WAIT_S) -> None:
+    """Return once the cluster has a worker; fail with one line after ``timeout`` seconds.
+
+    Raises
+    ------
+    ConfigError
+        When no worker joins in time.
+    """
+    if client.scheduler_info().get("workers"):
+        return
+    log.info("waiting for a dask worker to join %s", client.scheduler.address)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ConfigError(f"no dask worker joined the scheduler at {client.scheduler.address} "
+                          f"within {timeout:g} s") from None
 
 
 def _minutes(walltime: str) -> int:

@@ -23,10 +23,10 @@ import numpy as np
 from scipy import ndimage, sparse
 
 from deepcad_chunked.errors import ConfigError, SourceError
-from deepcad_chunked.io.location import RemotePath, resolve
-from deepcad_chunked.io.remote import is_http
-from deepcad_chunked.io.sources import file_of, open_sources
 from deepcad_chunked.simulate import Footprint, load_truth, output_paths
+from deepcad_chunked.sources.registry import file_of, open_sources
+from deepcad_chunked.sources.remote import is_http
+from deepcad_chunked.store.location import RemotePath, resolve
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,11 @@ DARK_WINDOW = 16
 
 class Frames:
     """A ``(t, y, x)`` recording in an OME-Zarr store or any source format
-    (:mod:`deepcad_chunked.io.sources`: TIFF, HDF5, NWB, Suite2p), read by frame ranges."""
+    (:mod:`deepcad_chunked.sources.registry`: TIFF, HDF5, NWB, Suite2p), read by frame ranges."""
 
     def __init__(self, path: str | Path) -> None:
-        from deepcad_chunked.io.omezarr import is_zarr_store, open_recording
+        from deepcad_chunked.store.omezarr import is_zarr_store
+        from deepcad_chunked.store.recording import open_recording
 
         text = str(path)
         self.path = resolve(path)

@@ -17,9 +17,9 @@ import numpy as np
 from scipy import ndimage
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
-from deepcad_chunked.io.lifecycle import check_disjoint
-from deepcad_chunked.io.location import no_folder
 from deepcad_chunked.metrics import Frames
+from deepcad_chunked.store.lifecycle import check_disjoint
+from deepcad_chunked.store.location import no_folder
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError
-from deepcad_chunked.io.location import no_folder
+from deepcad_chunked.store.location import no_folder
 
 log = logging.getLogger(__name__)
 

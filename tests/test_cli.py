@@ -144,7 +144,7 @@ def test_bypass_option_of_run_and_demo(given: tuple[str, ...], expected: object)
     from deepcad_chunked.cli.workflow import _train_config
 
     from deepcad_chunked.config import BYPASS_KERNEL, TrainConfig
-    from deepcad_chunked.pipeline import DEMO_TRAINING
+    from deepcad_chunked.jobs.run import DEMO_TRAINING
 
     parser = build_parser()
     run = _train_config(parser.parse_args(["run", "a.tif", "-o", "o", *given]))

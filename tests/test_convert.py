@@ -19,7 +19,7 @@ from deepcad_chunked.errors import (
     SourceError,
     StoreError,
 )
-from deepcad_chunked.io.omezarr import update_attrs
+from deepcad_chunked.store.omezarr import update_attrs
 from tests.tiffs import (
     movie,
     write_imagej,

@@ -17,9 +17,10 @@ import pytest
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
-from deepcad_chunked.infer.denoise import Layout, _Job
-from deepcad_chunked.io.omezarr import Compression, create_image, open_recording, update_attrs
+from deepcad_chunked.jobs.denoise import Layout, _Job
 from deepcad_chunked.model import Checkpoint, load_model
+from deepcad_chunked.store.omezarr import Compression, create_image, update_attrs
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli, stored_chunks
 from tests.tiffs import write_imagej, write_plain
 

@@ -27,12 +27,12 @@ from deepcad_chunked.config import (
 )
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.infer.predict import denoise_dask
-from deepcad_chunked.io.growing import STOP_FILE, FolderWatch, GrowingTiff
-from deepcad_chunked.io.omezarr import open_recording
+from deepcad_chunked.jobs.follow import follow
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
-from deepcad_chunked.realtime import follow
 from deepcad_chunked.simulate import CHUNK, clean_chunks, detect
+from deepcad_chunked.sources.growing import STOP_FILE, FolderWatch, GrowingTiff
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, finish, run_cli, start_cli, wait_until
 from tests.test_deepcad_rt import F_MAPS, _save, deepcad_rt_state
 

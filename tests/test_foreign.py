@@ -23,8 +23,8 @@ from deepcad_chunked import (
     open_recording,
 )
 from deepcad_chunked.errors import StoreError
-from deepcad_chunked.io.foreign import SIDECAR_SUFFIX
-from deepcad_chunked.training import train
+from deepcad_chunked.jobs.train import train
+from deepcad_chunked.store.foreign import SIDECAR_SUFFIX
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import movie, write_ome
 

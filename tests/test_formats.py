@@ -15,12 +15,12 @@ from distributed import Client
 from deepcad_chunked import convert
 from deepcad_chunked.config import ConvertConfig, RawLayout
 from deepcad_chunked.errors import OutputExistsError, SourceError
-from deepcad_chunked.infer import denoise
-from deepcad_chunked.io.export import export
-from deepcad_chunked.io.omezarr import open_recording
-from deepcad_chunked.io.sources import open_sources
-from deepcad_chunked.io.suite2p import read_ops
+from deepcad_chunked.jobs.denoise import denoise
+from deepcad_chunked.jobs.export import export
 from deepcad_chunked.metrics import Frames
+from deepcad_chunked.sources.registry import open_sources
+from deepcad_chunked.sources.suite2p import read_ops
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli
 from tests.formats import SHAPE, http_server, movie, write_nwb, write_suite2p
 

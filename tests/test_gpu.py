@@ -16,9 +16,9 @@ from distributed import Client, LocalCluster
 from deepcad_chunked import DenoiseConfig, denoise, predict_array
 from deepcad_chunked.config import BYPASS_KERNEL
 from deepcad_chunked.infer import denoise_dask
-from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.recording import open_recording
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]

@@ -27,9 +27,10 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.errors import DeepCADError
-from deepcad_chunked.io.omezarr import open_recording, read_group_attrs
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.omezarr import read_group_attrs
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import (
     COMMAND,
     assert_clean_error,

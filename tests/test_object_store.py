@@ -22,8 +22,8 @@ import pytest
 import tifffile
 import torch
 
-from deepcad_chunked.io.omezarr import open_recording
 from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import (
     COMMAND,
     S3,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from deepcad_chunked.errors import IncompleteStoreError
-from deepcad_chunked.io.omezarr import open_recording
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
 

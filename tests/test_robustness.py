@@ -25,9 +25,10 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.errors import DeepCADError, IncompleteStoreError
-from deepcad_chunked.io.omezarr import ATTRS_KEY, open_recording, read_group_attrs, update_attrs
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.omezarr import ATTRS_KEY, read_group_attrs, update_attrs
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"

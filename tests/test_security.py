@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster
 from distributed.security import Security
 
 from deepcad_chunked.cluster import HOST_KEY, connect
-from deepcad_chunked.io.omezarr import open_recording
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import write_plain
 

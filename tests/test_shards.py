@@ -14,7 +14,7 @@ from distributed import Client
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise
 from deepcad_chunked.config import SHARD_BYTES
 from deepcad_chunked.errors import ConfigError
-from deepcad_chunked.io.convert import MIN_SLABS, resolve_shards
+from deepcad_chunked.jobs.convert import MIN_SLABS, resolve_shards
 from tests.conftest import assert_clean_error, run_cli
 from tests.tiffs import movie, write_plain
 

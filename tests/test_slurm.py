@@ -21,9 +21,9 @@ from distributed import Client, get_task_stream
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise
 from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import JobQueueOptions
-from deepcad_chunked.io.omezarr import open_recording
+from deepcad_chunked.jobs.train import worker_jobs
 from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.training.remote import worker_jobs
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli, stored_chunks
 from tests.tiffs import write_plain
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.sources import discover_sources, natural_key
+from deepcad_chunked.sources.registry import discover_sources, natural_key
 
 
 def _touch(folder: Path, *names: str) -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepcad_chunked.io.stats import PERCENTILES, BlockStats
+from deepcad_chunked.store.stats import PERCENTILES, BlockStats
 from tests.tiffs import movie
 
 

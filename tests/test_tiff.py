@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.tiff import inspect_tiff, plan_sources, read_frames
+from deepcad_chunked.sources.tiff import inspect_tiff, plan_sources, read_frames
 from tests.tiffs import (
     movie,
     write_imagej,

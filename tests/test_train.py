@@ -20,8 +20,8 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
 from deepcad_chunked.errors import ConfigError, DeepCADError, IncompleteStoreError
-from deepcad_chunked.io.omezarr import update_attrs
 from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.store.omezarr import update_attrs
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
 from deepcad_chunked.training.loop import lr_factor
 from deepcad_chunked.training.tiles import draw, make_pair, split_regions

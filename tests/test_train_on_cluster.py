@@ -14,8 +14,8 @@ import torch
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
-from deepcad_chunked.cluster import wait_for_a_worker
 from deepcad_chunked.errors import ConfigError, DeepCADError
+from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.model import Checkpoint
 from tests.test_train import TINY, blinking_cells
 from tests.tiffs import write_plain

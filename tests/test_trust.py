@@ -24,9 +24,10 @@ from distributed import Client
 
 from deepcad_chunked import ConvertConfig, convert
 from deepcad_chunked.errors import DamagedStoreError, DeepCADError
-from deepcad_chunked.io.omezarr import open_recording, read_group_attrs
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.omezarr import read_group_attrs
+from deepcad_chunked.store.recording import open_recording
 from tests.conftest import (
     assert_clean_error,
     finish,
@@ -241,7 +242,7 @@ def test_a_source_of_a_virtual_dataset_changed_between_a_kill_and_the_rerun(
 
 def test_a_source_of_a_virtual_dataset_changed_while_it_is_read(tmp_path: Path) -> None:
     """Found by the check around every read, as for the file itself."""
-    from deepcad_chunked.io.sources import open_sources
+    from deepcad_chunked.sources.registry import open_sources
 
     _virtual(tmp_path)
     plan = open_sources([str(tmp_path / "vds.h5")])

@@ -1,6 +1,5 @@
 """Inference: monolithic and chunked application of a trained network."""
 
-from deepcad_chunked.infer.denoise import denoise
 from deepcad_chunked.infer.predict import (
     default_halo,
     denoise_dask,
@@ -8,4 +7,4 @@ from deepcad_chunked.infer.predict import (
     receptive_radius,
 )
 
-__all__ = ["default_halo", "denoise", "denoise_dask", "predict_array", "receptive_radius"]
+__all__ = ["default_halo", "denoise_dask", "predict_array", "receptive_radius"]

@@ -22,33 +22,13 @@ import torch
 
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import plan_tiles
-from deepcad_chunked.io.location import file_state, resolve
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 from deepcad_chunked.model.lean import lean_forward
-from deepcad_chunked.model.unet3d import GRID, UNet3D
+from deepcad_chunked.model.unet3d import GRID, UNet3D, receptive_radius
+from deepcad_chunked.store.location import file_state, resolve
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=8)
-def receptive_radius(levels_probe: int = 1) -> int:
-    """How far (in voxels, along any axis) an output voxel sees into its input.
-
-    Measured once on the architecture: the gradient of one output voxel of a network with
-    positive weights spreads over exactly its receptive field.
-    """
-    torch.manual_seed(0)
-    model = UNet3D(features=levels_probe).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.rand_like(p) * 0.1 + 0.01)
-    n = 192
-    x = torch.ones(1, 1, n, 8, 8, dtype=torch.float64, requires_grad=True)
-    out = model(x)
-    out[0, 0, n // 2, 4, 4].backward()
-    reach = torch.nonzero(x.grad[0, 0, :, 4, 4].abs() > 0).flatten()
-    return int(max(n // 2 - reach.min().item(), reach.max().item() - n // 2))
 
 
 def default_halo() -> int:
@@ -244,6 +224,25 @@ def mirror_indices(n: int, halo: int) -> np.ndarray:
     return np.pad(first, halo, mode="symmetric")
 
 
+def span_indices(frames: int, start: int, stop: int, halo: int) -> np.ndarray:
+    """Recording frame of every input position of the span ``start:stop`` of a recording of
+    ``frames`` frames: the span padded to the 8-frame grid, with ``halo`` frames either side,
+    mirrored at the recording's start and end."""
+    m = stop - start
+    span = m + (-m % GRID) + 2 * halo
+    return mirror_indices(frames, halo)[start:start + span]
+
+
+def normalise(x: Any, mean: np.float32, std: np.float32) -> Any:
+    """Raw samples (a numpy or dask array) as the network's float32 input."""
+    return (x.astype(np.float32) - mean) / std
+
+
+def denormalise(y: Any, mean: np.float32, std: np.float32) -> Any:
+    """The network's output in raw units."""
+    return y * std + mean
+
+
 def _gather(x: Any, axis: int, idx: np.ndarray) -> Any:
     """``x`` indexed by ``idx`` along ``axis``, as slices of its runs of step +1 or -1.
 
@@ -345,15 +344,14 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         recording_mean = float(array.mean(dtype=np.float64).compute())
     mean, std = (np.float32(v) for v in resolve_normalization(norm, recording_mean))
     shape = (stop - start, *array.shape[1:])
-    span = shape[0] + (-shape[0] % GRID) + 2 * halo
-    x = _gather(array, 0, mirror_indices(n, halo)[start:start + span])
+    x = _gather(array, 0, span_indices(n, start, stop, halo))
     for axis in (1, 2):
         x = _gather(x, axis, mirror_indices(array.shape[axis], halo))
-    x = (x.astype(np.float32) - mean) / std
+    x = normalise(x, mean, std)
     x = x.rechunk(tuple(block_chunks(m, b, halo) for m, b in zip(shape, block, strict=True)))
     fn = functools.partial(denoise_block, model_path=str(path), digest=digest, device=device,
                            precision=precision, halo=halo, max_voxels=max_voxels)
     out = x.map_overlap(fn, depth=halo, boundary="none", trim=True, dtype=np.float32,
                         meta=np.empty((0, 0, 0), dtype=np.float32), allow_rechunk=False)
     out = out[tuple(slice(halo, halo + m) for m in shape)]
-    return out * std + mean
+    return denormalise(out, mean, std)

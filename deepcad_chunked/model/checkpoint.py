@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from deepcad_chunked.errors import DeepCADError
-from deepcad_chunked.io.location import RemotePath, StorePath, resolve
 from deepcad_chunked.model.deepcad_rt import (
     convert_state,
     features_of,
@@ -32,6 +31,7 @@ from deepcad_chunked.model.deepcad_rt import (
     read_para,
 )
 from deepcad_chunked.model.unet3d import UNet3D, bypass_of
+from deepcad_chunked.store.location import RemotePath, StorePath, resolve
 
 FORMAT = "deepcad-chunked/checkpoint/1"
 

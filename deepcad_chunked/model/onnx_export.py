@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
-from deepcad_chunked.io.lifecycle import check_disjoint
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN
 from deepcad_chunked.model.unet3d import GRID, UNet3D
+from deepcad_chunked.store.lifecycle import check_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def export_onnx(model: str | Path, output: str | Path, *, normalize: bool = Fals
                                                                      "output": axes},
                               opset_version=opset, dynamo=False)
         graph = onnx.load(str(tmp))
-        from deepcad_chunked.infer.predict import receptive_radius
+        from deepcad_chunked.model.unet3d import receptive_radius
 
         meta = {"deepcad_chunked.features": str(ckpt.features),
                 "deepcad_chunked.normalization": json.dumps(norm),

@@ -18,6 +18,8 @@ chunked inference stays exact.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -139,3 +141,23 @@ def bypass_of(state: dict[str, torch.Tensor]) -> tuple[int, int, int] | None:
     """The bypass kernel a state dict's weights were made with (None: no bypass)."""
     weight = state.get("bypass.weight")
     return None if weight is None else tuple(int(k) for k in weight.shape[-3:])
+
+
+@functools.lru_cache(maxsize=8)
+def receptive_radius(levels_probe: int = 1) -> int:
+    """How far (in voxels, along any axis) an output voxel sees into its input.
+
+    Measured once on the architecture: the gradient of one output voxel of a network with
+    positive weights spreads over exactly its receptive field.
+    """
+    torch.manual_seed(0)
+    model = UNet3D(features=levels_probe).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand_like(p) * 0.1 + 0.01)
+    n = 192
+    x = torch.ones(1, 1, n, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    out[0, 0, n // 2, 4, 4].backward()
+    reach = torch.nonzero(x.grad[0, 0, :, 4, 4].abs() > 0).flatten()
+    return int(max(n // 2 - reach.min().item(), reach.max().item() - n // 2))

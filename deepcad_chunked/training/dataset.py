@@ -17,7 +17,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from deepcad_chunked.io.integrity import ArrayRef
+from deepcad_chunked.store.integrity import ArrayRef
 from deepcad_chunked.training.tiles import (
     Region,
     TileDraw,

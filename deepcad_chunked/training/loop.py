@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from deepcad_chunked.config import TrainConfig
-from deepcad_chunked.errors import ConfigError, DeepCADError, StoreError, TrainingError
+from deepcad_chunked.errors import ConfigError, DeepCADError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
-from deepcad_chunked.io.lifecycle import StorePin, open_folder
-from deepcad_chunked.io.location import resolve
-from deepcad_chunked.io.omezarr import Recording, open_recording
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.lifecycle import StorePin
+from deepcad_chunked.store.recording import Recording
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
 from deepcad_chunked.training.tiles import draw, split_regions
 
@@ -101,7 +100,7 @@ def pooled_normalization(recordings: Sequence[Recording]) -> Normalization:
     return Normalization(mean=mean, std=math.sqrt(var) if var > 0 else 1.0)
 
 
-def _check_sizes(recordings: Sequence[Recording], config: TrainConfig) -> None:
+def check_sizes(recordings: Sequence[Recording], config: TrainConfig) -> None:
     tt, ty, tx = config.tile
     for rec in recordings:
         rec.require_finite()
@@ -251,77 +250,20 @@ def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torc
     return float(np.mean(losses))
 
 
-def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
-          config: TrainConfig | None = None, resume: bool = False,
-          progress: bool | None = None, cluster: str | Any | None = None,
-          lock: bool = True, axes: str | None = None) -> TrainResult:
-    """Train the denoiser on one or more recordings, streaming tiles from their stores.
+@dataclass(frozen=True)
+class _Plan:
+    """What a run trains on and how long: regions, steps, the record checkpoints carry."""
 
-    Parameters
-    ----------
-    data : path or sequence of paths
-        Complete recording stores written by :func:`deepcad_chunked.convert`, OME-Zarr
-        images written by other tools, or plain Zarr arrays.
-    run_dir : str or Path
-        Folder for checkpoints and logs (created if needed).
-    config : TrainConfig, optional
-        Tile size, batch, epochs, optimiser, loader workers, seed, device.
-    resume : bool
-        Continue the run in ``run_dir`` from its ``last.pt``.
-    progress : bool, optional
-        Progress bar; default: when standard error is a terminal.
-    cluster : str or distributed.Client, optional
-        Train in this process (None, the default), or as one task on a worker of this
-        cluster (``--cluster`` kinds and addresses, or a client): a GPU node of a batch
-        system, say. The stores and ``run_dir`` must then be on a filesystem the workers
-        share, under the same paths.
-    lock : bool
-        Hold the run directory's writer lock while training (the default); False only where
-        the caller holds it (the cluster task of a driver that does).
-    axes : str, optional
-        Axis names of plain Zarr arrays that do not name them (``"tyx"``).
+    stores: list[str]
+    norm: Normalization
+    train_regions: list
+    val_regions: list
+    steps: int
+    record: dict[str, Any]
 
-    Returns
-    -------
-    TrainResult
 
-    Raises
-    ------
-    StoreError, ConfigError, DeepCADError
-        Incomplete or foreign stores, recordings smaller than a tile, an unwritable run
-        directory, a run directory that is or lies inside a store, or a ``resume`` whose
-        checkpoint was made with other options or data.
-    LockedError
-        Another process is training into ``run_dir``.
-    TrainingError
-        The loss stopped being finite (training diverged).
-    """
-    config = config or TrainConfig()
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
-    if not paths:
-        raise StoreError("no training data given")
-    recordings = [open_recording(p, axes=axes).with_statistics() for p in paths]
-    _check_sizes(recordings, config)  # refuse bad data before anything is started
-    folder = resolve(run_dir)
-    if not isinstance(folder, Path):
-        raise StoreError(f"{run_dir}: the run directory must be a local folder (its "
-                         "recordings may be URLs)")
-    run_dir = folder
-    if lock:
-        with open_folder(run_dir, command="train", inputs=[r.path for r in recordings]):
-            return train(paths, run_dir, config=config, resume=resume, progress=progress,
-                         cluster=cluster, lock=False, axes=axes)
-    if cluster is not None:
-        from deepcad_chunked.cluster import connect
-        from deepcad_chunked.training.remote import train_on_cluster
-
-        with connect(cluster, workers=1) as client:
-            return train_on_cluster(client, paths, run_dir, config=config, resume=resume,
-                                    axes=axes)
-    _prepare_run_dir(run_dir, resume)
-    pins = [StorePin(r.path) for r in recordings]
+def _plan(recordings: Sequence[Recording], config: TrainConfig) -> _Plan:
     stores = [str(r.path.absolute()) for r in recordings]
-    arrays = [r.array_ref for r in recordings]
     norm = pooled_normalization(recordings)
     tile = config.tile
     train_regions, val_regions = split_regions([r.shape for r in recordings], tile,
@@ -335,14 +277,30 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
                                  / math.prod(tile) / config.batch_size))
     record = {**config.model_dump(mode="json"), "steps_per_epoch": steps, "data": stores,
               "normalization": norm.as_dict()}
+    return _Plan(stores, norm, train_regions, val_regions, steps, record)
 
-    device = pick_device(config.device)
-    amp = config.amp and device.type == "cuda"
+
+@dataclass
+class _State:
+    """The network, its optimiser and average, and the epochs done so far."""
+
+    model: UNet3D
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    average: WeightAverage | None
+    start_epoch: int
+    history: list[dict[str, float]]
+    best: float
+
+
+def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: torch.device,
+           resume: bool) -> _State:
+    """A new network, or the newest checkpoint's when resuming a run made the same way."""
     torch.manual_seed(config.seed)
     model = UNet3D(features=config.features, bypass=config.bypass).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
-    start_epoch, history, best = 0, [], math.inf
+    state = _State(model, optimizer, scaler, None, 0, [], math.inf)
     newest = _newest_checkpoint(run_dir) if resume else None
     if newest is not None:
         ckpt = Checkpoint.load(newest, map_location=device)
@@ -357,86 +315,142 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
                                f"other {', '.join(changed)}{hint}")
         model.load_state_dict(ckpt.model_state)
         optimizer.load_state_dict(ckpt.optimizer_state)
-        start_epoch, history = ckpt.epoch, ckpt.history
-        best = min((h["val_loss"] for h in history), default=math.inf)
+        state.start_epoch, state.history = ckpt.epoch, ckpt.history
+        state.best = min((h["val_loss"] for h in state.history), default=math.inf)
         if newest.name != "last.pt":  # killed before last.pt (and best.pt) caught up
             _publish(newest, run_dir / "last.pt")
-            if history and history[-1]["val_loss"] == best:
+            if state.history and state.history[-1]["val_loss"] == state.best:
                 _publish(newest, run_dir / "best.pt")
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        log.info("resuming %s after epoch %d", run_dir, state.start_epoch)
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
+    if config.average:
+        state.average = WeightAverage(model, config.average)
+        if newest is not None:  # the checkpoint holds the average
+            state.average.model.load_state_dict(ckpt.model_state)
+            model.load_state_dict(ckpt.live_state)
+    return state
 
-    average = WeightAverage(model, config.average) if config.average else None
-    if average is not None and newest is not None:  # the checkpoint holds the average
-        average.model.load_state_dict(ckpt.model_state)
-        model.load_state_dict(ckpt.live_state)
+
+def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainConfig,
+           device: torch.device, bar: Any) -> float:
+    """One epoch's optimiser steps; the summed training loss."""
+    amp = config.amp and device.type == "cuda"
+    model, optimizer, steps, total = state.model, state.optimizer, plan.steps, 0.0
+    for step in range(steps):
+        check_interrupt()
+        inp, tgt = make_pairs(_next_batch(batches).to(device, non_blocking=True), plan.norm)
+        factor = lr_factor(epoch * steps + step, config.epochs * steps,
+                           config.schedule, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(inp).float(), tgt, config.loss)
+        value = float(loss.detach())
+        _require_finite(value, epoch + 1, f"step {step + 1}", config.lr)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(optimizer)
+        state.scaler.update()
+        if state.average is not None:
+            state.average.update(model, epoch * steps + step)
+        total += value
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
+    return total
+
+
+def _save_epoch(state: _State, run_dir: Path, epoch: int, train_loss: float, val: float,
+                seconds: float, plan: _Plan, config: TrainConfig) -> None:
+    """Record the epoch, write its checkpoint and publish it as last (and best) one."""
+    judged = state.average.model if state.average is not None else state.model
+    state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                          "seconds": seconds})
+    live = state.model.state_dict() if state.average is not None else {}
+    ckpt = Checkpoint(model_state=judged.state_dict(), features=config.features,
+                      live_state=live, normalization=plan.norm.as_dict(), config=plan.record,
+                      epoch=epoch + 1, step=(epoch + 1) * plan.steps,
+                      optimizer_state=state.optimizer.state_dict(),
+                      scaler_state=state.scaler.state_dict(), history=state.history)
+    name = run_dir / f"epoch_{epoch + 1:04d}.pt"
+    ckpt.save(name)
+    if val < state.best:
+        state.best = val
+        _publish(name, run_dir / "best.pt")
+    _publish(name, run_dir / "last.pt")
+    _write_logs(run_dir, state.history)
+    log.info("epoch %d/%d: train loss %.5g, validation loss %.5g%s", epoch + 1,
+             config.epochs, train_loss, val, " (best)" if val == state.best else "")
+
+
+def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
+        resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Train in this process on ``recordings`` (opened, checked, with statistics), writing
+    checkpoints and logs into ``run_dir``, whose lock the caller holds.
+
+    Parameters
+    ----------
+    recordings : sequence of Recording
+    run_dir : Path
+    config : TrainConfig
+    resume : bool
+        Continue from the newest checkpoint in ``run_dir``.
+    progress : bool, optional
+        Progress bar; default: when standard error is a terminal.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    DeepCADError
+        A ``resume`` whose checkpoint was made with other options or data.
+    TrainingError
+        The loss stopped being finite (training diverged).
+    """
+    _prepare_run_dir(run_dir, resume)
+    pins = [StorePin(r.path) for r in recordings]
+    plan = _plan(recordings, config)
+    device = pick_device(config.device)
+    amp = config.amp and device.type == "cuda"
+    state = _start(run_dir, config, plan.record, device, resume)
+    tile, steps = config.tile, plan.steps
     chunks = [(r.chunks[0], r.chunks[-2], r.chunks[-1]) for r in recordings]
-    train_set = TilePairDataset(arrays, train_regions, tile, config.seed, norm,
+    arrays = [r.array_ref for r in recordings]
+    train_set = TilePairDataset(arrays, plan.train_regions, tile, config.seed, plan.norm,
                                 tiles_per_window=config.tiles_per_window, chunks=chunks)
-    val_set = TilePairDataset(arrays, val_regions, tile, config.seed, norm, augment=False)
-    val_draws = [draw(config.seed + 1, i, val_regions, tile, augment=False)
+    val_set = TilePairDataset(arrays, plan.val_regions, tile, config.seed, plan.norm,
+                              augment=False)
+    val_draws = [draw(config.seed + 1, i, plan.val_regions, tile, augment=False)
                  for i in range(config.val_tiles)]
     per_epoch = steps * config.batch_size
     loader = DataLoader(train_set, batch_size=config.batch_size,
-                        sampler=range(start_epoch * per_epoch, config.epochs * per_epoch),
+                        sampler=range(state.start_epoch * per_epoch, config.epochs * per_epoch),
                         num_workers=config.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if config.workers else None,
                         worker_init_fn=_loader_worker_init)
     log.info("training %d-feature network on %d recording(s), tiles %s, %d steps × %d epochs "
-             "on %s", config.features, len(stores), tile, steps, config.epochs, device)
-    bar = tqdm(total=(config.epochs - start_epoch) * steps, unit="step", desc="train",
+             "on %s", config.features, len(plan.stores), tile, steps, config.epochs, device)
+    bar = tqdm(total=(config.epochs - state.start_epoch) * steps, unit="step", desc="train",
                disable=None if progress is None else not progress, dynamic_ncols=True)
     batches = iter(loader)
-    model.train()
+    state.model.train()
     try:
-        for epoch in range(start_epoch, config.epochs):
-            started, total = time.perf_counter(), 0.0
-            for step in range(steps):
-                check_interrupt()
-                inp, tgt = make_pairs(_next_batch(batches).to(device, non_blocking=True), norm)
-                factor = lr_factor(epoch * steps + step, config.epochs * steps,
-                                   config.schedule, config.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * factor
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = loss_fn(model(inp).float(), tgt, config.loss)
-                value = float(loss.detach())
-                _require_finite(value, epoch + 1, f"step {step + 1}", config.lr)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if average is not None:
-                    average.update(model, epoch * steps + step)
-                total += value
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{total / (step + 1):.4g}", refresh=False)
-            judged = average.model if average is not None else model
+        for epoch in range(state.start_epoch, config.epochs):
+            started = time.perf_counter()
+            total = _steps(state, batches, epoch, plan, config, device, bar)
+            judged = state.average.model if state.average is not None else state.model
             val = _validate(judged, val_set, val_draws, device, amp, config.loss)
             _require_finite(val, epoch + 1, "validation", config.lr)
             if not all(bool(torch.isfinite(p).all()) for p in judged.parameters()):
                 _require_finite(math.nan, epoch + 1, "the weights", config.lr)
             for pin in pins:  # the recordings are still the ones training started on
                 pin.verify()
-            history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_loss": val,
-                            "seconds": time.perf_counter() - started})
-            ckpt = Checkpoint(model_state=judged.state_dict(), features=config.features,
-                              live_state=model.state_dict() if average is not None else {},
-                              normalization=norm.as_dict(), config=record, epoch=epoch + 1,
-                              step=(epoch + 1) * steps, optimizer_state=optimizer.state_dict(),
-                              scaler_state=scaler.state_dict(), history=history)
-            ckpt.save(run_dir / f"epoch_{epoch + 1:04d}.pt")
-            if val < best:
-                best = val
-                _publish(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / "best.pt")
-            _publish(run_dir / f"epoch_{epoch + 1:04d}.pt", run_dir / "last.pt")
-            _write_logs(run_dir, history)
-            log.info("epoch %d/%d: train loss %.5g, validation loss %.5g%s", epoch + 1,
-                     config.epochs, total / steps, val, " (best)" if val == best else "")
+            _save_epoch(state, run_dir, epoch, total / steps, val,
+                        time.perf_counter() - started, plan, config)
     finally:
         bar.close()
         _stop_loaders(batches)
         del batches
-    return TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", history)
-
+    return TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.history)

@@ -1,6 +1,6 @@
 """Lossless, out-of-core, resumable conversion of recordings into OME-Zarr.
 
-The sources are any format :mod:`deepcad_chunked.io.sources` reads (TIFF, HDF5, NWB, Suite2p,
+The sources are any format :mod:`deepcad_chunked.sources.registry` reads (TIFF, HDF5, NWB, Suite2p,
 raw binary). The recording is cut into *slabs*: one shard's worth of frames (one chunk's in an
 unsharded store) across the whole frame. Each slab is one task on the dask cluster: it reads its
 frames from the source file(s), writes them to the store (whole shards, so no two tasks touch
@@ -29,8 +29,10 @@ from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect, results_as_completed
 from deepcad_chunked.config import DEFAULT_CHUNKS, SHARD_BYTES, ConvertConfig
 from deepcad_chunked.errors import ConfigError, SourceError
-from deepcad_chunked.io.integrity import zarr_target
-from deepcad_chunked.io.lifecycle import (
+from deepcad_chunked.sources.reader import Part, PhysicalMetadata, SourcePlan
+from deepcad_chunked.sources.registry import open_sources
+from deepcad_chunked.store.integrity import zarr_target
+from deepcad_chunked.store.lifecycle import (
     StoreJob,
     check_disjoint,
     describe_change,
@@ -38,18 +40,10 @@ from deepcad_chunked.io.lifecycle import (
     open_store,
     writing,
 )
-from deepcad_chunked.io.location import RemotePath, StorePath, file_state, is_url, resolve
-from deepcad_chunked.io.omezarr import (
-    ARRAY_PATH,
-    Compression,
-    Recording,
-    create_image,
-    open_for_writing,
-    open_recording,
-)
-from deepcad_chunked.io.reader import Part, PhysicalMetadata, SourcePlan
-from deepcad_chunked.io.sources import open_sources
-from deepcad_chunked.io.stats import BlockStats
+from deepcad_chunked.store.location import RemotePath, StorePath, file_state, is_url, resolve
+from deepcad_chunked.store.omezarr import ARRAY_PATH, Compression, create_image, open_for_writing
+from deepcad_chunked.store.recording import Recording, open_recording
+from deepcad_chunked.store.stats import BlockStats
 
 log = logging.getLogger(__name__)
 

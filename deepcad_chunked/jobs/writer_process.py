@@ -22,7 +22,7 @@ import numpy as np
 
 from deepcad_chunked import interrupt
 from deepcad_chunked.errors import DeepCADError, StoreError
-from deepcad_chunked.io.omezarr import Recording
+from deepcad_chunked.store.recording import Recording
 
 #: Seconds between two looks at the child while it runs.
 POLL_S = 0.2
@@ -92,8 +92,8 @@ def _child(format_name: str, rec: Recording,
            slabs: Callable[[Recording, Callable[[int], None]], Iterator[np.ndarray]],
            partials: list[Path], member: str | None, messages: Any) -> None:
     """The child: write, reporting frames, then ``done`` or the error."""
-    from deepcad_chunked.io.sources import format_named
     from deepcad_chunked.local_worker import thread_lock_for_blosc
+    from deepcad_chunked.sources.registry import format_named
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # the command stops the child itself
         signal.signal(sig, signal.SIG_IGN)

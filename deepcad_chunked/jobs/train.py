@@ -1,8 +1,10 @@
-"""Training submitted as one task to a worker of a dask cluster (a GPU node of a batch system).
+"""The training job: open and check the recordings, hold the run directory, then train here
+(:func:`deepcad_chunked.training.loop.fit`) or as one task on a worker of a dask cluster (a GPU
+node of a batch system).
 
-The recordings stream from the shared filesystem on the worker, exactly as in a local run;
-the driver only waits, reporting each finished epoch from the run's ``log.json``. A task
-that is started again (its worker's job expired or was cancelled) resumes from the newest
+On a cluster the recordings stream from the shared filesystem on the worker, exactly as in a
+local run; the driver only waits, reporting each finished epoch from the run's ``log.json``. A
+task that is started again (its worker's job expired or was cancelled) resumes from the newest
 epoch the first attempt wrote.
 """
 
@@ -20,9 +22,14 @@ from typing import Any
 
 from distributed import Client
 
-from deepcad_chunked.cluster import advertises_gpus, wait_for_a_worker
+from deepcad_chunked.cluster import advertises_gpus, connect
 from deepcad_chunked.config import TrainConfig
-from deepcad_chunked.training.loop import TrainResult, train
+from deepcad_chunked.errors import StoreError
+from deepcad_chunked.launchers import wait_for_a_worker
+from deepcad_chunked.store.lifecycle import open_folder
+from deepcad_chunked.store.location import resolve
+from deepcad_chunked.store.recording import open_recording
+from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +41,76 @@ ATTEMPT_FILE = ".submission"
 JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID", "LSB_JOBID")
 
 
+def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
+          config: TrainConfig | None = None, resume: bool = False,
+          progress: bool | None = None, cluster: str | Any | None = None,
+          lock: bool = True, axes: str | None = None) -> TrainResult:
+    """Train the denoiser on one or more recordings, streaming tiles from their stores.
+
+    Parameters
+    ----------
+    data : path or sequence of paths
+        Complete recording stores written by :func:`deepcad_chunked.convert`, OME-Zarr
+        images written by other tools, or plain Zarr arrays.
+    run_dir : str or Path
+        Folder for checkpoints and logs (created if needed).
+    config : TrainConfig, optional
+        Tile size, batch, epochs, optimiser, loader workers, seed, device.
+    resume : bool
+        Continue the run in ``run_dir`` from its ``last.pt``.
+    progress : bool, optional
+        Progress bar; default: when standard error is a terminal.
+    cluster : str or distributed.Client, optional
+        Train in this process (None, the default), or as one task on a worker of this
+        cluster (``--cluster`` kinds and addresses, or a client): a GPU node of a batch
+        system, say. The stores and ``run_dir`` must then be on a filesystem the workers
+        share, under the same paths.
+    lock : bool
+        Hold the run directory's writer lock while training (the default); False only where
+        the caller holds it (the cluster task of a driver that does).
+    axes : str, optional
+        Axis names of plain Zarr arrays that do not name them (``"tyx"``).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    StoreError, ConfigError, DeepCADError
+        Incomplete or foreign stores, recordings smaller than a tile, an unwritable run
+        directory, a run directory that is or lies inside a store, or a ``resume`` whose
+        checkpoint was made with other options or data.
+    LockedError
+        Another process is training into ``run_dir``.
+    TrainingError
+        The loss stopped being finite (training diverged).
+    """
+    config = config or TrainConfig()
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if not paths:
+        raise StoreError("no training data given")
+    recordings = [open_recording(p, axes=axes).with_statistics() for p in paths]
+    check_sizes(recordings, config)  # refuse bad data before anything is started
+    folder = resolve(run_dir)
+    if not isinstance(folder, Path):
+        raise StoreError(f"{run_dir}: the run directory must be a local folder (its "
+                         "recordings may be URLs)")
+    if lock:
+        with open_folder(folder, command="train", inputs=[r.path for r in recordings]):
+            return train(paths, folder, config=config, resume=resume, progress=progress,
+                         cluster=cluster, lock=False, axes=axes)
+    if cluster is not None:
+        with connect(cluster, workers=1) as client:
+            return train_on_cluster(client, paths, folder, config=config, resume=resume,
+                                    axes=axes)
+    return fit(recordings, folder, config=config, resume=resume, progress=progress)
+
+
 def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | Path, *,
                      config: TrainConfig, resume: bool = False,
                      poll_s: float = POLL_S, axes: str | None = None) -> TrainResult:
-    """Run :func:`~deepcad_chunked.training.train` as one task on a worker of ``client``.
+    """Run :func:`train` as one task on a worker of ``client``.
 
     On a cluster whose workers advertise ``GPU`` resources the task asks for one GPU.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from deepcad_chunked.io.location import StorePath, write_atomic
+from deepcad_chunked.store.location import StorePath, write_atomic
 
 PERCENTILES = (0.1, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.9)
 _SKETCH_POINTS = 1025

@@ -1,13 +1,13 @@
 """What every source format gives: parts of a recording that read ranges of frames.
 
-A format module (:mod:`~deepcad_chunked.io.tiff`, :mod:`~deepcad_chunked.io.hdf5`,
-:mod:`~deepcad_chunked.io.nwb`, :mod:`~deepcad_chunked.io.suite2p`,
-:mod:`~deepcad_chunked.io.raw`) inspects a file in the driver and returns small, picklable
+A format module (:mod:`~deepcad_chunked.sources.tiff`, :mod:`~deepcad_chunked.sources.hdf5`,
+:mod:`~deepcad_chunked.sources.nwb`, :mod:`~deepcad_chunked.sources.suite2p`,
+:mod:`~deepcad_chunked.sources.raw`) inspects a file in the driver and returns small, picklable
 *parts* (:class:`Part`): where the frames are, their shape, dtype and physical scales, and the
 state of the file when it was inspected. A part reads any range of its frames in a worker,
 opening the file itself, and refuses a file that changed since it was inspected. A recording is
 one or more parts joined in time (:class:`SourcePlan`); the formats are registered in
-:mod:`~deepcad_chunked.io.sources`.
+:mod:`~deepcad_chunked.sources.registry`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from deepcad_chunked.errors import SourceError
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
-    from deepcad_chunked.io.omezarr import Recording
+    from deepcad_chunked.store.recording import Recording
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -256,22 +256,6 @@ def check_unchanged(part: Part) -> None:
                               "replaced or removed); the output is left incomplete")
 
 
-def require_numbers(dtype: Any, where: str) -> None:
-    """Refuse samples that are not plain integers or floating-point numbers (complex, bool,
-    strings, records): converting them would drop a part of them, or mean nothing.
-
-    Raises
-    ------
-    SourceError
-        Naming ``where`` and the sample type.
-    """
-    kind = np.dtype(dtype).kind
-    if kind not in "uif":
-        what = {"c": "complex", "b": "boolean (true/false)"}.get(kind, str(np.dtype(dtype)))
-        raise SourceError(f"{where} holds {what} samples ({np.dtype(dtype)}); a recording "
-                          "is integer or floating-point intensities")
-
-
 def require(module: str, extra: str, what: str) -> ModuleType:
     """Import an optional dependency, or say in one line which extra installs it.
 
@@ -389,8 +373,6 @@ class Format:
     outputs : tuple of str
         File names an export writes inside a folder, renamed into place in this order (the
         last marks it complete); empty for a single-file export.
-    watch : callable, optional
-        ``watch(folder, pattern)``: a reader of a folder still being written (``follow``).
     """
 
     name: str
@@ -400,4 +382,3 @@ class Format:
     folder: Callable[[Path], bool] | None = None
     write: Writer | None = None
     outputs: tuple[str, ...] = ()
-    watch: Callable[[Path, str | None], Any] | None = None

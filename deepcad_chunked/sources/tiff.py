@@ -22,7 +22,7 @@ import numpy as np
 import tifffile
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.reader import (
+from deepcad_chunked.sources.reader import (
     FileState,
     Format,
     HandleCache,
@@ -31,11 +31,11 @@ from deepcad_chunked.io.reader import (
     SourcePlan,
     check_unchanged,
     join_parts,
-    require_numbers,
 )
+from deepcad_chunked.store.recording import require_numbers
 
 if TYPE_CHECKING:
-    from deepcad_chunked.io.omezarr import Recording
+    from deepcad_chunked.store.recording import Recording
 
 log = logging.getLogger(__name__)
 
@@ -611,10 +611,4 @@ def _inspect(spec: str, raw: object) -> tuple[TiffSource, ...]:
     return inspect_tiff(spec)
 
 
-def _watch(folder: Path, pattern: str | None) -> object:
-    from deepcad_chunked.io.growing import FolderWatch
-
-    return FolderWatch(folder, pattern)
-
-
-FORMAT = Format("tiff", TIFF_SUFFIXES, _inspect, write=write_tiff, watch=_watch)
+FORMAT = Format("tiff", TIFF_SUFFIXES, _inspect, write=write_tiff)

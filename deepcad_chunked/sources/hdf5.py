@@ -5,8 +5,8 @@ A source names one 3D dataset ``(t, y, x)``; without a path the file must hold e
 Compressed datasets are read through their filters (gzip, and Blosc, LZ4, Zstd through
 hdf5plugin). A part holds only the file's name and the dataset's path; each worker thread
 opens the file itself, once. Local files and ``http(s)://`` URLs (read by range requests,
-see :mod:`deepcad_chunked.io.remote`) are read alike, so :mod:`deepcad_chunked.io.nwb` reads
-an NWB file's series through this module.
+see :mod:`deepcad_chunked.sources.remote`) are read alike, so
+:mod:`deepcad_chunked.sources.nwb` reads an NWB file's series through this module.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.reader import (
+from deepcad_chunked.sources.reader import (
     FileState,
     Format,
     HandleCache,
@@ -32,11 +32,11 @@ from deepcad_chunked.io.reader import (
     check_unchanged,
     require,
 )
-from deepcad_chunked.io.remote import is_http, open_url, url_state
+from deepcad_chunked.sources.remote import is_http, open_url, url_state
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
-    from deepcad_chunked.io.omezarr import Recording
+    from deepcad_chunked.store.recording import Recording
 
 log = logging.getLogger(__name__)
 

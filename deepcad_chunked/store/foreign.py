@@ -26,10 +26,10 @@ import numpy as np
 import zarr
 
 from deepcad_chunked.errors import StoreError
-from deepcad_chunked.io.integrity import open_array
-from deepcad_chunked.io.location import StorePath, list_files, write_atomic
-from deepcad_chunked.io.omezarr import read_slabs
-from deepcad_chunked.io.stats import BlockStats
+from deepcad_chunked.store.integrity import open_array
+from deepcad_chunked.store.location import StorePath, list_files, write_atomic
+from deepcad_chunked.store.omezarr import read_slabs
+from deepcad_chunked.store.stats import BlockStats
 
 log = logging.getLogger(__name__)
 

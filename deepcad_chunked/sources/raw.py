@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.reader import (
+from deepcad_chunked.sources.reader import (
     FileState,
     Format,
     PhysicalMetadata,

@@ -36,7 +36,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from deepcad_chunked.config import RemoteConfig
 from deepcad_chunked.errors import DamagedStoreError
-from deepcad_chunked.io.location import RemotePath, StorePath, is_url, resolve
+from deepcad_chunked.store.location import RemotePath, StorePath, is_url, resolve
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class BoundedStore(WrapperStore[Any]):
     """A remote store each of whose operations ends within a deadline.
 
     The object-store clients bound every request by their connect and read timeouts
-    (:func:`~deepcad_chunked.io.location.apply_remote_limits`), but a request caught at an
+    (:func:`~deepcad_chunked.store.location.apply_remote_limits`), but a request caught at an
     unlucky moment by a server that stops answering (between a PUT's headers and its body)
     has been seen to wait for ever all the same. Every operation here is given
     :meth:`RemoteConfig.deadline_s`, and then fails with a :class:`TimeoutError` that names

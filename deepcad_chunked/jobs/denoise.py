@@ -34,10 +34,10 @@ from deepcad_chunked.cluster import (
     compute_in_batches,
     connect,
     inference_workers,
-    wait_for_a_worker,
 )
 from deepcad_chunked.config import DenoiseConfig
-from deepcad_chunked.errors import ConfigError, ModelOutputError
+from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.infer.kernels import stored_samples
 from deepcad_chunked.infer.memory import (
     bytes_per_voxel,
     fit_block,
@@ -52,7 +52,10 @@ from deepcad_chunked.infer.predict import (
     denoise_dask,
     receptive_radius,
 )
-from deepcad_chunked.io.lifecycle import (
+from deepcad_chunked.launchers import wait_for_a_worker
+from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.unet3d import GRID
+from deepcad_chunked.store.lifecycle import (
     StoreJob,
     StorePin,
     check_disjoint,
@@ -61,18 +64,15 @@ from deepcad_chunked.io.lifecycle import (
     store_identity,
     writing,
 )
-from deepcad_chunked.io.location import StorePath, file_state, resolve, write_atomic
-from deepcad_chunked.io.omezarr import (
+from deepcad_chunked.store.location import StorePath, file_state, resolve, write_atomic
+from deepcad_chunked.store.omezarr import (
     ATTRS_KEY,
     Compression,
-    Recording,
     create_image,
     open_for_writing,
-    open_recording,
     read_group_attrs,
 )
-from deepcad_chunked.model.checkpoint import Checkpoint
-from deepcad_chunked.model.unet3d import GRID
+from deepcad_chunked.store.recording import Recording, open_recording
 
 log = logging.getLogger(__name__)
 
@@ -185,37 +185,9 @@ def _write_block(data: np.ndarray, store: str, region: tuple[slice, ...], marker
                  dtype: str, precision: str) -> int:
     """Check one finished block (float32, raw units), cast it to the output's dtype, write it
     to the output store, then leave its marker."""
-    require_finite(data, precision)
-    open_for_writing(store)[region] = cast_samples(data, np.dtype(dtype))
+    open_for_writing(store)[region] = stored_samples(data, dtype, precision)
     write_atomic(resolve(marker), b"")
     return int(data.size)
-
-
-def require_finite(values: np.ndarray, precision: str) -> None:
-    """Refuse results that are NaN or infinite: they must never be stored as a result.
-
-    Raises
-    ------
-    ModelOutputError
-        Saying how many there are and what may help.
-    """
-    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-    if bad:
-        hint = ("--precision fp32 may avoid the overflow" if precision != "fp32" else
-                "the model is unusable for this recording (a diverged training run?): use an "
-                "earlier checkpoint, or train again with a lower --lr")
-        raise ModelOutputError(f"the network produced {bad} NaN or infinite values in a "
-                               f"block of {values.shape} voxels; nothing was stored for it, "
-                               f"and the output stays incomplete: {hint}")
-
-
-def cast_samples(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Denoised values (float32, raw units) as samples of ``dtype``: integers rounded and
-    clipped to the type's range."""
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return x.round().clip(info.min, info.max).astype(dtype)
-    return x.astype(dtype, copy=False)
 
 
 def denoise(data: str | Path, model: str | Path, output: str | Path, *,

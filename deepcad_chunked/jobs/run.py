@@ -26,12 +26,13 @@ from deepcad_chunked.config import (
     TrainConfig,
 )
 from deepcad_chunked.errors import OutputExistsError, SourceError
-from deepcad_chunked.io import convert, export, open_recording
-from deepcad_chunked.io.convert import stale_sources
-from deepcad_chunked.io.lifecycle import check_disjoint, open_folder, remove_store
-from deepcad_chunked.io.location import is_url, local_folder, no_folder
-from deepcad_chunked.io.omezarr import ATTRS_KEY, read_group_attrs
-from deepcad_chunked.io.sources import GLOB_CHARS, discover_sources, file_of, open_sources
+from deepcad_chunked.jobs.convert import convert, stale_sources
+from deepcad_chunked.jobs.export import export
+from deepcad_chunked.sources.registry import GLOB_CHARS, discover_sources, file_of, open_sources
+from deepcad_chunked.store.lifecycle import check_disjoint, open_folder, remove_store
+from deepcad_chunked.store.location import is_url, local_folder, no_folder
+from deepcad_chunked.store.omezarr import ATTRS_KEY, read_group_attrs
+from deepcad_chunked.store.recording import open_recording
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
                 _check_denoised_with(denoised, result)
                 log.info("%s is already denoised", denoised)
             else:
-                from deepcad_chunked.infer import denoise
+                from deepcad_chunked.jobs.denoise import denoise
 
                 # a local cluster of its own: inference splits the machine differently
                 denoise(store, result, denoised, config=denoise_config,
@@ -162,7 +163,7 @@ def _check_denoised_with(denoised: Path, model: Path) -> None:
 
 def _train(store: Path, run_dir: Path, config: TrainConfig | None,
            progress: bool | None, client: Client | None) -> Path:
-    from deepcad_chunked.training import train
+    from deepcad_chunked.jobs.train import train
 
     result = train([store], run_dir, config=config, resume=True, progress=progress,
                    cluster=client)

@@ -1,6 +1,6 @@
 """The source formats, and finding and opening the sources of one recording.
 
-Each format is one module exposing ``FORMAT`` (:class:`~deepcad_chunked.io.reader.Format`);
+Each format is one module exposing ``FORMAT`` (:class:`~deepcad_chunked.sources.reader.Format`);
 adding a format is writing that module and adding it to :data:`FORMATS`.
 
 A source is a file (``rec.tif``), a file's member (``rec.h5:/mov``, ``rec.nwb:Series``), an
@@ -14,13 +14,14 @@ import glob
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io import hdf5, nwb, raw, suite2p, tiff
-from deepcad_chunked.io.omezarr import is_zarr_store
-from deepcad_chunked.io.reader import Format, SourcePlan, join_parts, natural_key
-from deepcad_chunked.io.remote import is_http
+from deepcad_chunked.sources import hdf5, nwb, raw, suite2p, tiff
+from deepcad_chunked.sources.growing import FolderWatch
+from deepcad_chunked.sources.reader import Format, SourcePlan, join_parts, natural_key
+from deepcad_chunked.sources.remote import is_http
+from deepcad_chunked.store.omezarr import is_zarr_store
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
@@ -97,7 +98,7 @@ def format_of(spec: str | Path, raw_layout: RawLayout | None = None) -> Format:
         return raw.FORMAT
     found = _by_suffix(name)
     if found is None and is_http(text):
-        from deepcad_chunked.io.remote import holds_hdf5
+        from deepcad_chunked.sources.remote import holds_hdf5
 
         if holds_hdf5(text):  # an archive's download URL names no file (DANDI's): NWB
             return nwb.FORMAT
@@ -216,10 +217,8 @@ def open_sources(sources: Sequence[str | Path] | str | Path,
     return join_parts(parts)
 
 
-def watch_folder(folder: Path, pattern: str | None = None) -> Any:
-    """A reader of a folder whose files are still being written (``follow``), from the
-    first format that has one (TIFF: :class:`~deepcad_chunked.io.growing.FolderWatch`)."""
-    for fmt in FORMATS:
-        if fmt.watch is not None:
-            return fmt.watch(folder, pattern)
-    raise SourceError("no format reads a folder while it is being written")
+def watch_folder(folder: Path, pattern: str | None = None) -> FolderWatch:
+    """A reader of a folder whose files are still being written (``follow``): TIFF files,
+    the format microscopes write frame by frame
+    (:class:`~deepcad_chunked.sources.growing.FolderWatch`)."""
+    return FolderWatch(folder, pattern)

@@ -1,7 +1,7 @@
 """Denoising a recording while it is being acquired.
 
 :func:`follow` watches a folder that acquisition software fills with TIFF files
-(:mod:`deepcad_chunked.io.growing`), appends each complete frame to ``OUTDIR/recording.zarr``
+(:mod:`deepcad_chunked.sources.growing`), appends each complete frame to ``OUTDIR/recording.zarr``
 (the store ``convert`` would write of the same files) and denoises the recording a few frames
 at a time into ``OUTDIR/denoised.zarr`` as soon as the frames a block's halo needs exist.
 
@@ -14,7 +14,7 @@ the acquisition ends, with the end mirrored. Tasks take ``block_frames`` frames 
 denoising keeps up (the least lag: a block plus the halo) and up to ``max_block_frames`` when
 it has fallen behind (fewer halos per frame, so it catches up).
 
-Both stores go through :mod:`deepcad_chunked.io.lifecycle` (locked, resumable, completion flag
+Both stores go through :mod:`deepcad_chunked.store.lifecycle` (locked, resumable, completion flag
 last): an interrupted run resumes where it stopped when it is run again.
 """
 
@@ -38,23 +38,16 @@ from distributed import Client, Future
 from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
 from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
-from deepcad_chunked.infer.denoise import (
-    cast_samples,
-    create_denoised,
-    forward_budget,
-    pin_model,
-    require_finite,
-)
-from deepcad_chunked.infer.predict import (
-    check_halo,
-    default_halo,
-    denoise_block,
-    mirror_indices,
-)
-from deepcad_chunked.io.convert import create_recording, resolve_chunks
-from deepcad_chunked.io.growing import STOP_FILE, FolderWatch
-from deepcad_chunked.io.integrity import open_array
-from deepcad_chunked.io.lifecycle import (
+from deepcad_chunked.infer.kernels import denoise_frames, stored_samples
+from deepcad_chunked.infer.predict import check_halo, default_halo, span_indices
+from deepcad_chunked.jobs.convert import create_recording, resolve_chunks
+from deepcad_chunked.jobs.denoise import create_denoised, forward_budget, pin_model
+from deepcad_chunked.model.checkpoint import Checkpoint
+from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
+from deepcad_chunked.sources.growing import STOP_FILE, FolderWatch
+from deepcad_chunked.sources.registry import watch_folder
+from deepcad_chunked.store.integrity import open_array
+from deepcad_chunked.store.lifecycle import (
     LOCK_NAME,
     StoreJob,
     check_disjoint,
@@ -62,20 +55,11 @@ from deepcad_chunked.io.lifecycle import (
     open_store,
     writing,
 )
-from deepcad_chunked.io.location import local_folder, no_folder, resolve, write_atomic
-from deepcad_chunked.io.lock import WriterLock
-from deepcad_chunked.io.omezarr import (
-    ARRAY_PATH,
-    ATTRS_KEY,
-    Recording,
-    open_recording,
-    read_group_attrs,
-    update_attrs,
-)
-from deepcad_chunked.io.sources import watch_folder
-from deepcad_chunked.io.stats import BlockStats
-from deepcad_chunked.model.checkpoint import Checkpoint
-from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
+from deepcad_chunked.store.location import local_folder, no_folder, resolve, write_atomic
+from deepcad_chunked.store.lock import WriterLock
+from deepcad_chunked.store.omezarr import ARRAY_PATH, ATTRS_KEY, read_group_attrs, update_attrs
+from deepcad_chunked.store.recording import Recording, open_recording
+from deepcad_chunked.store.stats import BlockStats
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +130,7 @@ def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
     """
     source = open_array(f"{task.recording}/{ARRAY_PATH}", strict=False)
     m = task.stop - task.start
-    span = m + (-m % 8) + 2 * task.halo
-    t = mirror_indices(task.known, task.halo)[task.start:task.start + span]
+    t = span_indices(task.known, task.start, task.stop, task.halo)
     lo, hi = int(t.min()), int(t.max()) + 1
     raw = np.asarray(source[lo:hi])[t - lo]
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
@@ -156,17 +139,12 @@ def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
                           f"samples ({len(frames)} such frame(s) around it); the network needs "
                           "finite values: replace them where the files are written (e.g. with "
                           "numpy.nan_to_num) and follow again")
-    ys = mirror_indices(raw.shape[1], task.halo)
-    xs = mirror_indices(raw.shape[2], task.halo)
-    x = (raw[:, ys][:, :, xs].astype(np.float32) - np.float32(task.mean)) / np.float32(task.std)
-    out = denoise_block(x, model_path=task.model, digest=task.digest, device=task.device,
-                        precision=task.precision, halo=task.halo, max_voxels=task.max_voxels)
-    h, (height, width) = task.halo, source.shape[1:]
-    core = out[h:h + m, h:h + height, h:h + width] * np.float32(task.std) + np.float32(task.mean)
-    require_finite(core, task.precision)
+    core = denoise_frames(raw, m, halo=task.halo, mean=task.mean, std=task.std,
+                          model_path=task.model, digest=task.digest, device=task.device,
+                          precision=task.precision, max_voxels=task.max_voxels)
     target = zarr.open_array(f"{task.denoised}/{ARRAY_PATH}", mode="r+")
     target = target.with_config({"write_empty_chunks": True})
-    target[task.start:task.stop] = cast_samples(core, np.dtype(task.dtype))
+    target[task.start:task.stop] = stored_samples(core, task.dtype, task.precision)
     for unit in range(task.start // task.unit, math.ceil(task.stop / task.unit)):
         write_atomic(resolve(f"{task.markers}/{unit:08d}.done"), b"")
     last = (np.asarray(source[task.stop - 1]), core[-1]) if task.preview else None

@@ -19,11 +19,11 @@ import numpy as np
 
 from deepcad_chunked.config import RawLayout
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io import raw
-from deepcad_chunked.io.reader import Format, PhysicalMetadata
+from deepcad_chunked.sources import raw
+from deepcad_chunked.sources.reader import Format, PhysicalMetadata
 
 if TYPE_CHECKING:
-    from deepcad_chunked.io.omezarr import Recording
+    from deepcad_chunked.store.recording import Recording
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _range(rec: Recording) -> tuple[float, float]:
     stats = rec.statistics or {}
     if stats.get("min") is not None and stats.get("max") is not None:
         return float(stats["min"]), float(stats["max"])
-    from deepcad_chunked.io.omezarr import read_slabs
+    from deepcad_chunked.store.omezarr import read_slabs
 
     lo, hi = np.inf, -np.inf
     for slab in read_slabs(rec.array, rec.chunks[0]):

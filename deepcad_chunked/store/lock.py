@@ -33,7 +33,7 @@ import psutil
 
 from deepcad_chunked import interrupt
 from deepcad_chunked.errors import LockedError, StoreError
-from deepcad_chunked.io.location import RemotePath, StorePath
+from deepcad_chunked.store.location import RemotePath, StorePath
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Streaming a recording out of its store into the formats other tools read: OME-TIFF, HDF5,
-NWB or a Suite2p plane folder (:data:`~deepcad_chunked.io.sources.FORMATS`)."""
+NWB or a Suite2p plane folder (:data:`~deepcad_chunked.sources.registry.FORMATS`)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepcad_chunked.errors import SourceError, StoreError
-from deepcad_chunked.io.hdf5 import split_member
-from deepcad_chunked.io.lifecycle import StorePin, open_file
-from deepcad_chunked.io.location import resolve
-from deepcad_chunked.io.omezarr import Recording, open_recording, read_slabs
-from deepcad_chunked.io.reader import Format
-from deepcad_chunked.io.sources import FORMATS, file_of, format_named
-from deepcad_chunked.io.writer_process import write_in_child
+from deepcad_chunked.jobs.writer_process import write_in_child
+from deepcad_chunked.sources.hdf5 import split_member
+from deepcad_chunked.sources.reader import Format
+from deepcad_chunked.sources.registry import FORMATS, file_of, format_named
+from deepcad_chunked.store.lifecycle import StorePin, open_file
+from deepcad_chunked.store.location import resolve
+from deepcad_chunked.store.omezarr import read_slabs
+from deepcad_chunked.store.recording import Recording, open_recording
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _write(fmt: Format, rec: Recording, files: list[Path], member: str | None,
 
 
 #: Formats written by HDF5, which can crash the process on a failed write: their writer runs
-#: in a process of its own (:mod:`deepcad_chunked.io.writer_process`).
+#: in a process of its own (:mod:`deepcad_chunked.jobs.writer_process`).
 ISOLATED = ("hdf5", "nwb")
 
 

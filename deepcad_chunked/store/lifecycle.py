@@ -7,7 +7,7 @@ that fills a folder (``train``'s run directory, ``run``'s output folder) through
 
 - refuses an output that is, contains or lies inside one of the command's inputs (symbolic
   links resolved), so ``--overwrite`` can never delete what the command reads;
-- takes the output's writer lock (:mod:`deepcad_chunked.io.lock`), so two commands never
+- takes the output's writer lock (:mod:`deepcad_chunked.store.lock`), so two commands never
   write one output at once;
 - for a store, decides under the lock between a fresh start, a resume and a refusal: the
   store records the job's identity (its inputs and options, ``job.identity``, and their
@@ -37,10 +37,10 @@ from typing import Any, Protocol
 import zarr
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
-from deepcad_chunked.io.integrity import zarr_target
-from deepcad_chunked.io.location import RemotePath, StorePath, no_folder, resolve, rmtree
-from deepcad_chunked.io.lock import WriterLock, lock_path
-from deepcad_chunked.io.omezarr import (
+from deepcad_chunked.store.integrity import zarr_target
+from deepcad_chunked.store.location import RemotePath, StorePath, no_folder, resolve, rmtree
+from deepcad_chunked.store.lock import WriterLock, lock_path
+from deepcad_chunked.store.omezarr import (
     ARRAY_PATH,
     ATTRS_KEY,
     is_zarr_store,
@@ -164,10 +164,10 @@ class Pin(Protocol):
 def store_identity(path: StorePath) -> dict[str, Any]:
     """What identifies one written state of a store: its job and when it was completed; for
     a store written by another tool, the state of its files
-    (:func:`deepcad_chunked.io.foreign.state`)."""
+    (:func:`deepcad_chunked.store.foreign.state`)."""
     attrs = read_group_attrs(path)
     if attrs is not None and ATTRS_KEY not in attrs and path.is_dir():
-        from deepcad_chunked.io.foreign import state
+        from deepcad_chunked.store.foreign import state
 
         return {"foreign": state(path)}
     ours = (attrs or {}).get(ATTRS_KEY) or {}

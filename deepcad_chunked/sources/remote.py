@@ -18,7 +18,7 @@ from typing import Any
 
 from deepcad_chunked.config import RemoteConfig
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.reader import FileState, require
+from deepcad_chunked.sources.reader import FileState, require
 
 #: The URL schemes read by range requests.
 SCHEMES = ("http://", "https://")

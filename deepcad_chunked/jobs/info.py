@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from deepcad_chunked.io.integrity import has_checksums, verify
-from deepcad_chunked.io.location import RemotePath, list_files, resolve
-from deepcad_chunked.io.omezarr import open_recording
+from deepcad_chunked.store.integrity import has_checksums, verify
+from deepcad_chunked.store.location import RemotePath, list_files, resolve
+from deepcad_chunked.store.recording import open_recording
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
@@ -107,8 +107,8 @@ def verify_store(path: str | Path | RemotePath, axes: str | None = None) -> dict
 def is_source_file(path: str | Path) -> bool:
     """Whether ``path`` names a source (a file, a file's member, an ``http(s)`` URL or a
     Suite2p plane) rather than a store."""
-    from deepcad_chunked.io.remote import is_http
-    from deepcad_chunked.io.sources import file_of, folder_format
+    from deepcad_chunked.sources.registry import file_of, folder_format
+    from deepcad_chunked.sources.remote import is_http
 
     text = str(path)
     if is_http(text):
@@ -139,7 +139,7 @@ def describe_source(path: str | Path, raw: RawLayout | None = None) -> dict[str,
     SourceError
         When the source cannot be read.
     """
-    from deepcad_chunked.io.sources import open_sources
+    from deepcad_chunked.sources.registry import open_sources
 
     plan = open_sources([str(path)], raw)
     first = plan.first

@@ -5,7 +5,7 @@ pynwb reads the file's structure in the driver: which series, its frame rate (``
 timestamps, or the imaging plane's ``imaging_rate``), its pixel size (the imaging plane's
 ``grid_spacing``, else the series' ``field_of_view``) and the session, device and imaging plane,
 which are kept with the recording so that an NWB export carries them on. The frames are then
-read as the series' HDF5 dataset (:mod:`deepcad_chunked.io.hdf5`): NWB stores them
+read as the series' HDF5 dataset (:mod:`deepcad_chunked.sources.hdf5`): NWB stores them
 ``(t, x, y)``, read transposed to ``(t, y, x)``.
 """
 
@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io import hdf5
-from deepcad_chunked.io.reader import Format, PhysicalMetadata, require
+from deepcad_chunked.sources import hdf5
+from deepcad_chunked.sources.reader import Format, PhysicalMetadata, require
 
 if TYPE_CHECKING:
     from deepcad_chunked.config import RawLayout
-    from deepcad_chunked.io.omezarr import Recording
+    from deepcad_chunked.store.recording import Recording
 
 log = logging.getLogger(__name__)
 

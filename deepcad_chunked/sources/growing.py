@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from deepcad_chunked.errors import SourceError
-from deepcad_chunked.io.reader import natural_key
-from deepcad_chunked.io.tiff import TIFF_SUFFIXES, TiffSource, describe_growing
+from deepcad_chunked.sources.reader import natural_key
+from deepcad_chunked.sources.tiff import TIFF_SUFFIXES, TiffSource, describe_growing
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class FolderWatch:
 
     def describe(self) -> TiffSource | None:
         """The layout and metadata of the first file, from what it holds now (None while
-        it cannot be parsed yet; see :func:`~deepcad_chunked.io.tiff.describe_growing`)."""
+        it cannot be parsed yet; see :func:`~deepcad_chunked.sources.tiff.describe_growing`)."""
         return describe_growing(self.files[0].path) if self.files else None
 
     def state(self) -> list[dict[str, Any]]:
