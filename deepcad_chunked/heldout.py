@@ -24,6 +24,7 @@ Everything is read a piece of frames at a time; recordings larger than memory ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -254,19 +255,18 @@ def network_of(denoised: str | Path, model: str | Path | None = None
     from deepcad_chunked.errors import StoreError
     from deepcad_chunked.model.checkpoint import Checkpoint
     from deepcad_chunked.sources.remote import is_http
+    from deepcad_chunked.store.attributes import StoreAttributes
     from deepcad_chunked.store.location import resolve
     from deepcad_chunked.store.recording import open_recording
 
-    attrs: dict[str, Any] = {}
+    stored = StoreAttributes()
     if not is_http(str(denoised)):
-        try:
-            attrs = open_recording(denoised).attrs
-        except StoreError:  # a source file, or not ours: only --model can say
-            attrs = {}
-    source = (attrs.get("provenance") or {}).get("input")
+        with contextlib.suppress(StoreError):  # a source file, or not ours: only --model can say
+            stored = open_recording(denoised).stored
+    source = stored.provenance.input
     if model is not None:
         return str(model), source
-    named = attrs.get("model") or {}
+    named = stored.model or {}
     if not named.get("path"):
         return None, source
     location = resolve(named["path"])

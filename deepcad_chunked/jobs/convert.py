@@ -151,12 +151,10 @@ def stale_sources(rec: Recording, plan: SourcePlan) -> str | None:
     unchanged (same size, modification time and sampled bytes, and the same for the files
     they link to).
     """
-    job = rec.attrs.get("job") or {}
-    then = (job.get("identity") or {}).get("sources") if job.get("command") == "convert" \
-        else None
+    stored = rec.stored
+    then = stored.job.identity.get("sources") if stored.job.command == "convert" else None
     if then is None:  # written by follow, or before jobs were recorded: compare the files
-        files = list(dict.fromkeys(s["path"] for s in
-                                   (rec.attrs.get("provenance") or {}).get("sources") or []))
+        files = list(dict.fromkeys(s["path"] for s in stored.provenance.sources))
         return None if files == plan.paths else "it was converted from other files"
     now = [source_identity(s) for s in plan.sources]
     if [e["path"] for e in then] != [e["path"] for e in now]:

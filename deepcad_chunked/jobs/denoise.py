@@ -55,6 +55,7 @@ from deepcad_chunked.infer.predict import (
 from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
+from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.lifecycle import (
     StoreJob,
     StorePin,
@@ -66,11 +67,9 @@ from deepcad_chunked.store.lifecycle import (
 )
 from deepcad_chunked.store.location import StorePath, file_state, resolve, write_atomic
 from deepcad_chunked.store.omezarr import (
-    ATTRS_KEY,
     Compression,
     create_image,
     open_for_writing,
-    read_group_attrs,
 )
 from deepcad_chunked.store.recording import Recording, open_recording
 
@@ -293,10 +292,10 @@ def _unfinished_block(output: StorePath, config: DenoiseConfig
     (the default block depends on the workers, which may differ from the first run's)."""
     if config.block is not None or config.overwrite:
         return None
-    ours = (read_group_attrs(output) or {}).get(ATTRS_KEY) if output.is_dir() else None
-    if not isinstance(ours, dict) or ours.get("complete"):
+    ours = read_ours(output) if output.is_dir() else None
+    if ours is None or ours.complete:
         return None
-    block = ((ours.get("job") or {}).get("identity") or {}).get("block")
+    block = ours.job.identity.get("block")
     return tuple(block) if isinstance(block, list) and len(block) == 3 else None
 
 

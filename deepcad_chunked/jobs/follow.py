@@ -46,6 +46,7 @@ from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 from deepcad_chunked.sources.growing import STOP_FILE, FolderWatch
 from deepcad_chunked.sources.registry import watch_folder
+from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.integrity import open_array
 from deepcad_chunked.store.lifecycle import (
     LOCK_NAME,
@@ -57,7 +58,7 @@ from deepcad_chunked.store.lifecycle import (
 )
 from deepcad_chunked.store.location import local_folder, no_folder, resolve, write_atomic
 from deepcad_chunked.store.lock import WriterLock
-from deepcad_chunked.store.omezarr import ARRAY_PATH, ATTRS_KEY, read_group_attrs, update_attrs
+from deepcad_chunked.store.omezarr import ARRAY_PATH, update_attrs
 from deepcad_chunked.store.recording import Recording, open_recording
 from deepcad_chunked.store.stats import BlockStats
 
@@ -462,8 +463,8 @@ class _Run:
     def _resume_denoised(self) -> None:
         assert self.den_job is not None
         self.done_units = {int(m.stem) for m in self.den_job.progress.glob("*.done")}
-        ours = (read_group_attrs(self.den_path) or {}).get(ATTRS_KEY) or {}
-        norm = ours.get("normalization") or {}
+        ours = read_ours(self.den_path)
+        norm = (ours.normalization if ours is not None else None) or {}
         if "mean" in norm:
             self.norm = (float(norm["mean"]), float(norm["std"]))
         self._advance()
@@ -661,7 +662,6 @@ def _finished_by(path: Path, job_fingerprint: str) -> bool:
     """Whether ``path`` is a complete store written by the job of this fingerprint."""
     if not path.is_dir():
         return False
-    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY)
-    return (isinstance(ours, dict) and bool(ours.get("complete"))
-            and (ours.get("job") or {}).get("fingerprint") == job_fingerprint)
+    ours = read_ours(path)
+    return ours is not None and ours.complete and ours.job.fingerprint == job_fingerprint
 

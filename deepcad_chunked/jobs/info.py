@@ -65,10 +65,10 @@ def describe(path: str | Path | RemotePath, axes: str | None = None) -> dict[str
         "raw_bytes": raw,
         "stored_bytes": stored,
         "compression_ratio": raw / stored if stored else None,
-        "frame_rate_hz": rec.attrs.get("frame_rate_hz"),
+        "frame_rate_hz": rec.stored.frame_rate_hz,
         "frame_interval_s": rec.frame_interval_s,
-        "pixel_size_um": rec.attrs.get("pixel_size_um"),
-        "z_spacing_um": rec.attrs.get("z_spacing_um"),
+        "pixel_size_um": rec.stored.pixel_size_um,
+        "z_spacing_um": rec.stored.z_spacing_um,
         "statistics": rec.statistics,
         "provenance": rec.attrs.get("provenance"),
     }

@@ -29,9 +29,9 @@ from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.jobs.convert import convert, stale_sources
 from deepcad_chunked.jobs.export import export
 from deepcad_chunked.sources.registry import GLOB_CHARS, discover_sources, file_of, open_sources
+from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.lifecycle import check_disjoint, open_folder, remove_store
 from deepcad_chunked.store.location import is_url, local_folder, no_folder
-from deepcad_chunked.store.omezarr import ATTRS_KEY, read_group_attrs
 from deepcad_chunked.store.recording import open_recording
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class RunResult:
 
 
 def _complete(store: Path) -> bool:
-    attrs = read_group_attrs(store) if store.is_dir() else None
-    return bool(attrs and attrs.get(ATTRS_KEY, {}).get("complete"))
+    ours = read_ours(store) if store.is_dir() else None
+    return ours is not None and ours.complete
 
 
 def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
@@ -155,7 +155,7 @@ def _check_patterns(named: Sequence[str | Path], product: Path) -> None:
 def _check_denoised_with(denoised: Path, model: Path) -> None:
     from deepcad_chunked.model import Checkpoint
 
-    made_with = (open_recording(denoised).attrs.get("model") or {}).get("digest")
+    made_with = (open_recording(denoised).stored.model or {}).get("digest")
     if made_with != Checkpoint.load(model).digest:
         raise OutputExistsError(f"{denoised} was denoised with another model than {model}; "
                                 "pass --overwrite to start again")

@@ -326,9 +326,9 @@ def write_hdf5(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path]
         for slab in slabs:
             data[start:start + slab.shape[0]] = slab
             start += slab.shape[0]
-        if rec.attrs.get("frame_rate_hz"):
-            data.attrs["frame_rate_hz"] = float(rec.attrs["frame_rate_hz"])
-        size = rec.attrs.get("pixel_size_um")
+        if rec.stored.frame_rate_hz:
+            data.attrs["frame_rate_hz"] = float(rec.stored.frame_rate_hz)
+        size = rec.stored.pixel_size_um
         if size:
             data.attrs["pixel_size_um"] = np.asarray(size, dtype=np.float64)
             data.attrs["element_size_um"] = np.asarray([1.0, *size], dtype=np.float64)

@@ -220,11 +220,11 @@ def _write(module: Any, rec: Recording, slabs: Iterable[np.ndarray], partial: Pa
     from hdmf.data_utils import DataChunkIterator
     from pynwb.ophys import ImagingPlane, OnePhotonSeries, OpticalChannel, TwoPhotonSeries
 
-    rate = rec.attrs.get("frame_rate_hz")
+    rate = rec.stored.frame_rate_hz
     if not rate:
         raise SourceError(f"{rec.path} has no frame rate, which an NWB series needs: pass "
                           "--frame-rate")
-    origin = (rec.attrs.get("origin") or {}).get("nwb") or {}
+    origin = (rec.stored.origin or {}).get("nwb") or {}
     session, device_meta = origin.get("session", {}), origin.get("device", {})
     plane_meta, channel_meta = origin.get("imaging_plane", {}), origin.get("optical_channel", {})
     series_meta = origin.get("series", {})
@@ -245,7 +245,7 @@ def _write(module: Any, rec: Recording, slabs: Iterable[np.ndarray], partial: Pa
     channel = OpticalChannel(name=channel_meta.get("name") or "channel",
                              description=channel_meta.get("description") or "unknown",
                              emission_lambda=channel_meta.get("emission_lambda") or math.nan)
-    size = rec.attrs.get("pixel_size_um")
+    size = rec.stored.pixel_size_um
     spacing = plane_meta.get("grid_spacing")
     unit = plane_meta.get("grid_spacing_unit") or "meters"
     if spacing is None and size:

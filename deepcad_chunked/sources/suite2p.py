@@ -230,8 +230,8 @@ def write_suite2p(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Pa
         "deepcad_divisor": divisor,
     }
     settings: dict[str, Any] = {}
-    if rec.attrs.get("frame_rate_hz"):
-        settings["fs"] = float(rec.attrs["frame_rate_hz"])
+    if rec.stored.frame_rate_hz:
+        settings["fs"] = float(rec.stored.frame_rate_hz)
     ops = {**db, **settings, "functional_chan": 1, "do_registration": 0, "yrange": [0, y],
            "xrange": [0, x], "meanImg": (total / t).astype(np.float32)}
     for part, value in ((db_part, db), (settings_part, settings), (ops_part, ops)):

@@ -595,12 +595,12 @@ def write_tiff(rec: Recording, slabs: Iterable[np.ndarray], partials: list[Path]
     metadata: dict[str, object] = {"axes": "".join(_OME_AXES[a] for a in rec.axes)}
     if rec.frame_interval_s:
         metadata.update(TimeIncrement=rec.frame_interval_s, TimeIncrementUnit="s")
-    size = rec.attrs.get("pixel_size_um")
+    size = rec.stored.pixel_size_um
     if size:
         metadata.update(PhysicalSizeY=size[0], PhysicalSizeYUnit="µm",
                         PhysicalSizeX=size[1], PhysicalSizeXUnit="µm")
-    if rec.attrs.get("z_spacing_um"):
-        metadata.update(PhysicalSizeZ=rec.attrs["z_spacing_um"], PhysicalSizeZUnit="µm")
+    if rec.stored.z_spacing_um:
+        metadata.update(PhysicalSizeZ=rec.stored.z_spacing_um, PhysicalSizeZUnit="µm")
     pages = (page for slab in slabs for page in slab.reshape(-1, *rec.shape[-2:]))
     with tifffile.TiffWriter(partials[0], bigtiff=True, ome=True) as tw:
         tw.write(pages, shape=rec.shape, dtype=rec.dtype, photometric="minisblack",

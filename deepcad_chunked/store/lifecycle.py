@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import zarr
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
+from deepcad_chunked.store.attributes import StoreAttributes, read_ours, read_ours_as_stored
 from deepcad_chunked.store.integrity import zarr_target
 from deepcad_chunked.store.location import RemotePath, StorePath, no_folder, resolve, rmtree
 from deepcad_chunked.store.lock import WriterLock, lock_path
@@ -170,10 +171,9 @@ def store_identity(path: StorePath) -> dict[str, Any]:
         from deepcad_chunked.store.foreign import state
 
         return {"foreign": state(path)}
-    ours = (attrs or {}).get(ATTRS_KEY) or {}
-    return {"job": (ours.get("job") or {}).get("fingerprint"),
-            "completed": (ours.get("provenance") or {}).get("completed"),
-            "complete": bool(ours.get("complete"))}
+    ours = read_ours(path) or StoreAttributes()
+    return {"job": ours.job.fingerprint, "completed": ours.provenance.completed,
+            "complete": ours.complete}
 
 
 @dataclass
@@ -234,7 +234,7 @@ class StoreJob:
     @property
     def attrs(self) -> dict[str, Any]:
         """The store's ``deepcad_chunked`` attributes as they are now."""
-        return dict((read_group_attrs(self.path) or {}).get(ATTRS_KEY) or {})
+        return read_ours_as_stored(self.path)
 
     def job_attrs(self) -> dict[str, Any]:
         """The ``job`` entry a new store records: command, identity and fingerprint."""
@@ -375,21 +375,21 @@ def _resumable(path: StorePath, command: str, identity: dict[str, Any], job_fing
     if not is_zarr_store(path):
         _clear(path)  # an empty folder, or a job that died before writing any metadata
         return False
-    ours = (read_group_attrs(path) or {}).get(ATTRS_KEY)
     if overwrite:
         _clear(path)
         return False
-    if not isinstance(ours, dict):
+    ours = read_ours(path)
+    if ours is None:
         raise OutputExistsError(f"output {path} already exists (a Zarr store written by "
                                 "something else); pass --overwrite to replace it")
-    if ours.get("complete"):
+    if ours.complete:
         raise OutputExistsError(f"output {path} already exists; pass --overwrite to replace it")
-    job = ours.get("job") or {}
-    if job.get("command") != command or job.get("fingerprint") != job_fingerprint:
-        what = (_differences(job.get("identity") or {}, identity)
-                if job.get("command") == command and job.get("identity") else None)
+    job = ours.job
+    if job.command != command or job.fingerprint != job_fingerprint:
+        what = (_differences(job.identity, identity)
+                if job.command == command and job.identity else None)
         raise OutputExistsError(
-            f"output {path} holds an unfinished '{job.get('command', '?')}' run with other "
+            f"output {path} holds an unfinished '{job.command or '?'}' run with other "
             f"{what or 'inputs or options'}; rerun that command to resume it, or pass "
             "--overwrite to replace it")
     if (path / PROGRESS_DIR / command).is_dir():

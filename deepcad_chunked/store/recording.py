@@ -15,6 +15,7 @@ import zarr
 
 from deepcad_chunked.errors import DamagedStoreError, IncompleteStoreError, SourceError, StoreError
 from deepcad_chunked.store import foreign
+from deepcad_chunked.store.attributes import StoreAttributes, parse_ours
 from deepcad_chunked.store.integrity import ArrayRef, open_array
 from deepcad_chunked.store.location import RemotePath, StorePath, resolve
 from deepcad_chunked.store.omezarr import (
@@ -116,14 +117,19 @@ class Recording:
         return tuple(shards) if shards else None
 
     @property
+    def stored(self) -> StoreAttributes:
+        """:attr:`attrs` as the validated model (:mod:`deepcad_chunked.store.attributes`)."""
+        return parse_ours(self.attrs, str(self.path))
+
+    @property
     def complete(self) -> bool:
         """Whether the completion flag was written."""
-        return bool(self.attrs.get("complete"))
+        return self.stored.complete
 
     @property
     def statistics(self) -> dict[str, Any] | None:
         """Whole-recording statistics, when complete."""
-        return self.attrs.get("statistics")
+        return self.stored.statistics
 
     def require_finite(self) -> None:
         """Refuse a recording with NaN or infinite samples (the network cannot use them).
@@ -142,7 +148,7 @@ class Recording:
     @property
     def frame_interval_s(self) -> float | None:
         """Seconds between time points, when known."""
-        return self.attrs.get("frame_interval_s")
+        return self.stored.frame_interval_s
 
     @property
     def zarr_format(self) -> int:
@@ -206,9 +212,10 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
         return Recording(path=path, array=found.array, axes=found.axes,
                          attrs={**found.attrs, **({"statistics": stats} if stats else {})},
                          ome=found.ome, array_path=found.array_path, foreign=True)
-    complete = bool(ours.get("complete"))
+    typed = parse_ours(ours, str(path))
+    complete = typed.complete
     if require_complete and not complete:
-        job = ours.get("job", {}).get("command", "the command that wrote it")
+        job = typed.job.command or "the command that wrote it"
         raise IncompleteStoreError(
             f"{path} is incomplete: {job} did not finish; rerun it to resume, "
             "or pass --overwrite to start again")
@@ -223,7 +230,7 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
     if len(found_axes) != array.ndim:
         raise StoreError(f"{path}: axes {found_axes} do not match the array's {array.ndim} "
                          "dimensions")
-    written = written_shape(ours) if complete else None
+    written = typed.written_shape if complete else None
     if written is not None and written != tuple(array.shape):
         raise DamagedStoreError(
             f"{path} is damaged: its array's metadata says shape {tuple(array.shape)} but "
@@ -231,12 +238,3 @@ def open_recording(path: str | os.PathLike[str] | RemotePath, *,
             "restore it from a copy")
     require_numbers(array.dtype, str(path))
     return Recording(path=path, array=array, axes=found_axes, attrs=ours, ome=ms)
-
-
-def written_shape(ours: dict[str, Any]) -> tuple[int, ...] | None:
-    """The array shape a complete store of ours was finished with (recorded at completion;
-    a conversion's job identity for stores from before that), or None when unknown."""
-    shape = ours.get("shape") or ((ours.get("job") or {}).get("identity") or {}).get("shape")
-    if isinstance(shape, list) and all(isinstance(n, int) for n in shape):
-        return tuple(shape)
-    return None
