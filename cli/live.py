@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from deepcad_chunked.cli.options import add_cluster_options, cluster_of, size, triple
+from deepcad_chunked.cli.options import (
+    add_cluster_options,
+    add_forward_options,
+    cluster_of,
+    forward_options,
+    triple,
+)
 
 log = logging.getLogger("deepcad_chunked.cli")
 
@@ -45,13 +51,7 @@ def add_follow(sub: argparse._SubParsersAction) -> None:
                    help="Zarr format of both stores (default 3)")
     p.add_argument("--frame-rate", type=float, metavar="HZ",
                    help="frames per second, overriding the files' metadata")
-    p.add_argument("--halo", type=int, metavar="N", help="overlap per side (default exact)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
-    p.add_argument("--dtype", choices=("same", "float32"),
-                   help="denoised samples: the input's dtype (default) or float32")
-    p.add_argument("--tile-memory", type=size, metavar="SIZE",
-                   help="memory one forward pass may use, e.g. 8GiB")
+    add_forward_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="start again (replaces both stores)")
     add_cluster_options(p)
@@ -62,8 +62,6 @@ def _run_follow(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import ConvertConfig, DenoiseConfig, FollowConfig
     from deepcad_chunked.jobs.follow import follow
 
-    denoise = {k: getattr(args, k) for k in ("halo", "device", "precision", "dtype",
-                                             "tile_memory")}
     recording = {"chunks": args.chunks, "zarr_format": args.zarr_format,
                  "frame_rate": args.frame_rate}
     given = {"pattern": args.glob, "idle_timeout": args.idle_timeout,
@@ -71,7 +69,7 @@ def _run_follow(args: argparse.Namespace) -> int:
              "preview": args.preview}
     config = FollowConfig.build(
         recording=ConvertConfig.build(**{k: v for k, v in recording.items() if v is not None}),
-        denoise=DenoiseConfig.build(**{k: v for k, v in denoise.items() if v is not None}),
+        denoise=DenoiseConfig.build(**forward_options(args)),
         overwrite=args.overwrite, **{k: v for k, v in given.items() if v is not None})
     with cluster_of(args) as cluster:
         result = follow(args.source, args.model, args.output, config=config,

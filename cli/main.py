@@ -21,14 +21,15 @@ from deepcad_chunked.cli.live import add_follow
 from deepcad_chunked.cli.options import (
     SOURCES_HELP,
     add_cluster_options,
+    add_forward_options,
     add_raw_options,
     add_source_options,
     cluster_of,
+    forward_options,
     kernel,
     put_kernel,
     raw_layout,
     shard,
-    size,
     source_options,
     triple,
 )
@@ -189,16 +190,7 @@ def _add_denoise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block", type=triple, metavar="T,Y,X",
                    help="core block per task, multiples of 8 (default: from the device, "
                    "rounded to whole storage chunks)")
-    p.add_argument("--halo", type=int, metavar="N",
-                   help="overlap per side, a multiple of 8 (default: the receptive radius "
-                   "rounded up, exact; smaller is faster and inexact)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
-    p.add_argument("--dtype", choices=("same", "float32"),
-                   help="output samples: the input's dtype (default) or float32")
-    p.add_argument("--tile-memory", type=size, metavar="SIZE",
-                   help="memory one forward pass may use, e.g. 8GiB; larger blocks are tiled "
-                   "inside their task (default: from each worker's GPU or memory limit)")
+    add_forward_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_cluster_options(p)
     p.set_defaults(run=_run_denoise)
@@ -208,10 +200,8 @@ def _run_denoise(args: argparse.Namespace) -> int:
     from deepcad_chunked.config import DenoiseConfig
     from deepcad_chunked.jobs.denoise import denoise
 
-    given = {name: getattr(args, name) for name in ("block", "halo", "device", "precision",
-                                                    "dtype", "tile_memory")}
-    config = DenoiseConfig.build(overwrite=args.overwrite,
-                                 **{k: v for k, v in given.items() if v is not None})
+    block = {"block": args.block} if args.block is not None else {}
+    config = DenoiseConfig.build(overwrite=args.overwrite, **block, **forward_options(args))
     with cluster_of(args) as cluster:
         rec = denoise(args.data, args.model, args.output, config=config, cluster=cluster,
                       workers=args.workers, progress=False if args.no_progress else None,

@@ -77,23 +77,47 @@ def region(text: str) -> tuple[int, int, int, int]:
     return y0, y1, x0, x1
 
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
-          "mib": 2**20, "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12,
-          "tib": 2**40}
 
 
 def size(text: str) -> int:
-    """``4GiB``, ``500MB``, ``2g`` or a number of bytes."""
-    number = text.strip().rstrip("bBiI").rstrip("kKmMgGtT")
-    unit = text.strip()[len(number):].lower()
+    """``4GiB``, ``500MB``, ``2 GB`` or a number of bytes, as dask reads sizes
+    (:func:`dask.utils.parse_bytes`: ``kB``, ``MB``, ``GB`` decimal, ``KiB``, ``MiB``,
+    ``GiB`` binary)."""
+    from dask.utils import parse_bytes
+
     try:
-        value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
+        value = parse_bytes(text.strip())
+    except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"expected a size such as 4GiB or 500MB, got {text!r}"
                                          ) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
     return int(value)
+
+
+#: The forward pass's options that ``denoise`` and ``follow`` share, by their config names.
+FORWARD_OPTIONS = ("halo", "device", "precision", "dtype", "tile_memory")
+
+
+def add_forward_options(p: argparse.ArgumentParser) -> None:
+    """``--halo``, ``--device``, ``--precision``, ``--dtype`` and ``--tile-memory``, as
+    ``denoise`` and ``follow`` take them (:data:`FORWARD_OPTIONS`)."""
+    p.add_argument("--halo", type=int, metavar="N",
+                   help="overlap per side, a multiple of 8 (default: the receptive radius "
+                   "rounded up, exact; smaller is faster and inexact)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32")
+    p.add_argument("--dtype", choices=("same", "float32"),
+                   help="denoised samples: the input's dtype (default) or float32")
+    p.add_argument("--tile-memory", type=size, metavar="SIZE",
+                   help="memory one forward pass may use, e.g. 8GiB; larger blocks are tiled "
+                   "inside their task (default: from each worker's GPU or memory limit)")
+
+
+def forward_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`FORWARD_OPTIONS` given on the command line."""
+    return {name: getattr(args, name) for name in FORWARD_OPTIONS
+            if getattr(args, name) is not None}
 
 
 def add_cluster_options(p: argparse.ArgumentParser, *, local_workers: bool = True,

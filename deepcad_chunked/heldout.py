@@ -121,6 +121,70 @@ def held_out_range(model_path: str | Path | None, recording_store: str | None,
                            "validation")
 
 
+@dataclass
+class _Network:
+    """The network, loaded once, and how it runs."""
+
+    model: Any
+    device: str
+    precision: str
+    halo: int
+    max_voxels: int
+
+    @classmethod
+    def load(cls, path: str | Path, device: str, precision: str) -> _Network:
+        from deepcad_chunked.infer.memory import bytes_per_voxel, worker_memory
+        from deepcad_chunked.infer.predict import default_halo, resolve_device
+        from deepcad_chunked.model.checkpoint import load_model
+
+        dev = resolve_device(device)
+        network = load_model(path, dev)
+        max_voxels = (worker_memory(dev)["bytes"]
+                      // bytes_per_voxel(network.features, precision, dev))
+        return cls(network, dev, precision, default_halo(), max_voxels)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        from deepcad_chunked.infer.predict import predict_array
+
+        return predict_array(self.model, frames.astype(np.float32), device=self.device,
+                             precision=self.precision, max_voxels=self.max_voxels)
+
+
+def _squared_errors(source: Frames, clean: Frames | None, methods: list[_Method],
+                    network: _Network | None, start: int, pairs: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each method's summed squared error at the odd frames (and, with ``clean``, its true
+    one), a piece of frames at a time: the estimate from the even frames around them."""
+    evens = pairs + 1
+    margin = max([network.halo if network else 0] + [int(4.0 * m.sigma[0] + 0.5)
+                                                     for m in methods if m.sigma])
+    margin = -(-margin // 8) * 8  # pieces start on the network's 8-frame grid
+    sse = np.zeros(len(methods))
+    true_sse = np.zeros(len(methods))
+    for k0 in range(0, pairs, PIECE):
+        k1 = min(pairs, k0 + PIECE)  # score odd frames k0..k1-1: needs even frames k0..k1
+        lo, hi = max(0, k0 - margin), min(evens, k1 + 1 + margin)
+        even = source.read(start + 2 * lo, start + 2 * hi - 1)[::2]
+        odd = source.read(start + 2 * k0 + 1, start + 2 * k1 + 1)[::2]
+        keep = slice(k0 - lo, k1 + 1 - lo)
+        truth_odd = (clean.read(start + 2 * k0 + 1, start + 2 * k1 + 1)[::2]
+                     if clean is not None else None)
+        for i, method in enumerate(methods):
+            if method.network:
+                assert network is not None
+                est = network(even)[keep]
+            elif method.sigma is not None:
+                st, syx = method.sigma
+                est = ndimage.gaussian_filter(even, sigma=(st, syx, syx), mode="reflect")[keep]
+            else:
+                est = even[keep]
+            guess = 0.5 * (est[:-1].astype(np.float64) + est[1:])
+            sse[i] += float(((guess - odd) ** 2).sum())
+            if truth_odd is not None:
+                true_sse[i] += float(((guess - truth_odd) ** 2).sum())
+    return sse, true_sse
+
+
 def heldout_score(raw: str | Path, *, model: str | Path | None = None,
                   frames: tuple[int, int] | None = None,
                   sigmas: Sequence[tuple[float, float]] = GAUSSIANS, device: str = "auto",
@@ -153,10 +217,6 @@ def heldout_score(raw: str | Path, *, model: str | Path | None = None,
         scored), ``rows`` (:class:`HeldOutRow` as dicts, best first), ``best``, and with
         ``truth`` a ``true_mse`` per row.
     """
-    from deepcad_chunked.infer.memory import bytes_per_voxel, worker_memory
-    from deepcad_chunked.infer.predict import default_halo, predict_array, resolve_device
-    from deepcad_chunked.model.checkpoint import load_model
-
     source = Frames(raw)
     total = source.shape[0]
     why = "the frames asked for"
@@ -172,45 +232,15 @@ def heldout_score(raw: str | Path, *, model: str | Path | None = None,
                           f"{source.shape}")
     methods = [_Method("raw", None)] + [
         _Method(f"gaussian σt={s[0]:g} σyx={s[1]:g}", (s[0] / 2, s[1])) for s in sigmas]
-    network = halo = max_voxels = None
-    if model is not None:
-        dev = resolve_device(device)
-        network = load_model(model, dev)
-        halo = default_halo()
-        max_voxels = (worker_memory(dev)["bytes"]
-                      // bytes_per_voxel(network.features, precision, dev))
+    network = _Network.load(model, device, precision) if model is not None else None
+    if network is not None:
         methods.append(_Method("denoised", None, network=True))
-    margin = max([halo or 0] + [int(4.0 * s[0] + 0.5) for s in
-                                (m.sigma for m in methods if m.sigma)])
-    margin = -(-margin // 8) * 8  # pieces start on the network's 8-frame grid
     evens = (stop - start + 1) // 2  # even frames start, start+2, … below stop
     odds = (stop - start) // 2
     pairs = min(odds, evens - 1)  # odd frame k lies between even frames k and k+1
     if pairs < 1:
         raise ConfigError(f"frames {start}:{stop} hold no odd frame between two even ones")
-    sse = np.zeros(len(methods))
-    true_sse = np.zeros(len(methods))
-    for k0 in range(0, pairs, PIECE):
-        k1 = min(pairs, k0 + PIECE)  # score odd frames k0..k1-1: needs even frames k0..k1
-        lo, hi = max(0, k0 - margin), min(evens, k1 + 1 + margin)
-        even = source.read(start + 2 * lo, start + 2 * hi - 1)[::2]
-        odd = source.read(start + 2 * k0 + 1, start + 2 * k1 + 1)[::2]
-        keep = slice(k0 - lo, k1 + 1 - lo)
-        truth_odd = (clean.read(start + 2 * k0 + 1, start + 2 * k1 + 1)[::2]
-                     if clean is not None else None)
-        for i, method in enumerate(methods):
-            if method.network:
-                est = predict_array(network, even.astype(np.float32), device=dev,
-                                    precision=precision, max_voxels=max_voxels)[keep]
-            elif method.sigma is not None:
-                st, syx = method.sigma
-                est = ndimage.gaussian_filter(even, sigma=(st, syx, syx), mode="reflect")[keep]
-            else:
-                est = even[keep]
-            guess = 0.5 * (est[:-1].astype(np.float64) + est[1:])
-            sse[i] += float(((guess - odd) ** 2).sum())
-            if truth_odd is not None:
-                true_sse[i] += float(((guess - truth_odd) ** 2).sum())
+    sse, true_sse = _squared_errors(source, clean, methods, network, start, pairs)
     voxels = pairs * math.prod(source.shape[1:])
     mse = sse / voxels
     best = float(mse.min())

@@ -89,7 +89,8 @@ def job_kwargs(kind: str, options: JobQueueOptions,
              "queue": options.queue, ACCOUNT_OPTION[kind]: options.account}
     kwargs: dict[str, Any] = {key.replace("-", "_"): value for key, value in overrides.items()}
     kwargs.update({k: v for k, v in given.items() if v is not None})
-    section = {**(dask.config.get(f"jobqueue.{kind}", default={}) or {}), **overrides}
+    section = dask.config.merge(dask.config.get(f"jobqueue.{kind}", default={}) or {},
+                                overrides)
     directives = list(section.get("job-extra-directives") or [])
     # worker processes that may start processes of their own (training's tile loaders)
     prologue = [*(section.get("job-script-prologue") or []),

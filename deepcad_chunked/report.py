@@ -12,14 +12,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
 from deepcad_chunked.metrics import Frames
-from deepcad_chunked.store.lifecycle import check_disjoint
 from deepcad_chunked.store.location import no_folder
+from deepcad_chunked.store.pins import check_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,66 @@ def _rois(denoised: np.ndarray, rois: Sequence[tuple[int, int]] | None,
         masks.sort(key=lambda m: -float(denoised[:, m].std(axis=0).mean()) if m.any() else 0)
         return masks[:count]
     return _rois_from_points(_brightest_spots(denoised.std(axis=0), count), shape)
+
+
+def _draw_frames(fig: Any, grid: Any, x: np.ndarray, y: np.ndarray, start: int,
+                 limits: tuple[float, float], masks: list[np.ndarray]) -> None:
+    """The middle frame of each recording with a magnified inset, and their temporal
+    standard deviations with the regions numbered."""
+    import matplotlib.pyplot as plt
+
+    stop, mid, (low, high) = start + len(x), len(x) // 2, limits
+    shape = x.shape
+    spot = _brightest_spots(y.std(axis=0), 1)[0] if y.shape[1] > 8 else (0, 0)
+    half = max(8, min(shape[1:]) // 8)
+    zoom = (max(0, spot[0] - half), max(0, spot[1] - half))
+    for col, (name, data) in enumerate((("raw", x), ("denoised", y))):
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(data[mid], cmap="gray", vmin=low, vmax=high)
+        ax.set_title(f"{name}, frame {start + mid}")
+        ax.axis("off")
+        # the inset sits in the quadrant away from the region it magnifies
+        top = spot[0] > shape[1] / 2
+        left = spot[1] > shape[2] / 2
+        inset = ax.inset_axes([0.02 if left else 0.62, 0.62 if top else 0.02, 0.36, 0.36])
+        inset.imshow(data[mid, zoom[0]:zoom[0] + 2 * half, zoom[1]:zoom[1] + 2 * half],
+                     cmap="gray", vmin=low, vmax=high)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for side in inset.spines.values():
+            side.set_color("yellow")
+        ax.add_patch(plt.Rectangle((zoom[1], zoom[0]), 2 * half, 2 * half, fill=False,
+                                   color="yellow", lw=1))
+        ax = fig.add_subplot(grid[1, col])
+        ax.imshow(data.std(axis=0), cmap="magma")
+        ax.set_title(f"{name}: temporal standard deviation, frames {start}–{stop - 1}")
+        ax.axis("off")
+        if col == 1:
+            for k, mask in enumerate(masks):
+                cy, cx = ndimage.center_of_mass(mask)
+                ax.annotate(str(k + 1), (cx, cy), color="cyan", fontsize=9, ha="center")
+
+
+def _draw_traces(ax: Any, x: np.ndarray, y: np.ndarray, start: int,
+                 masks: list[np.ndarray]) -> None:
+    """Raw and denoised traces of the regions, each scaled to its denoised range."""
+    stop = start + len(x)
+    t = np.arange(start, stop)
+    spread = 0.0
+    for k, mask in enumerate(masks):
+        raw_trace, den_trace = x[:, mask].mean(axis=1), y[:, mask].mean(axis=1)
+        scale = float(np.ptp(den_trace)) or 1.0
+        ax.plot(t, (raw_trace - den_trace.min()) / scale + spread, color="0.7", lw=0.7,
+                label="raw" if k == 0 else None)
+        ax.plot(t, (den_trace - den_trace.min()) / scale + spread, lw=1.2,
+                label="denoised" if k == 0 else None)
+        ax.text(t[0], spread + 0.5, f"{k + 1} ", ha="right", va="center")
+        spread += 1.6
+    ax.set_xlabel("frame")
+    ax.set_yticks([])
+    ax.set_title("regions of interest (each scaled to its denoised range)")
+    if masks:
+        ax.legend(loc="upper right")
 
 
 def preview(raw: str | Path, denoised: str | Path, output: str | Path, *,
@@ -128,51 +189,8 @@ def preview(raw: str | Path, denoised: str | Path, output: str | Path, *,
     low, high = np.percentile(x[mid], [1, 99.7])
     fig = plt.figure(figsize=(12, 13), layout="constrained")
     grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.8])
-    spot = _brightest_spots(y.std(axis=0), 1)[0] if y.shape[1] > 8 else (0, 0)
-    half = max(8, min(a.shape[1:]) // 8)
-    zoom = (max(0, spot[0] - half), max(0, spot[1] - half))
-    for col, (name, data) in enumerate((("raw", x), ("denoised", y))):
-        ax = fig.add_subplot(grid[0, col])
-        ax.imshow(data[mid], cmap="gray", vmin=low, vmax=high)
-        ax.set_title(f"{name}, frame {start + mid}")
-        ax.axis("off")
-        # the inset sits in the quadrant away from the region it magnifies
-        top = spot[0] > a.shape[1] / 2
-        left = spot[1] > a.shape[2] / 2
-        inset = ax.inset_axes([0.02 if left else 0.62, 0.62 if top else 0.02, 0.36, 0.36])
-        inset.imshow(data[mid, zoom[0]:zoom[0] + 2 * half, zoom[1]:zoom[1] + 2 * half],
-                     cmap="gray", vmin=low, vmax=high)
-        inset.set_xticks([])
-        inset.set_yticks([])
-        for side in inset.spines.values():
-            side.set_color("yellow")
-        ax.add_patch(plt.Rectangle((zoom[1], zoom[0]), 2 * half, 2 * half, fill=False,
-                                   color="yellow", lw=1))
-        ax = fig.add_subplot(grid[1, col])
-        ax.imshow(data.std(axis=0), cmap="magma")
-        ax.set_title(f"{name}: temporal standard deviation, frames {start}–{stop - 1}")
-        ax.axis("off")
-        if col == 1:
-            for k, mask in enumerate(masks):
-                cy, cx = ndimage.center_of_mass(mask)
-                ax.annotate(str(k + 1), (cx, cy), color="cyan", fontsize=9, ha="center")
-    ax = fig.add_subplot(grid[2, :])
-    t = np.arange(start, stop)
-    spread = 0.0
-    for k, mask in enumerate(masks):
-        raw_trace, den_trace = x[:, mask].mean(axis=1), y[:, mask].mean(axis=1)
-        scale = float(np.ptp(den_trace)) or 1.0
-        ax.plot(t, (raw_trace - den_trace.min()) / scale + spread, color="0.7", lw=0.7,
-                label="raw" if k == 0 else None)
-        ax.plot(t, (den_trace - den_trace.min()) / scale + spread, lw=1.2,
-                label="denoised" if k == 0 else None)
-        ax.text(t[0], spread + 0.5, f"{k + 1} ", ha="right", va="center")
-        spread += 1.6
-    ax.set_xlabel("frame")
-    ax.set_yticks([])
-    ax.set_title("regions of interest (each scaled to its denoised range)")
-    if masks:
-        ax.legend(loc="upper right")
+    _draw_frames(fig, grid, x, y, start, (low, high), masks)
+    _draw_traces(fig.add_subplot(grid[2, :]), x, y, start, masks)
     fig.savefig(output, dpi=80)
     plt.close(fig)
     if movie is not None:

@@ -32,16 +32,10 @@ from deepcad_chunked.errors import ConfigError, SourceError
 from deepcad_chunked.sources.reader import Part, PhysicalMetadata, SourcePlan
 from deepcad_chunked.sources.registry import open_sources
 from deepcad_chunked.store.integrity import zarr_target
-from deepcad_chunked.store.lifecycle import (
-    StoreJob,
-    check_disjoint,
-    describe_change,
-    now,
-    open_store,
-    writing,
-)
+from deepcad_chunked.store.lifecycle import StoreJob, describe_change, now, open_store, writing
 from deepcad_chunked.store.location import RemotePath, StorePath, file_state, is_url, resolve
 from deepcad_chunked.store.omezarr import ARRAY_PATH, Compression, create_image, open_for_writing
+from deepcad_chunked.store.pins import check_disjoint
 from deepcad_chunked.store.recording import Recording, open_recording
 from deepcad_chunked.store.stats import BlockStats
 

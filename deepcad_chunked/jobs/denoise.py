@@ -56,21 +56,14 @@ from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
 from deepcad_chunked.store.attributes import read_ours
-from deepcad_chunked.store.lifecycle import (
-    StoreJob,
-    StorePin,
-    check_disjoint,
-    now,
-    open_store,
-    store_identity,
-    writing,
-)
+from deepcad_chunked.store.lifecycle import StoreJob, now, open_store, writing
 from deepcad_chunked.store.location import StorePath, file_state, resolve, write_atomic
 from deepcad_chunked.store.omezarr import (
     Compression,
     create_image,
     open_for_writing,
 )
+from deepcad_chunked.store.pins import StorePin, check_disjoint, store_identity
 from deepcad_chunked.store.recording import Recording, open_recording
 
 log = logging.getLogger(__name__)

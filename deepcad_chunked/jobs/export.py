@@ -20,9 +20,10 @@ from deepcad_chunked.jobs.writer_process import write_in_child
 from deepcad_chunked.sources.hdf5 import split_member
 from deepcad_chunked.sources.reader import Format
 from deepcad_chunked.sources.registry import FORMATS, file_of, format_named
-from deepcad_chunked.store.lifecycle import StorePin, open_file
 from deepcad_chunked.store.location import resolve
 from deepcad_chunked.store.omezarr import read_slabs
+from deepcad_chunked.store.outputs import open_file
+from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording, open_recording
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ last): an interrupted run resumes where it stopped when it is run again.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -40,27 +39,19 @@ from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
 from deepcad_chunked.infer.kernels import denoise_frames, stored_samples
 from deepcad_chunked.infer.predict import check_halo, default_halo, span_indices
-from deepcad_chunked.jobs.convert import create_recording, resolve_chunks
 from deepcad_chunked.jobs.denoise import create_denoised, forward_budget, pin_model
+from deepcad_chunked.jobs.ingest import Ingest
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
-from deepcad_chunked.sources.growing import STOP_FILE, FolderWatch
-from deepcad_chunked.sources.registry import watch_folder
+from deepcad_chunked.sources.growing import STOP_FILE
 from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.integrity import open_array
-from deepcad_chunked.store.lifecycle import (
-    LOCK_NAME,
-    StoreJob,
-    check_disjoint,
-    fingerprint,
-    open_store,
-    writing,
-)
+from deepcad_chunked.store.lifecycle import LOCK_NAME, StoreJob, fingerprint, open_store, writing
 from deepcad_chunked.store.location import local_folder, no_folder, resolve, write_atomic
 from deepcad_chunked.store.lock import WriterLock
 from deepcad_chunked.store.omezarr import ARRAY_PATH, update_attrs
+from deepcad_chunked.store.pins import check_disjoint
 from deepcad_chunked.store.recording import Recording, open_recording
-from deepcad_chunked.store.stats import BlockStats
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +59,10 @@ RECORDING = "recording.zarr"
 DENOISED = "denoised.zarr"
 #: Seconds between two looks at the folder.
 POLL_S = 0.05
-#: New frames are appended to the store at least this many at a time (or after FLUSH_S, or
-#: at once when they let another block be denoised): each append rewrites the newest chunks.
-FLUSH_FRAMES = 8
-FLUSH_S = 0.25
 #: Seconds between two status lines.
 STATUS_S = 5.0
 #: Seconds between two redraws of the preview.
 PREVIEW_S = 1.0
-#: The job's record of what it has read, in the recording store's progress folder.
-SOURCES = "sources.json"
 
 
 @dataclass(frozen=True)
@@ -150,23 +135,6 @@ def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
         write_atomic(resolve(f"{task.markers}/{unit:08d}.done"), b"")
     last = (np.asarray(source[task.stop - 1]), core[-1]) if task.preview else None
     return task.start, task.stop, time.time(), last
-
-
-@dataclass
-class _Ingest:
-    """Frames read but not yet appended, and the running statistics of those appended."""
-
-    pending: list[np.ndarray] = field(default_factory=list)
-    since: float = 0.0
-    #: frames appended whose chunk row is not yet summarised
-    row: np.ndarray | None = None
-    stats: BlockStats = field(default_factory=BlockStats)
-    #: frames summarised in ``stats`` (whole chunk rows)
-    summarised: int = 0
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(p) for p in self.pending)
 
 
 def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
@@ -245,9 +213,7 @@ class _Run:
     halo: int
     config: FollowConfig
     on_block: Callable[[int, int, float], None] | None
-    watch: FolderWatch = field(init=False)
-    ingest: _Ingest = field(default_factory=_Ingest)
-    rec_job: StoreJob | None = None
+    ingest: Ingest = field(init=False)
     den_job: StoreJob | None = None
     #: when each frame not yet denoised was first seen (time.time()), from frame ``seen_base``
     seen: deque[float] = field(default_factory=deque)
@@ -263,15 +229,12 @@ class _Run:
     pinned: str = ""
     last_status: float = 0.0
     last_preview: float = 0.0
-    ingest_done: bool = False
     gpu: bool = False
-    #: frames appended to the recording store
-    stored: int = 0
     #: units denoised from the first on, without a gap
     contiguous: int = 0
 
     def __post_init__(self) -> None:
-        self.watch = watch_folder(self.folder, self.config.pattern)
+        self.ingest = Ingest(self.folder, self.rec_path, self.config)
 
     @property
     def rec_path(self) -> Path:
@@ -295,15 +258,18 @@ class _Run:
                 stack.enter_context(WriterLock.acquire(self.rec_path / LOCK_NAME,
                                                        output=self.rec_path,
                                                        command="follow"))
-                self.ingest_done = True
-                self.stored = open_recording(self.rec_path).shape[0]
+                self.ingest.done = True
+                self.ingest.stored = open_recording(self.rec_path).shape[0]
                 log.info("%s is complete; finishing %s", self.rec_path, self.den_path)
             else:
-                self.rec_job = stack.enter_context(open_store(
+                self.ingest.job = stack.enter_context(open_store(
                     self.rec_path, command="follow", identity=rec_identity,
                     inputs=[self.folder, self.model_path], overwrite=self.config.overwrite))
-                if self.rec_job.resuming:
-                    self._resume_recording()
+                if self.ingest.job.resuming:
+                    frames = self.ingest.resume()
+                    self.seen.extend([time.time()] * frames)
+                    log.info("resuming: %d frames of %s already in %s", frames, self.folder,
+                             self.rec_path)
             self.den_job = stack.enter_context(open_store(
                 self.den_path, command="follow", identity=den_identity,
                 inputs=[self.rec_path, self.model_path], overwrite=self.config.overwrite))
@@ -313,7 +279,10 @@ class _Run:
                 self._loop()
                 self._submit(final=True)
                 self._finish_tasks(wait=True)
-                self._finalise()
+                self._status(force=True)
+                self.ingest.finalise()
+                assert self.den_job is not None
+                self.den_job.finalise()
         return FollowResult(recording=open_recording(self.rec_path),
                             denoised=open_recording(self.den_path),
                             frames=open_recording(self.rec_path).shape[0], lag_s=self.lags)
@@ -326,140 +295,40 @@ class _Run:
         self.gpu = advertises_gpus(self.client)
 
     def _loop(self) -> None:
-        if not self.ingest_done:
+        ingest, watch = self.ingest, self.ingest.watch
+        if not ingest.done:
             log.info("watching %s for %s; the acquisition ends after %g s without a new frame "
                      "or when a file %s appears there", self.folder,
                      self.config.pattern or "TIFF files", self.config.idle_timeout, STOP_FILE)
         last_frame = time.monotonic()
-        while not self.ingest_done:
-            ended = (self.watch.stop_requested()
+        while not ingest.done:
+            ended = (watch.stop_requested()
                      or time.monotonic() - last_frame > self.config.idle_timeout)
-            frames = self.watch.poll(ended=ended)
+            frames = watch.poll(ended=ended)
             if frames is not None:
                 last_frame = time.monotonic()
-                self._take(frames)
-            if ended or self._flush_due():
-                self._flush()
+                ingest.take(frames)
+                self.seen.extend([time.time()] * len(frames))
+            if ended or ingest.due(self.halo):
+                ingest.flush()
             if ended:
-                if self.stored < 2:
+                if ingest.stored < 2:
                     raise SourceError(f"no recording arrived in {self.folder} ("
-                                      f"{self.stored} frame(s) before the "
-                                      + ("STOP file" if self.watch.stop_requested() else
+                                      f"{ingest.stored} frame(s) before the "
+                                      + ("STOP file" if watch.stop_requested() else
                                          f"{self.config.idle_timeout:g} s idle timeout")
                                       + "); nothing was written")
-                self.ingest_done = True
+                ingest.done = True
                 log.info("the acquisition ended (%s) after %d frames; denoising the last "
-                         "ones", "STOP" if self.watch.stop_requested() else "idle timeout",
-                         self.stored)
+                         "ones", "STOP" if watch.stop_requested() else "idle timeout",
+                         ingest.stored)
                 break
             self._finish_tasks(wait=False)
             self._submit(final=False)
             self._status()
             time.sleep(POLL_S)
 
-    # ----------------------------------------------------------------- ingest
-    def _flush_due(self) -> bool:
-        """Whether the frames read should be appended now: enough of them, one waiting for
-        long, or frames that let another block be denoised (no lag added)."""
-        waiting = self.ingest.waiting
-        if not waiting:
-            return False
-        unit = self.config.block_frames
-        ready = (self.stored - self.halo) // unit
-        return (waiting >= FLUSH_FRAMES or time.time() - self.ingest.since > FLUSH_S
-                or (self.stored + waiting - self.halo) // unit > ready)
-
-    def _take(self, frames: np.ndarray) -> None:
-        if not self.ingest.pending:
-            self.ingest.since = time.time()
-        self.ingest.pending.append(frames)
-        self.seen.extend([time.time()] * len(frames))
-
-    def _flush(self) -> None:
-        if not self.ingest.waiting:
-            return
-        data = np.concatenate(self.ingest.pending)
-        self.ingest.pending.clear()
-        assert self.rec_job is not None
-        if not (self.rec_path / ARRAY_PATH).exists():
-            self._create_stores(data)
-        self.rec_job.check()
-        array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r+")
-        n = array.shape[0]
-        array.resize((n + len(data), *array.shape[1:]))
-        array.with_config({"write_empty_chunks": True})[n:n + len(data)] = data
-        self.stored = n + len(data)
-        self._summarise(data, array.chunks[0])
-        write_atomic(self.rec_job.progress / SOURCES, json.dumps(
-            {"frames": n + len(data), "files": self.watch.state()}).encode())
-
-    def _summarise(self, data: np.ndarray, row: int) -> None:
-        """Keep statistics of whole chunk rows, saved with the number of frames they cover."""
-        ing = self.ingest
-        ing.row = data if ing.row is None else np.concatenate([ing.row, data])
-        saved = False
-        while len(ing.row) >= row:
-            ing.stats.merge(BlockStats.of(ing.row[:row]))
-            ing.row = ing.row[row:]
-            ing.summarised += row
-            saved = True
-        if saved and self.rec_job is not None:
-            ing.stats.save(self.rec_job.progress / f"stats_{ing.summarised:012d}.npz")
-            for old in self.rec_job.progress.glob("stats_*.npz"):
-                if old.name != f"stats_{ing.summarised:012d}.npz":
-                    old.unlink(missing_ok=True)
-
-    def _create_stores(self, first: np.ndarray) -> None:
-        """Create the recording store, shaped like the first frames, with the first file's
-        metadata."""
-        head = self.watch.files[0].path
-        source = self.watch.describe()
-        if source is None:
-            raise SourceError(f"{head} cannot be read as TIFF")
-        if source.extra or source.strides["t"] != 1:
-            raise SourceError(f"{head} holds {'×'.join(map(str, source.extra.values()))} "
-                              f"{'/'.join(source.extra)} per time point; follow reads single-"
-                              "channel, single-plane recordings (convert and denoise the "
-                              "finished files instead)")
-        # chunks as convert makes them; never sharded: the newest chunks are rewritten as
-        # frames arrive while tasks read them, and a shard's index and chunks are read apart
-        chunks = resolve_chunks(self.config.recording.chunks, (2**31, *first.shape[1:]))
-        assert self.rec_job is not None
-        job = self.rec_job
-        job.create(lambda: create_recording(
-            self.rec_path, first=source, shape=(0, *first.shape[1:]), chunks=chunks,
-            shards=None, job=job, config=self.config.recording,
-            sources=[{"path": str(self.folder), "kind": "acquisition"}]))
-
     # ----------------------------------------------------------------- resume
-    def _resume_recording(self) -> None:
-        assert self.rec_job is not None
-        try:
-            state = json.loads((self.rec_job.progress / SOURCES).read_text())
-        except (OSError, ValueError):
-            state = {"frames": 0, "files": []}
-        array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r+")
-        frames = self.stored = int(state["frames"])
-        if array.shape[0] != frames:  # killed between appending frames and recording them
-            array.resize((frames, *array.shape[1:]))
-        self.watch.restore(state["files"])
-        if frames:
-            for k in {0, frames - 1}:
-                if not np.array_equal(self.watch.read_frame(k), array[k]):
-                    raise SourceError(f"frame {k} in {self.folder} is not the one in "
-                                      f"{self.rec_path}: the folder holds another recording "
-                                      "now; pass --overwrite to start again")
-        kept = sorted(self.rec_job.progress.glob("stats_*.npz"))
-        usable = [p for p in kept if int(p.stem.split("_")[1]) <= frames]
-        if usable:
-            self.ingest.stats = BlockStats.load(usable[-1])
-            self.ingest.summarised = int(usable[-1].stem.split("_")[1])
-        rest = np.asarray(array[self.ingest.summarised:frames])
-        self.ingest.row = rest if len(rest) else None
-        now_s = time.time()
-        self.seen.extend([now_s] * frames)
-        log.info("resuming: %d frames of %s already in %s", frames, self.folder, self.rec_path)
-
     def _resume_denoised(self) -> None:
         assert self.den_job is not None
         self.done_units = {int(m.stem) for m in self.den_job.progress.glob("*.done")}
@@ -512,7 +381,7 @@ class _Run:
             self.next_unit += 1
 
     def _submit(self, final: bool) -> None:
-        frames = self.stored
+        frames = self.ingest.stored
         unit = self.config.block_frames
         units = math.ceil(frames / unit) if final else (frames - self.halo) // unit
         per_task = self.config.max_block_frames // unit
@@ -585,36 +454,19 @@ class _Run:
         """Frames denoised from the first on, without a gap."""
         while self.contiguous in self.done_units:
             self.contiguous += 1
-        return min(self.contiguous * self.config.block_frames, self.stored)
+        return min(self.contiguous * self.config.block_frames, self.ingest.stored)
 
     def _status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_status < STATUS_S:
             return
         self.last_status = time.monotonic()
-        acquired = self.stored + self.ingest.waiting
+        acquired = self.ingest.stored + self.ingest.waiting
         done = self._contiguous_done()
         lag_s = (time.time() - self.seen[0]) if self.seen and acquired > done else 0.0
-        newest = self.watch.files[-1].path.name if self.watch.files else "no file yet"
+        files = self.ingest.watch.files
+        newest = files[-1].path.name if files else "no file yet"
         log.info("acquired %d frames (%s), denoised %d: lag %d frames, %.1f s", acquired,
                  newest, done, acquired - done, lag_s)
-
-    # ----------------------------------------------------------------- the end
-    def _finalise(self) -> None:
-        self._status(force=True)
-        if self.rec_job is not None:
-            summary_stats = self.ingest.stats
-            if self.ingest.row is not None and len(self.ingest.row):
-                summary_stats.merge(BlockStats.of(self.ingest.row))
-            array = zarr.open_array(str(self.rec_path / ARRAY_PATH), mode="r")
-            summary = summary_stats.summary(np.dtype(array.dtype))
-            provenance = {**(self.rec_job.attrs.get("provenance") or {}),
-                          "sources": [{"path": str(f.path), "frames": n}
-                                      for f, n in zip(self.watch.files, self.watch.taken,
-                                                      strict=True)]}
-            update_attrs(self.rec_path, provenance=provenance)
-            self.rec_job.finalise(statistics=summary)
-        assert self.den_job is not None
-        self.den_job.finalise()
 
 
 def _recording_identity(folder: Path, config: FollowConfig) -> dict[str, Any]:

@@ -30,8 +30,10 @@ from deepcad_chunked.jobs.convert import convert, stale_sources
 from deepcad_chunked.jobs.export import export
 from deepcad_chunked.sources.registry import GLOB_CHARS, discover_sources, file_of, open_sources
 from deepcad_chunked.store.attributes import read_ours
-from deepcad_chunked.store.lifecycle import check_disjoint, open_folder, remove_store
+from deepcad_chunked.store.lifecycle import remove_store
 from deepcad_chunked.store.location import is_url, local_folder, no_folder
+from deepcad_chunked.store.outputs import open_folder
+from deepcad_chunked.store.pins import check_disjoint
 from deepcad_chunked.store.recording import open_recording
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from deepcad_chunked.cluster import advertises_gpus, connect
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import StoreError
 from deepcad_chunked.launchers import wait_for_a_worker
-from deepcad_chunked.store.lifecycle import open_folder
 from deepcad_chunked.store.location import resolve
+from deepcad_chunked.store.outputs import open_folder
 from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
 

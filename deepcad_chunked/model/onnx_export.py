@@ -23,7 +23,7 @@ from deepcad_chunked.errors import ConfigError, OutputExistsError
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN
 from deepcad_chunked.model.unet3d import GRID, UNet3D
-from deepcad_chunked.store.lifecycle import check_disjoint
+from deepcad_chunked.store.pins import check_disjoint
 
 log = logging.getLogger(__name__)
 

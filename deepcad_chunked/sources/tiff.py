@@ -12,11 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
@@ -27,11 +26,11 @@ from deepcad_chunked.sources.reader import (
     Format,
     HandleCache,
     Part,
-    PhysicalMetadata,
     SourcePlan,
     check_unchanged,
     join_parts,
 )
+from deepcad_chunked.sources.tiff_metadata import physical_metadata, scanimage_layout
 from deepcad_chunked.store.recording import require_numbers
 
 if TYPE_CHECKING:
@@ -44,14 +43,6 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 #: Output axes that may sit between ``t`` and ``y, x``, in NGFF order.
 EXTRA_AXES = ("c", "z")
-
-_UNIT_TO_UM = {
-    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
-    "micrometer": 1.0, "\\u00b5m": 1.0, "nm": 1e-3, "pm": 1e-6, "å": 1e-4,
-}
-_UNIT_TO_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "ms": 1e-3, "µs": 1e-6, "us": 1e-6,
-              "min": 60.0, "h": 3600.0, "ns": 1e-9}
-
 
 @dataclass(frozen=True, kw_only=True)
 class TiffSource(Part):
@@ -212,10 +203,10 @@ def _describe(tif: tifffile.TiffFile, path: Path, state: FileState, index: int) 
                           "only single-sample (grayscale) frames are supported")
     if tif.is_scanimage and series.kind == "scanimage":
         npages = math.prod(page_shape)
-        sizes, strides, meta = _scanimage_layout(tif, npages, path)
+        sizes, strides, meta = scanimage_layout(tif, npages, path)
     else:
         sizes, strides = _generic_layout(page_axes, page_shape, path)
-        meta = _metadata(tif, series)
+        meta = physical_metadata(tif, series)
     frames = sizes.pop("t")
     if frames < 1:
         raise SourceError(f"{path} holds no frames")
@@ -302,149 +293,6 @@ def _generic_layout(page_axes: str, page_shape: tuple[int, ...],
         sizes.setdefault(ax, 1)
         strides.setdefault(ax, 0)
     return sizes, strides
-
-
-def scanimage_framedata(tif: tifffile.TiffFile) -> dict[str, Any]:
-    """ScanImage's non-varying frame data, from the file header or the first page.
-
-    Parameters
-    ----------
-    tif : tifffile.TiffFile
-        An open ScanImage file.
-
-    Returns
-    -------
-    dict
-        ``SI.*`` keys to values; empty when nothing could be parsed.
-    """
-    meta = tif.scanimage_metadata or {}
-    framedata = dict(meta.get("FrameData") or {})
-    if not framedata:
-        software = tif.pages.first.software or ""
-        if software.startswith("SI."):
-            try:
-                framedata = dict(tifffile.tifffile.matlabstr2py(software))
-            except Exception:  # malformed metadata: fall back to a plain page sequence
-                framedata = {}
-    return framedata
-
-
-def _scanimage_layout(tif: tifffile.TiffFile, npages: int,
-                      path: Path) -> tuple[dict[str, int], dict[str, int], PhysicalMetadata]:
-    """De-interleave ScanImage pages: channels fastest, then slices, then volumes."""
-    fd = scanimage_framedata(tif)
-    saved = fd.get("SI.hChannels.channelSave", 1)
-    channels = len(saved) if isinstance(saved, (list, tuple)) else 1
-    fastz = bool(fd.get("SI.hFastZ.enable", False))
-    slices = 1
-    if fastz or int(_finite(fd.get("SI.hStackManager.framesPerSlice"), 1)) == 1:
-        slices = int(_finite(fd.get("SI.hStackManager.actualNumSlices",
-                                    fd.get("SI.hStackManager.numSlices")), 1))
-        if fastz and not fd.get("SI.hFastZ.discardFlybackFrames", True):
-            slices += int(_finite(fd.get("SI.hFastZ.numDiscardFlybackFrames"), 0))
-    per_frame = channels * slices
-    frames = npages // per_frame
-    if frames * per_frame != npages:
-        log.warning("%s: %d pages are not a whole number of %d-page volumes; "
-                    "the last %d pages are dropped", path.name, npages, per_frame,
-                    npages - frames * per_frame)
-    sizes = {"t": frames, "c": channels, "z": slices}
-    strides = {"t": per_frame, "z": channels, "c": 1}
-    rate = _finite(fd.get("SI.hRoiManager.scanVolumeRate") if slices > 1 else None, None)
-    if rate is None:
-        frame_rate = _finite(fd.get("SI.hRoiManager.scanFrameRate"), None)
-        rate = None if frame_rate is None else frame_rate / slices
-    step = _finite(fd.get("SI.hStackManager.actualStackZStepSize",
-                          fd.get("SI.hStackManager.stackZStepSize")), None)
-    meta = PhysicalMetadata(
-        frame_interval_s=None if not rate else 1.0 / float(rate),
-        z_spacing_um=None if step is None or slices == 1 else abs(float(step)),
-    )
-    return sizes, strides, meta
-
-
-def _finite(value: Any, default: Any) -> Any:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if math.isfinite(number) else default
-
-
-def _metadata(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> PhysicalMetadata:
-    if tif.is_ome and tif.ome_metadata:
-        try:
-            return _ome_metadata(tif.ome_metadata, 0)
-        except ET.ParseError:
-            log.warning("%s: OME-XML could not be parsed; no physical scales read", tif.filename)
-    if tif.is_imagej and tif.imagej_metadata:
-        return _imagej_metadata(tif)
-    return PhysicalMetadata(pixel_size_um=_resolution_um(tif.pages.first, None))
-
-
-def _resolution_um(page: tifffile.TiffPage, unit_name: str | None) -> tuple[float, float] | None:
-    """Pixel size (y, x) in µm from the resolution tags, or None when they carry no unit."""
-    try:
-        xres = page.tags["XResolution"].value
-        yres = page.tags["YResolution"].value
-        unit = int(page.tags["ResolutionUnit"].value) if "ResolutionUnit" in page.tags else 2
-    except KeyError:
-        return None
-    per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
-    if unit_name is not None:
-        per_unit = _UNIT_TO_UM.get(unit_name.strip().lower())
-    if per_unit is None:
-        return None
-    try:
-        x = per_unit * xres[1] / xres[0]
-        y = per_unit * yres[1] / yres[0]
-    except (ZeroDivisionError, TypeError, IndexError):
-        return None
-    if unit_name is None and unit == 2 and x == 25400.0:
-        return None  # 1 pixel per inch: the writer's default, not a measurement
-    return (y, x)
-
-
-def _imagej_metadata(tif: tifffile.TiffFile) -> PhysicalMetadata:
-    meta = tif.imagej_metadata or {}
-    interval = _finite(meta.get("finterval"), None)
-    if interval is None and _finite(meta.get("fps"), None):
-        interval = 1.0 / float(meta["fps"])
-    unit = str(meta.get("unit", "")) or None
-    size = _resolution_um(tif.pages.first, unit) if unit else None
-    spacing = _finite(meta.get("spacing"), None)
-    scale = _UNIT_TO_UM.get(unit.lower()) if unit else None
-    return PhysicalMetadata(
-        frame_interval_s=interval or None,
-        pixel_size_um=size,
-        z_spacing_um=None if spacing is None or scale is None else spacing * scale,
-    )
-
-
-def _ome_metadata(xml: str, index: int) -> PhysicalMetadata:
-    root = ET.fromstring(xml)
-    ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
-    images = root.findall("ome:Image", ns) if ns else root.findall("Image")
-    if not images:
-        return PhysicalMetadata()
-    pixels = images[min(index, len(images) - 1)].find("ome:Pixels" if ns else "Pixels", ns)
-    if pixels is None:
-        return PhysicalMetadata()
-
-    def length(name: str) -> float | None:
-        value = _finite(pixels.get(f"PhysicalSize{name}"), None)
-        unit = pixels.get(f"PhysicalSize{name}Unit", "µm")
-        scale = _UNIT_TO_UM.get(unit.lower())
-        return None if value is None or scale is None else value * scale
-
-    interval = _finite(pixels.get("TimeIncrement"), None)
-    tscale = _UNIT_TO_S.get(pixels.get("TimeIncrementUnit", "s").lower())
-    x, y = length("X"), length("Y")
-    return PhysicalMetadata(
-        frame_interval_s=None if interval is None or tscale is None else interval * tscale,
-        pixel_size_um=None if x is None else (y if y is not None else x, x),
-        z_spacing_um=length("Z"),
-    )
 
 
 def _check_complete(tif: tifffile.TiffFile, source: TiffSource, file_size: int) -> None:

@@ -16,7 +16,7 @@ that fills a folder (``train``'s run directory, ``run``'s output folder) through
 
 While the job runs, each finished piece of work leaves a marker under
 ``.progress/<command>/`` in the store; :meth:`StoreJob.finalise` checks that the lock is still
-held and that the pinned inputs (:class:`StorePin`) did not change, and
+held and that the pinned inputs (:class:`~deepcad_chunked.store.pins.StorePin`) did not change, and
 writes the completion flag last.
 """
 
@@ -27,27 +27,25 @@ import errno
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zarr
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
-from deepcad_chunked.store.attributes import StoreAttributes, read_ours, read_ours_as_stored
+from deepcad_chunked.store.attributes import read_ours, read_ours_as_stored
 from deepcad_chunked.store.integrity import zarr_target
 from deepcad_chunked.store.location import RemotePath, StorePath, no_folder, resolve, rmtree
 from deepcad_chunked.store.lock import WriterLock, lock_path
 from deepcad_chunked.store.omezarr import (
     ARRAY_PATH,
-    ATTRS_KEY,
     is_zarr_store,
-    read_group_attrs,
     update_attrs,
 )
+from deepcad_chunked.store.pins import Pin, check_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +89,12 @@ def writing(output: Path) -> Iterator[None]:
                          ) from None
 
 
-def _cannot_write(path: Path, exc: OSError) -> StoreError:
+def cannot_write(path: Path, exc: OSError) -> StoreError:
     why = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
     return StoreError(f"cannot write {path}: {why}")
 
 
-def _output(output: str | Path | RemotePath, inputs: Iterable[str | Path | RemotePath]
+def output_path(output: str | Path | RemotePath, inputs: Iterable[str | Path | RemotePath]
             ) -> StorePath:
     """The absolute path (or URL) of an output, refused if it overlaps an input."""
     path = resolve(output)
@@ -104,94 +102,11 @@ def _output(output: str | Path | RemotePath, inputs: Iterable[str | Path | Remot
     return path
 
 
-def _local(output: StorePath, what: str) -> Path:
+def local_output(output: StorePath, what: str) -> Path:
     """Refuse a URL where only a local path works (a TIFF file, a training run's folder)."""
     if isinstance(output, RemotePath):
         raise StoreError(f"{output}: {what} must be a local path (stores may be URLs)")
     return output
-
-
-# --------------------------------------------------------------------------- inputs
-
-def _real(path: StorePath) -> StorePath:
-    """A local path with its symbolic links resolved; a URL as it is."""
-    return path if isinstance(path, RemotePath) else Path(os.path.realpath(path))
-
-
-def check_disjoint(output: str | Path | RemotePath,
-                   inputs: Iterable[str | Path | RemotePath]) -> None:
-    """Refuse an output that is, contains or lies inside one of the inputs.
-
-    Symbolic links are resolved on both sides, and an existing output that is the same file
-    as an input under another name (a hard link) counts as the input. URLs are compared as
-    keys (a local path never overlaps an object).
-
-    Parameters
-    ----------
-    output : str, Path or RemotePath
-        What the command will write (or delete, with ``--overwrite``).
-    inputs : iterable of str, Path or RemotePath
-        What it reads: files, stores and folders named as sources.
-
-    Raises
-    ------
-    OutputExistsError
-        Naming the output, the input and how they overlap.
-    """
-    out = _real(resolve(output))
-    for item in inputs:
-        given = resolve(item)
-        src = _real(given)
-        if out == src or (isinstance(out, Path) and isinstance(src, Path) and out.exists()
-                          and src.exists() and os.path.samefile(out, src)):
-            how = "is"
-        elif src in out.parents:
-            how = "lies inside"
-        elif out in src.parents:
-            how = "contains"
-        else:
-            continue
-        raise OutputExistsError(f"output {output} {how} the input {given}; choose an output "
-                                "outside the command's inputs")
-
-
-class Pin(Protocol):
-    """An input pinned for the length of a job: :meth:`verify` fails if it changed."""
-
-    def verify(self) -> None:
-        """Raise a :class:`~deepcad_chunked.errors.DeepCADError` if the input changed."""
-
-
-def store_identity(path: StorePath) -> dict[str, Any]:
-    """What identifies one written state of a store: its job and when it was completed; for
-    a store written by another tool, the state of its files
-    (:func:`deepcad_chunked.store.foreign.state`)."""
-    attrs = read_group_attrs(path)
-    if attrs is not None and ATTRS_KEY not in attrs and path.is_dir():
-        from deepcad_chunked.store.foreign import state
-
-        return {"foreign": state(path)}
-    ours = read_ours(path) or StoreAttributes()
-    return {"job": ours.job.fingerprint, "completed": ours.provenance.completed,
-            "complete": ours.complete}
-
-
-@dataclass
-class StorePin:
-    """A complete input store that must stay the one it was (not rewritten, not replaced)."""
-
-    path: StorePath
-    identity: dict[str, Any] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.identity = store_identity(self.path)
-
-    def verify(self) -> None:
-        """Raise StoreError when the store was rewritten, replaced or removed."""
-        if store_identity(self.path) != self.identity:
-            raise StoreError(f"the input {self.path} was replaced or rewritten while this "
-                             "command ran; the output is left incomplete (rerun with "
-                             "--overwrite to start again from the new input)")
 
 
 # --------------------------------------------------------------------------- stores
@@ -365,7 +280,7 @@ def _make_room(path: StorePath) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        raise _cannot_write(path, exc) from None
+        raise cannot_write(path, exc) from None
     return True
 
 
@@ -436,13 +351,13 @@ def open_store(output: str | Path | RemotePath, *, command: str, identity: dict[
     StoreError
         The store's folder cannot be written.
     """
-    path = _output(output, inputs)
+    path = output_path(output, inputs)
     created = _make_room(path)
     try:
         lock = WriterLock.acquire(path / LOCK_NAME, output=path, command=command)
     except BaseException:
         if created:
-            _remove_if_empty(path)
+            remove_if_empty(path)
         raise
     try:
         job_fingerprint = fingerprint(identity)
@@ -456,13 +371,13 @@ def open_store(output: str | Path | RemotePath, *, command: str, identity: dict[
         yield job
     except BaseException:
         lock.release(hurry=True)
-        _remove_if_empty(path)
+        remove_if_empty(path)
         raise
     lock.release()
-    _remove_if_empty(path)
+    remove_if_empty(path)
 
 
-def _remove_if_empty(path: StorePath) -> None:
+def remove_if_empty(path: StorePath) -> None:
     """Remove a store folder this job created and never wrote into."""
     if isinstance(path, RemotePath):
         return
@@ -495,73 +410,9 @@ def remove_store(path: str | Path, *, command: str) -> None:
     rmtree(path)
 
 
-# --------------------------------------------------------------------------- files, folders
-
 @contextmanager
 def open_file_lock(output: Path, *, command: str) -> Iterator[WriterLock]:
     """Hold the writer lock of a file output (it lives beside the file)."""
     with WriterLock.acquire(lock_path(output, is_store=False), output=output,
                             command=command) as lock:
         yield lock
-
-
-@contextmanager
-def open_file(output: str | Path, *, command: str, inputs: Sequence[str | Path] = (),
-              overwrite: bool = False, pins: Sequence[Pin] = ()) -> Iterator[Path]:
-    """Write a file atomically under its writer lock.
-
-    Yields a temporary name, unique to this process, in the output's folder; when the block
-    ends normally the pins are checked and the file is renamed into place, otherwise it is
-    removed. Temporary files of earlier, killed writers are removed first.
-
-    Raises
-    ------
-    OutputExistsError, LockedError, StoreError
-        As :func:`open_store`.
-    """
-    path = _local(_output(output, inputs), "a file output")
-    if path.is_dir():
-        raise OutputExistsError(f"output {path} is a directory")
-    if not path.parent.is_dir():
-        raise StoreError(f"cannot write {path}: {no_folder(path.parent)}")
-    with open_file_lock(path, command=command) as lock:
-        if path.exists() and not overwrite:
-            raise OutputExistsError(f"output {path} already exists; pass --overwrite to "
-                                    "replace it")
-        for stray in path.parent.glob(f".{path.name}.*.partial"):
-            stray.unlink(missing_ok=True)  # left by a killed writer: we hold the lock
-        partial = path.with_name(f".{path.name}.{lock.holder.token}.partial")
-        try:
-            yield partial
-            lock.check()
-            for pin in pins:
-                pin.verify()
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-
-
-@contextmanager
-def open_folder(output: str | Path, *, command: str,
-                inputs: Sequence[str | Path] = ()) -> Iterator[WriterLock]:
-    """Hold the writer lock of a folder of outputs (created if needed).
-
-    Raises
-    ------
-    OutputExistsError, LockedError, StoreError
-        As :func:`open_store`.
-    """
-    path = _local(_output(output, inputs), "a folder of outputs")
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"output {path} exists and is not a folder")
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from None
-    try:
-        with WriterLock.acquire(path / LOCK_NAME, output=path, command=command) as lock:
-            yield lock
-    finally:
-        if created:
-            _remove_if_empty(path)

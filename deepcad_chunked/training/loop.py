@@ -32,7 +32,7 @@ from deepcad_chunked.errors import ConfigError, DeepCADError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
-from deepcad_chunked.store.lifecycle import StorePin
+from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
 from deepcad_chunked.training.tiles import draw, split_regions
