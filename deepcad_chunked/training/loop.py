@@ -286,6 +286,7 @@ class _State:
 
     model: UNet3D
     optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     average: WeightAverage | None
     start_epoch: int
@@ -300,7 +301,7 @@ def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: t
     model = UNet3D(features=config.features, bypass=config.bypass).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
-    state = _State(model, optimizer, scaler, None, 0, [], math.inf)
+    state = _State(model, optimizer, None, scaler, None, 0, [], math.inf)  # type: ignore[arg-type]
     newest = _newest_checkpoint(run_dir) if resume else None
     if newest is not None:
         ckpt = Checkpoint.load(newest, map_location=device)
@@ -324,12 +325,26 @@ def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: t
         log.info("resuming %s after epoch %d", run_dir, state.start_epoch)
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
+    state.schedule = _schedule(optimizer, config, record["steps_per_epoch"], state.start_epoch)
     if config.average:
         state.average = WeightAverage(model, config.average)
         if newest is not None:  # the checkpoint holds the average
             state.average.model.load_state_dict(ckpt.model_state)
             model.load_state_dict(ckpt.live_state)
     return state
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int,
+              start_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate of every optimiser step (:func:`lr_factor` of ``config.lr``), set
+    for the first step of ``start_epoch``: the schedule is a pure function of the step, so a
+    resumed run continues it exactly."""
+    total = config.epochs * steps
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, config.schedule, config.warmup),
+        last_epoch=start_epoch * steps - 1)
 
 
 def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainConfig,
@@ -340,10 +355,8 @@ def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainCo
     for step in range(steps):
         check_interrupt()
         inp, tgt = make_pairs(_next_batch(batches).to(device, non_blocking=True), plan.norm)
-        factor = lr_factor(epoch * steps + step, config.epochs * steps,
-                           config.schedule, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor
+        if epoch * steps + step > state.schedule.last_epoch:
+            state.schedule.step()  # the rate of this step (checkpoints hold the last one used)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(model(inp).float(), tgt, config.loss)
