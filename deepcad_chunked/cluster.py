@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import dask
-from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed
+from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.system import MEMORY_LIMIT
 
 from deepcad_chunked import launchers
 from deepcad_chunked.config import JobQueueOptions
 from deepcad_chunked.errors import ConfigError
-from deepcad_chunked.interrupt import check as check_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -274,64 +273,3 @@ def advertises_gpus(client: Client) -> bool:
     """Whether a worker of the cluster advertises a ``GPU`` resource."""
     return any("GPU" in (w.get("resources") or {})
                for w in client.scheduler_info().get("workers", {}).values())
-
-
-def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:
-    """Yield the results of ``futures`` as they finish, releasing each one.
-
-    On an error, an interrupt or an abandoned loop the futures still running are cancelled, so
-    the cluster stops working for a job that is over.
-    """
-    try:
-        for future in as_completed(futures):
-            check_interrupt()
-            result = future.result()
-            future.release()
-            yield result
-    except BaseException:
-        client.cancel(list(futures))
-        raise
-
-
-def compute_in_batches(client: Client, batches: Iterable[Sequence[Any]], *,
-                       in_flight: int) -> Iterator[Any]:
-    """Compute batches of dask collections a few at a time; yield results as they finish.
-
-    The next batch is built and submitted whenever fewer than ``in_flight`` of the submitted
-    results are unfinished, so the scheduler (and the driver, if ``batches`` builds its graphs
-    lazily) holds a bounded part of an arbitrarily long job while the workers never run dry.
-    On an error, an interrupt or an abandoned loop the unfinished work is cancelled.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    batches : iterable of sequences of dask collections
-        Consumed lazily.
-    in_flight : int
-        Unfinished results below which another batch is submitted.
-    """
-    source = iter(batches)
-    pending: as_completed = as_completed()
-    live: set[Future] = set()
-
-    def top_up() -> None:
-        while len(live) < in_flight:
-            batch = next(source, None)
-            if batch is None:
-                return
-            futures = client.compute(list(batch))
-            live.update(futures)
-            pending.update(futures)
-
-    try:
-        top_up()
-        for future in pending:
-            check_interrupt()
-            result = future.result()
-            live.discard(future)
-            future.release()
-            top_up()
-            yield result
-    except BaseException:
-        client.cancel(list(live))
-        raise

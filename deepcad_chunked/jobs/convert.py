@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import zarr
 from distributed import Client
-from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
-from deepcad_chunked.cluster import connect, results_as_completed
+from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import DEFAULT_CHUNKS, SHARD_BYTES, ConvertConfig
 from deepcad_chunked.errors import ConfigError, SourceError
+from deepcad_chunked.jobs.runner import progress_bar, run_pieces
 from deepcad_chunked.sources.reader import Part, PhysicalMetadata, SourcePlan
 from deepcad_chunked.sources.registry import open_sources
 from deepcad_chunked.store.integrity import zarr_target
@@ -302,8 +302,7 @@ def _check_sources_since(client: Client, job: StoreJob, plan: SourcePlan,
              "already converted from it against the file", Path(changed[0]).name, len(suspect))
     slab_job = _SlabJob(plan=plan, store=str(job.path), slab_frames=slab_frames,
                         progress=str(job.progress))
-    futures = client.map(_slab_differs, suspect, job=slab_job, pure=False)
-    for slab in results_as_completed(client, futures):
+    for slab in run_pieces(client, _slab_differs, suspect, shared=slab_job):
         if slab is not None:
             t0 = slab * slab_frames
             t1 = min(plan.frames, t0 + slab_frames)
@@ -357,16 +356,13 @@ def create_recording(output: StorePath, *, first: Part, shape: tuple[int, ...],
 
 def _run_slabs(client: Client, job: _SlabJob, todo: list[int], stats: BlockStats,
                progress: bool | None) -> None:
-    [job_future] = client.scatter([job], broadcast=True, hash=False)
     frame_bytes = math.prod(job.plan.first.frame_shape) * np.dtype(job.plan.first.dtype).itemsize
-    futures = client.map(_convert_slab, todo, job=job_future, pure=False)
     total = job.plan.frames
     already = total - sum(min(total, (s + 1) * job.slab_frames) - s * job.slab_frames
                           for s in todo)
-    bar = tqdm(total=total, initial=already, unit="frame", desc="convert",
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = progress_bar(total, initial=already, unit="frame", desc="convert", progress=progress)
     try:
-        for _, frames, slab_stats in results_as_completed(client, futures):
+        for _, frames, slab_stats in run_pieces(client, _convert_slab, todo, shared=job):
             stats.merge(slab_stats)
             bar.update(frames)
             rate = bar.format_dict.get("rate") or 0.0

@@ -26,12 +26,10 @@ from typing import Any
 import dask
 import numpy as np
 from distributed import Client
-from tqdm.auto import tqdm
 
 from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import (
     advertises_gpus,
-    compute_in_batches,
     connect,
     inference_workers,
 )
@@ -52,6 +50,7 @@ from deepcad_chunked.infer.predict import (
     denoise_dask,
     receptive_radius,
 )
+from deepcad_chunked.jobs.runner import compute_in_batches, progress_bar
 from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
@@ -457,8 +456,7 @@ class _Job:
 
 def _run(client: Client, segments: Iterator[list[Any]], in_flight: int, total: int,
          done: int, progress: bool | None) -> None:
-    bar = tqdm(total=total, initial=done, unit="block", desc="denoise",
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = progress_bar(total, initial=done, unit="block", desc="denoise", progress=progress)
     try:
         for voxels in compute_in_batches(client, segments, in_flight=in_flight):
             bar.update(1)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from deepcad_chunked.errors import SourceError, StoreError
+from deepcad_chunked.jobs.runner import progress_bar
 from deepcad_chunked.jobs.writer_process import write_in_child
 from deepcad_chunked.sources.hdf5 import split_member
 from deepcad_chunked.sources.reader import Format
@@ -183,8 +183,8 @@ def _write(fmt: Format, rec: Recording, files: list[Path], member: str | None,
                                                   overwrite=overwrite,
                                                   pins=[StorePin(rec.path)]))
                     for f in reversed(files)][::-1]
-        bar = stack.enter_context(tqdm(total=rec.shape[0], unit="frame", desc="export",
-                                       disable=None if progress is None else not progress))
+        bar = stack.enter_context(progress_bar(rec.shape[0], unit="frame", desc="export",
+                                               progress=progress))
         folder = files[0].parent
         # the whole export first: most full disks are found before anything is written
         itemsize = 2 if fmt.name == "suite2p" else rec.dtype.itemsize  # Suite2p: int16

@@ -1,0 +1,152 @@
+"""Running a job's pieces on the cluster: a bounded number at a time, as they finish, with a
+progress bar, and nothing left running when the job stops.
+
+Every job has the same skeleton. It opens its output through
+:mod:`deepcad_chunked.store.lifecycle` (the writer lock, the pins of its inputs, a new store or
+the markers of the pieces an earlier run finished), plans its pieces and leaves out those
+already done, runs the rest here, and finalises the store (completion flag last). A piece is a
+pure function of its own arguments that writes its part of the output and leaves its marker
+(``convert``'s slabs, the checks of a resumed conversion), or a dask collection that does the
+same (``denoise``'s blocks of a ``map_overlap`` graph). Either way:
+
+- at most ``in_flight`` pieces are on the cluster at a time, so the scheduler holds a bounded
+  part of an arbitrarily long job while the workers never run dry;
+- results come back as they finish (:func:`run_pieces`, :func:`compute_in_batches`);
+- Ctrl-C, SIGTERM or an error cancels what is still running; finished pieces keep their
+  markers, so the rerun resumes.
+
+``follow`` schedules by latency instead (a task as soon as a block's frames exist) and
+training is one task (:mod:`deepcad_chunked.jobs.train`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from distributed import Client, Future, as_completed
+from tqdm.auto import tqdm
+
+from deepcad_chunked.interrupt import check as check_interrupt
+
+
+def progress_bar(total: int, *, desc: str, unit: str, initial: int = 0,
+                 progress: bool | None = None) -> tqdm:
+    """A job's progress bar; ``progress`` None: shown when standard error is a terminal."""
+    return tqdm(total=total, initial=initial, unit=unit, desc=desc,
+                disable=None if progress is None else not progress, dynamic_ncols=True)
+
+
+def default_in_flight(client: Client) -> int:
+    """Pieces kept on the cluster: two per worker thread, so none waits for the driver."""
+    return 2 * max(1, sum(client.nthreads().values()))
+
+
+def run_pieces(client: Client, fn: Callable[..., Any], pieces: Iterable[Any], *,
+               shared: Any, in_flight: int | None = None) -> Iterator[Any]:
+    """Run ``fn(piece, job=shared)`` for every piece on the cluster, at most ``in_flight``
+    at a time; yield the results as they finish.
+
+    ``shared`` (the job's plan: sources, store, options) is sent to every worker once. On an
+    error, an interrupt or an abandoned loop the pieces still running are cancelled.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    fn : callable
+        The per-piece function; pure except for what it writes (its part and its marker).
+    pieces : iterable
+        Consumed lazily.
+    shared : object
+        Picklable; given to every call as ``job``.
+    in_flight : int, optional
+        Default :func:`default_in_flight`.
+    """
+    limit = in_flight or default_in_flight(client)
+    [job] = client.scatter([shared], broadcast=True, hash=False)
+    source = iter(pieces)
+    pending: as_completed = as_completed()
+    live: set[Future] = set()
+
+    def top_up() -> None:
+        while len(live) < limit:
+            piece = next(source, None)
+            if piece is None:
+                return
+            future = client.submit(fn, piece, job=job, pure=False)
+            live.add(future)
+            pending.add(future)
+
+    try:
+        top_up()
+        for future in pending:
+            check_interrupt()
+            result = future.result()
+            live.discard(future)
+            future.release()
+            top_up()
+            yield result
+    except BaseException:
+        client.cancel(list(live))
+        raise
+
+
+def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:
+    """Yield the results of ``futures`` as they finish, releasing each one.
+
+    On an error, an interrupt or an abandoned loop the futures still running are cancelled, so
+    the cluster stops working for a job that is over.
+    """
+    try:
+        for future in as_completed(futures):
+            check_interrupt()
+            result = future.result()
+            future.release()
+            yield result
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+
+
+def compute_in_batches(client: Client, batches: Iterable[Sequence[Any]], *,
+                       in_flight: int) -> Iterator[Any]:
+    """Compute batches of dask collections a few at a time; yield results as they finish.
+
+    The next batch is built and submitted whenever fewer than ``in_flight`` of the submitted
+    results are unfinished, so the scheduler (and the driver, if ``batches`` builds its graphs
+    lazily) holds a bounded part of an arbitrarily long job while the workers never run dry.
+    On an error, an interrupt or an abandoned loop the unfinished work is cancelled.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    batches : iterable of sequences of dask collections
+        Consumed lazily.
+    in_flight : int
+        Unfinished results below which another batch is submitted.
+    """
+    source = iter(batches)
+    pending: as_completed = as_completed()
+    live: set[Future] = set()
+
+    def top_up() -> None:
+        while len(live) < in_flight:
+            batch = next(source, None)
+            if batch is None:
+                return
+            futures = client.compute(list(batch))
+            live.update(futures)
+            pending.update(futures)
+
+    try:
+        top_up()
+        for future in pending:
+            check_interrupt()
+            result = future.result()
+            live.discard(future)
+            future.release()
+            top_up()
+            yield result
+    except BaseException:
+        client.cancel(list(live))
+        raise
