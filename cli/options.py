@@ -15,6 +15,9 @@ from deepcad_chunked.errors import DeepCADError
 SOURCES_HELP = ("TIFF file, HDF5 (FILE.h5[:/dataset]), NWB (FILE.nwb[:Series], or an https:// "
                 "URL), Suite2p plane folder, raw binary (with --raw-shape), glob or directory")
 
+#: Exit code of a command that failed on its input (one line said why).
+EXIT_ERROR = 1
+
 
 def _integers(text: str, axes: str) -> tuple[int, ...]:
     try:
@@ -238,3 +241,9 @@ def raw_layout(args: argparse.Namespace) -> Any:
             raise DeepCADError(f"--raw-shape: {exc}") from None
         layout = RawLayout.build(shape=shape, **given)
     return layout
+
+
+def add_axes_option(p: argparse.ArgumentParser) -> None:
+    """``--axes``: the axes of a plain Zarr array that does not name them."""
+    p.add_argument("--axes", metavar="TYX", help="axes of a plain Zarr array that does not "
+                   "name them: t, optionally c and z, then y and x (e.g. tyx, tzyx)")

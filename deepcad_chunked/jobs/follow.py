@@ -37,9 +37,9 @@ from distributed import Client, Future
 from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
 from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
-from deepcad_chunked.infer.kernels import denoise_frames, stored_samples
-from deepcad_chunked.infer.predict import check_halo, default_halo, span_indices
+from deepcad_chunked.infer.predict import check_halo, default_halo
 from deepcad_chunked.jobs.denoise import create_denoised, forward_budget, pin_model
+from deepcad_chunked.jobs.follow_task import FollowTask, denoise_task
 from deepcad_chunked.jobs.ingest import Ingest
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
@@ -47,7 +47,7 @@ from deepcad_chunked.sources.growing import STOP_FILE
 from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.integrity import open_array
 from deepcad_chunked.store.lifecycle import LOCK_NAME, StoreJob, fingerprint, open_store, writing
-from deepcad_chunked.store.location import local_folder, no_folder, resolve, write_atomic
+from deepcad_chunked.store.location import local_folder, no_folder, resolve
 from deepcad_chunked.store.lock import WriterLock
 from deepcad_chunked.store.omezarr import ARRAY_PATH, update_attrs
 from deepcad_chunked.store.pins import check_disjoint
@@ -84,57 +84,6 @@ class FollowResult:
     denoised: Recording
     frames: int
     lag_s: list[float]
-
-
-@dataclass(frozen=True)
-class _Task:
-    """One task: denoise frames ``start:stop`` of the recording, write them and their markers."""
-
-    recording: str
-    denoised: str
-    markers: str
-    start: int
-    stop: int
-    known: int  # frames of the recording the mirroring is computed for
-    unit: int
-    halo: int
-    model: str
-    digest: str
-    mean: float
-    std: float
-    device: str
-    precision: str
-    dtype: str
-    max_voxels: int
-    preview: bool
-
-
-def _denoise_frames(task: _Task) -> tuple[int, int, float, np.ndarray | None]:
-    """Run on a worker: denoise, check, write one task's frames, then leave their markers.
-
-    Returns ``(start, stop, time stored, (raw, denoised) of its last frame or None)``.
-    """
-    source = open_array(f"{task.recording}/{ARRAY_PATH}", strict=False)
-    m = task.stop - task.start
-    t = span_indices(task.known, task.start, task.stop, task.halo)
-    lo, hi = int(t.min()), int(t.max()) + 1
-    raw = np.asarray(source[lo:hi])[t - lo]
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
-        frames = sorted({int(f) for f in t[~np.isfinite(raw).all(axis=(1, 2))]})
-        raise SourceError(f"frame {frames[0]} of the acquisition holds NaN or infinite "
-                          f"samples ({len(frames)} such frame(s) around it); the network needs "
-                          "finite values: replace them where the files are written (e.g. with "
-                          "numpy.nan_to_num) and follow again")
-    core = denoise_frames(raw, m, halo=task.halo, mean=task.mean, std=task.std,
-                          model_path=task.model, digest=task.digest, device=task.device,
-                          precision=task.precision, max_voxels=task.max_voxels)
-    target = zarr.open_array(f"{task.denoised}/{ARRAY_PATH}", mode="r+")
-    target = target.with_config({"write_empty_chunks": True})
-    target[task.start:task.stop] = stored_samples(core, task.dtype, task.precision)
-    for unit in range(task.start // task.unit, math.ceil(task.stop / task.unit)):
-        write_atomic(resolve(f"{task.markers}/{unit:08d}.done"), b"")
-    last = (np.asarray(source[task.stop - 1]), core[-1]) if task.preview else None
-    return task.start, task.stop, time.time(), last
 
 
 def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
@@ -407,14 +356,14 @@ class _Run:
             self.pinned = str(pin_model(self.den_job, self.ckpt))
         d = self.config.denoise
         dtype = np.dtype(target.dtype)
-        task = _Task(recording=str(self.rec_path), denoised=str(self.den_path),
+        task = FollowTask(recording=str(self.rec_path), denoised=str(self.den_path),
                      markers=str(self.den_job.progress), start=start, stop=stop, known=known,
                      unit=self.config.block_frames, halo=self.halo, model=self.pinned,
                      digest=self.ckpt.digest, mean=mean, std=std, device=d.device,
                      precision=d.precision, dtype=dtype.str, max_voxels=self.max_voxels,
                      preview=self.config.preview is not None)
         resources = {"GPU": 1} if self.gpu else None
-        future = self.client.submit(_denoise_frames, task, pure=False, resources=resources,
+        future = self.client.submit(denoise_task, task, pure=False, resources=resources,
                                     key=f"follow-{start}-{stop}-{time.time_ns()}")
         self.running[future] = (start, stop)
 
