@@ -24,7 +24,7 @@ def _passes() -> dict[str, Any]:
     """
     import torch
 
-    from deepcad_chunked.model.lean import lean_forward
+    from deepcad_chunked.infer.lean import lean_forward
     from deepcad_chunked.model.unet3d import UNet3D
 
     model = UNet3D(features=4).eval()

@@ -17,9 +17,10 @@ import pytest
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
+from deepcad_chunked.config import CompressionConfig
 from deepcad_chunked.jobs.denoise import Layout, _Job
 from deepcad_chunked.model import Checkpoint, load_model
-from deepcad_chunked.store.omezarr import Compression, create_image, update_attrs
+from deepcad_chunked.store.omezarr import create_image, update_attrs
 from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, run_cli, stored_chunks
 from tests.tiffs import write_imagej, write_plain
@@ -213,7 +214,7 @@ def test_the_graph_of_a_segment_does_not_grow_with_the_recording(tmp_path: Path,
         path.mkdir()
         create_image(path, shape=(frames, 64, 64), dtype=np.dtype(np.uint16),
                      chunks=(16, 64, 64), axes=("t", "y", "x"), scale=[1.0, 1.0, 1.0],
-                     units={}, zarr_format=3, compression=Compression(),
+                     units={}, zarr_format=3, compression=CompressionConfig(),
                      attrs={"format": 1, "kind": "recording", "complete": True})
         layout = Layout(block=(48, 64, 64), halo=48, device="cpu", max_voxels=10**9,
                         pieces=(48, 64, 64), segment=96)

@@ -147,7 +147,7 @@ def test_the_lean_forward_is_the_same_function(features: int, shape: tuple[int, 
                                                channels_last: bool) -> None:
     """The memory-lean inference pass (no concatenation, no upsampled tensor, skips
     released early) equals the module's forward within 1e-5 of its range, fp32."""
-    from deepcad_chunked.model.lean import lean_forward
+    from deepcad_chunked.infer.lean import lean_forward
 
     torch.manual_seed(features)
     model = UNet3D(features=features, bypass=bypass).eval()
@@ -168,7 +168,7 @@ def test_the_lean_forward_is_the_same_function(features: int, shape: tuple[int, 
 
 
 def test_folded_kernels_convolve_the_upsampled_volume() -> None:
-    from deepcad_chunked.model.lean import folded_weights
+    from deepcad_chunked.infer.lean import folded_weights
 
     torch.manual_seed(1)
     low = torch.randn(1, 3, 4, 5, 6, dtype=torch.float64)
@@ -184,7 +184,7 @@ def test_folded_kernels_convolve_the_upsampled_volume() -> None:
 
 
 def test_the_lean_forward_refuses_sizes_off_the_grid() -> None:
-    from deepcad_chunked.model.lean import lean_forward
+    from deepcad_chunked.infer.lean import lean_forward
 
     with pytest.raises(ValueError, match="multiples of 8"):
         lean_forward(UNet3D(features=2), torch.zeros(1, 1, 8, 12, 16))

@@ -2,7 +2,7 @@
 
 A forward pass of the U-Net over ``v`` input voxels keeps about ``v × bytes_per_voxel`` bytes
 of activations alive at its peak. On the CPU inference runs the memory-lean pass
-(:mod:`deepcad_chunked.model.lean`, channels-last) in a worker whose allocator keeps freed
+(:mod:`deepcad_chunked.infer.lean`, channels-last) in a worker whose allocator keeps freed
 memory for the next pass (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`). Its peak
 after several passes — so with the heap's fragmentation, which depends on the order of the
 allocations — measured on 160×352×352 inputs at ``f`` = 4, 8, 16: 52, 104 and 352 B per voxel

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from deepcad_chunked.errors import ConfigError
+from deepcad_chunked.infer.lean import lean_forward
 from deepcad_chunked.infer.memory import plan_tiles
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
-from deepcad_chunked.model.lean import lean_forward
 from deepcad_chunked.model.unet3d import GRID, UNet3D, receptive_radius
 from deepcad_chunked.store.location import file_state, resolve
 
@@ -53,7 +53,7 @@ def grid_padding(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 def _forward(model: torch.nn.Module, volume: np.ndarray, device: torch.device,
              precision: str) -> np.ndarray:
     """The network on one volume: the memory-lean forward pass
-    (:func:`~deepcad_chunked.model.lean.lean_forward`), channels-last on the CPU, where
+    (:func:`~deepcad_chunked.infer.lean.lean_forward`), channels-last on the CPU, where
     oneDNN then convolves without reordering every activation (benchmarks/RESULTS.md; the
     model is put in that layout once, by :func:`inference_layout`)."""
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)

@@ -34,7 +34,7 @@ from deepcad_chunked.sources.registry import open_sources
 from deepcad_chunked.store.integrity import zarr_target
 from deepcad_chunked.store.lifecycle import StoreJob, describe_change, now, open_store, writing
 from deepcad_chunked.store.location import RemotePath, StorePath, file_state, is_url, resolve
-from deepcad_chunked.store.omezarr import ARRAY_PATH, Compression, create_image, open_for_writing
+from deepcad_chunked.store.omezarr import ARRAY_PATH, AXIS_UNITS, create_image, open_for_writing
 from deepcad_chunked.store.pins import check_disjoint
 from deepcad_chunked.store.recording import Recording, open_recording
 from deepcad_chunked.store.stats import BlockStats
@@ -178,9 +178,8 @@ def _ngff_scale(axes: tuple[str, ...], scales: dict[str, Any]
     size = scales["pixel_size_um"]
     steps = {"t": scales["frame_interval_s"], "c": None, "z": scales["z_spacing_um"],
              "y": size[0] if size else None, "x": size[1] if size else None}
-    units = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
     return ([float(steps[a]) if steps[a] else 1.0 for a in axes],
-            {a: units.get(a) if steps[a] else None for a in axes})
+            {a: AXIS_UNITS.get(a) if steps[a] else None for a in axes})
 
 
 def convert(sources: str | Path | Sequence[str | Path], output: str | Path | RemotePath, *,
@@ -350,7 +349,7 @@ def create_recording(output: StorePath, *, first: Part, shape: tuple[int, ...],
     }
     create_image(output, shape=shape, dtype=np.dtype(first.dtype), chunks=chunks,
                  axes=first.axes, scale=scale, units=units, zarr_format=config.zarr_format,
-                 compression=Compression(**config.compression.model_dump()), attrs=attrs,
+                 compression=config.compression, attrs=attrs,
                  shards=shards)
 
 

@@ -33,7 +33,7 @@ from deepcad_chunked.cluster import (
     connect,
     inference_workers,
 )
-from deepcad_chunked.config import DenoiseConfig
+from deepcad_chunked.config import CompressionConfig, DenoiseConfig
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.kernels import stored_samples
 from deepcad_chunked.infer.memory import (
@@ -58,7 +58,6 @@ from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.lifecycle import StoreJob, now, open_store, writing
 from deepcad_chunked.store.location import StorePath, file_state, resolve, write_atomic
 from deepcad_chunked.store.omezarr import (
-    Compression,
     create_image,
     open_for_writing,
 )
@@ -341,7 +340,7 @@ def create_denoised(output: StorePath, rec: Recording, *, shape: tuple[int, ...]
     }
     create_image(output, shape=shape, dtype=dtype, chunks=chunks, axes=rec.axes,
                  scale=scale, units=units, zarr_format=rec.zarr_format,
-                 compression=Compression(), attrs=attrs, shards=shards)
+                 compression=CompressionConfig(), attrs=attrs, shards=shards)
 
 
 def output_layout(rec: Recording, layout: Layout

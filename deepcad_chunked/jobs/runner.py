@@ -65,17 +65,28 @@ def run_pieces(client: Client, fn: Callable[..., Any], pieces: Iterable[Any], *,
     limit = in_flight or default_in_flight(client)
     [job] = client.scatter([shared], broadcast=True, hash=False)
     source = iter(pieces)
+
+    def submit() -> list[Future] | None:
+        piece = next(source, None)
+        return None if piece is None else [client.submit(fn, piece, job=job, pure=False)]
+
+    return _as_they_finish(client, submit, limit)
+
+
+def _as_they_finish(client: Client, submit: Callable[[], list[Future] | None],
+                    in_flight: int) -> Iterator[Any]:
+    """Results of what ``submit`` puts on the cluster, as they finish, calling it again
+    whenever fewer than ``in_flight`` futures are unfinished (until it returns None)."""
     pending: as_completed = as_completed()
     live: set[Future] = set()
 
     def top_up() -> None:
-        while len(live) < limit:
-            piece = next(source, None)
-            if piece is None:
+        while len(live) < in_flight:
+            futures = submit()
+            if futures is None:
                 return
-            future = client.submit(fn, piece, job=job, pure=False)
-            live.add(future)
-            pending.add(future)
+            live.update(futures)
+            pending.update(futures)
 
     try:
         top_up()
@@ -88,23 +99,6 @@ def run_pieces(client: Client, fn: Callable[..., Any], pieces: Iterable[Any], *,
             yield result
     except BaseException:
         client.cancel(list(live))
-        raise
-
-
-def results_as_completed(client: Client, futures: Sequence[Future]) -> Iterator[Any]:
-    """Yield the results of ``futures`` as they finish, releasing each one.
-
-    On an error, an interrupt or an abandoned loop the futures still running are cancelled, so
-    the cluster stops working for a job that is over.
-    """
-    try:
-        for future in as_completed(futures):
-            check_interrupt()
-            result = future.result()
-            future.release()
-            yield result
-    except BaseException:
-        client.cancel(list(futures))
         raise
 
 
@@ -126,27 +120,9 @@ def compute_in_batches(client: Client, batches: Iterable[Sequence[Any]], *,
         Unfinished results below which another batch is submitted.
     """
     source = iter(batches)
-    pending: as_completed = as_completed()
-    live: set[Future] = set()
 
-    def top_up() -> None:
-        while len(live) < in_flight:
-            batch = next(source, None)
-            if batch is None:
-                return
-            futures = client.compute(list(batch))
-            live.update(futures)
-            pending.update(futures)
+    def submit() -> list[Future] | None:
+        batch = next(source, None)
+        return None if batch is None else client.compute(list(batch))
 
-    try:
-        top_up()
-        for future in pending:
-            check_interrupt()
-            result = future.result()
-            live.discard(future)
-            future.release()
-            top_up()
-            yield result
-    except BaseException:
-        client.cancel(list(live))
-        raise
+    return _as_they_finish(client, submit, in_flight)

@@ -26,7 +26,7 @@ from deepcad_chunked.cluster import advertises_gpus, connect
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import StoreError
 from deepcad_chunked.launchers import wait_for_a_worker
-from deepcad_chunked.store.location import resolve
+from deepcad_chunked.store.location import resolve, write_atomic
 from deepcad_chunked.store.outputs import open_folder
 from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
@@ -188,9 +188,7 @@ def _train_task(data: list[str], run_dir: str, config: TrainConfig, resume: bool
         config = config.model_copy(update={"workers": 0})
     if not again:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(submission)
-        tmp.replace(marker)
+        write_atomic(marker, submission.encode())
     import torch
 
     # dask workers start with one thread per library; training may use the job's cores

@@ -13,7 +13,6 @@ import json
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numcodecs
@@ -21,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from deepcad_chunked.config import CompressionConfig
 from deepcad_chunked.store.integrity import zarr_target
 from deepcad_chunked.store.location import StorePath
 
@@ -32,32 +32,15 @@ AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "spa
 AXIS_UNITS = {"t": "second", "z": "micrometer", "y": "micrometer", "x": "micrometer"}
 
 
-@dataclass(frozen=True)
-class Compression:
-    """Blosc settings of the stored chunks.
-
-    Attributes
-    ----------
-    cname : str
-        Blosc's inner codec (``zstd``, ``lz4``, ``lz4hc``, ``zlib``).
-    clevel : int
-        Compression level, 0–9.
-    shuffle : str
-        ``bitshuffle``, ``shuffle`` or ``noshuffle``.
-    """
-
-    cname: str = "zstd"
-    clevel: int = 1
-    shuffle: str = "bitshuffle"
-
-    def codec(self, zarr_format: int) -> Any:
-        """The compressor object for a Zarr array of the given format."""
-        if zarr_format == 2:
-            shuffle = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE,
-                       "shuffle": numcodecs.Blosc.SHUFFLE,
-                       "noshuffle": numcodecs.Blosc.NOSHUFFLE}[self.shuffle]
-            return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle)
-        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+def blosc_codec(compression: CompressionConfig, zarr_format: int) -> Any:
+    """The Blosc compressor of ``compression`` for a Zarr array of the given format."""
+    c = compression
+    if zarr_format == 2:
+        shuffle = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE,
+                   "shuffle": numcodecs.Blosc.SHUFFLE,
+                   "noshuffle": numcodecs.Blosc.NOSHUFFLE}[c.shuffle]
+        return numcodecs.Blosc(cname=c.cname, clevel=c.clevel, shuffle=shuffle)
+    return BloscCodec(cname=c.cname, clevel=c.clevel, shuffle=c.shuffle)
 
 
 def multiscales(axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
@@ -127,18 +110,18 @@ def read_group_attrs(path: StorePath) -> dict[str, Any] | None:
     return None
 
 
-def stored_codecs(compression: Compression, checksums: bool = True) -> tuple[Any, ...]:
+def stored_codecs(compression: CompressionConfig, checksums: bool = True) -> tuple[Any, ...]:
     """The bytes-to-bytes codecs of a new Zarr v3 store's chunks: Blosc, then the CRC-32C
     checksum of the compressed bytes that readers verify (:mod:`deepcad_chunked.store.integrity`;
     ``benchmarks/integrity.py`` measures what it costs)."""
-    blosc = compression.codec(3)
+    blosc = blosc_codec(compression, 3)
     return (blosc, Crc32cCodec()) if checksums else (blosc,)
 
 
 def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
                  chunks: tuple[int, ...],
                  axes: tuple[str, ...], scale: list[float], units: dict[str, str | None],
-                 zarr_format: Literal[2, 3], compression: Compression,
+                 zarr_format: Literal[2, 3], compression: CompressionConfig,
                  attrs: dict[str, Any], shards: tuple[int, ...] | None = None) -> zarr.Array:
     """Create an empty OME-Zarr image group at ``path`` (an existing directory holding no
     Zarr metadata; see :func:`deepcad_chunked.store.lifecycle.open_store`).
@@ -153,7 +136,7 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
         NGFF axes in array order, their step sizes and units.
     zarr_format : {2, 3}
         Zarr v3 with NGFF 0.5, or Zarr v2 with NGFF 0.4.
-    compression : Compression
+    compression : CompressionConfig
         The chunks' compressor; on Zarr v3 each chunk also carries a CRC-32C checksum of
         its compressed bytes (:mod:`deepcad_chunked.store.integrity`). Zarr v2, kept for
         viewers such as Fiji, has no standard checksum and goes without.
@@ -175,7 +158,7 @@ def create_image(path: StorePath, *, shape: tuple[int, ...], dtype: np.dtype,
                               zarr_format=zarr_format, overwrite=False, attributes=group_attrs)
     kwargs: dict[str, Any] = {
         "shape": shape, "chunks": chunks, "dtype": np.dtype(dtype),
-        "compressors": compression.codec(zarr_format), "fill_value": 0,
+        "compressors": blosc_codec(compression, zarr_format), "fill_value": 0,
         "config": {"write_empty_chunks": True},
     }
     if zarr_format == 2:

@@ -32,6 +32,7 @@ from deepcad_chunked.errors import ConfigError, DeepCADError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.store.location import write_atomic
 from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
@@ -232,9 +233,7 @@ def _write_logs(run_dir: Path, history: list[dict[str, float]]) -> None:
     writer.writerows(history)
     for name, content in (("log.csv", text.getvalue()), ("log.json", json.dumps(history,
                                                                                   indent=1))):
-        tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, run_dir / name)
+        write_atomic(run_dir / name, content.encode())
 
 
 def _validate(model: UNet3D, val_set: TilePairDataset, draws: list, device: torch.device,
