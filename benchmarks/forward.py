@@ -2,7 +2,7 @@
 
 Side by side, each in a fresh process (peak RSS above what the process held before the pass):
 the module's own forward (``UNet3D.forward``, what inference used before the lean pass), the
-lean pass (:mod:`deepcad_chunked.model.lean`) on contiguous tensors, the lean pass
+lean pass (:mod:`deepcad_chunked.infer.lean`) on contiguous tensors, the lean pass
 channels-last, and the same in a process with the allocator settings of an inference worker
 (:data:`~deepcad_chunked.cluster.INFERENCE_MALLOC_ENV`) — what ``denoise`` runs on the CPU.
 fp32, one volume, ``torch`` with the threads of the machine; the best time of ``--repeats``
@@ -33,7 +33,7 @@ MODES = ("module", "lean", "lean channels-last", "inference worker")
 def _child(mode: str, features: int, shape: tuple[int, int, int], repeats: int) -> dict:
     import torch
 
-    from deepcad_chunked.model.lean import lean_forward
+    from deepcad_chunked.infer.lean import lean_forward
     from deepcad_chunked.model.unet3d import UNet3D
 
     torch.manual_seed(0)

@@ -41,11 +41,11 @@ from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
 from deepcad_chunked.config import BYPASS_KERNEL
+from deepcad_chunked.infer.lean import lean_forward
 from deepcad_chunked.infer.memory import GPU_FRACTION, fit_block, network_voxels
 from deepcad_chunked.infer.predict import default_halo
 from deepcad_chunked.jobs.denoise import DEFAULT_BLOCKS
 from deepcad_chunked.model import Checkpoint, load_model
-from deepcad_chunked.model.lean import lean_forward
 from deepcad_chunked.model.unet3d import UNet3D
 
 FRAME = 512 * 512
