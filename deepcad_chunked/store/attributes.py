@@ -152,6 +152,20 @@ def read_ours_as_stored(path: StorePath) -> dict[str, Any]:
     return dict(ours) if isinstance(ours, dict) else {}
 
 
+def ours_in(attrs: dict[str, Any] | None, where: str) -> StoreAttributes | None:
+    """Our attributes among a store's group attributes ``attrs`` (as
+    :func:`~deepcad_chunked.store.omezarr.read_group_attrs` returns them); None when there
+    are none of ours.
+
+    Raises
+    ------
+    DamagedStoreError
+        For attributes of ours that cannot be read (:func:`parse_ours`).
+    """
+    ours = (attrs or {}).get(ATTRS_KEY)
+    return parse_ours(ours, where) if isinstance(ours, dict) else None
+
+
 def read_ours(path: StorePath) -> StoreAttributes | None:
     """The attributes of the store of ours at ``path``; None when ``path`` holds no Zarr
     metadata, or a store written by another tool.
@@ -161,6 +175,4 @@ def read_ours(path: StorePath) -> StoreAttributes | None:
     DamagedStoreError
         For attributes of ours that cannot be read (:func:`parse_ours`).
     """
-    attrs = read_group_attrs(path)
-    ours = (attrs or {}).get(ATTRS_KEY)
-    return parse_ours(ours, str(path)) if isinstance(ours, dict) else None
+    return ours_in(read_group_attrs(path), str(path))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deepcad_chunked.errors import OutputExistsError, StoreError
-from deepcad_chunked.store.attributes import StoreAttributes, read_ours
+from deepcad_chunked.store.attributes import StoreAttributes, ours_in
 from deepcad_chunked.store.location import RemotePath, StorePath, resolve
 from deepcad_chunked.store.omezarr import ATTRS_KEY, read_group_attrs
 
@@ -76,7 +76,7 @@ def store_identity(path: StorePath) -> dict[str, Any]:
         from deepcad_chunked.store.foreign import state
 
         return {"foreign": state(path)}
-    ours = read_ours(path) or StoreAttributes()
+    ours = ours_in(attrs, str(path)) or StoreAttributes()  # the metadata read once
     return {"job": ours.job.fingerprint, "completed": ours.provenance.completed,
             "complete": ours.complete}
 

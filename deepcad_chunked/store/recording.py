@@ -5,6 +5,7 @@ opened and checked (:func:`open_recording`), with its axes, attributes and stati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class Recording:
         shards = getattr(self.array, "shards", None)
         return tuple(shards) if shards else None
 
-    @property
+    @functools.cached_property
     def stored(self) -> StoreAttributes:
         """:attr:`attrs` as the validated model (:mod:`deepcad_chunked.store.attributes`)."""
         return parse_ours(self.attrs, str(self.path))
