@@ -300,7 +300,7 @@ def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: t
     model = UNet3D(features=config.features, bypass=config.bypass).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no scaling
-    state = _State(model, optimizer, None, scaler, None, 0, [], math.inf)  # type: ignore[arg-type]
+    start_epoch, history, best = 0, [], math.inf
     newest = _newest_checkpoint(run_dir) if resume else None
     if newest is not None:
         ckpt = Checkpoint.load(newest, map_location=device)
@@ -315,22 +315,23 @@ def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: t
                                f"other {', '.join(changed)}{hint}")
         model.load_state_dict(ckpt.model_state)
         optimizer.load_state_dict(ckpt.optimizer_state)
-        state.start_epoch, state.history = ckpt.epoch, ckpt.history
-        state.best = min((h["val_loss"] for h in state.history), default=math.inf)
+        start_epoch, history = ckpt.epoch, ckpt.history
+        best = min((h["val_loss"] for h in history), default=math.inf)
         if newest.name != "last.pt":  # killed before last.pt (and best.pt) caught up
             _publish(newest, run_dir / "last.pt")
-            if state.history and state.history[-1]["val_loss"] == state.best:
+            if history and history[-1]["val_loss"] == best:
                 _publish(newest, run_dir / "best.pt")
-        log.info("resuming %s after epoch %d", run_dir, state.start_epoch)
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
-    state.schedule = _schedule(optimizer, config, record["steps_per_epoch"], state.start_epoch)
+    schedule = _schedule(optimizer, config, record["steps_per_epoch"], start_epoch)
+    average = None
     if config.average:
-        state.average = WeightAverage(model, config.average)
+        average = WeightAverage(model, config.average)
         if newest is not None:  # the checkpoint holds the average
-            state.average.model.load_state_dict(ckpt.model_state)
+            average.model.load_state_dict(ckpt.model_state)
             model.load_state_dict(ckpt.live_state)
-    return state
+    return _State(model, optimizer, schedule, scaler, average, start_epoch, history, best)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int,
