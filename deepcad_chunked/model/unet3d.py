@@ -150,14 +150,15 @@ def receptive_radius(levels_probe: int = 1) -> int:
     Measured once on the architecture: the gradient of one output voxel of a network with
     positive weights spreads over exactly its receptive field.
     """
-    torch.manual_seed(0)
-    model = UNet3D(features=levels_probe).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.rand_like(p) * 0.1 + 0.01)
-    n = 192
-    x = torch.ones(1, 1, n, 8, 8, dtype=torch.float64, requires_grad=True)
-    out = model(x)
-    out[0, 0, n // 2, 4, 4].backward()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the caller's RNG untouched
+        torch.manual_seed(0)
+        model = UNet3D(features=levels_probe).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.rand_like(p) * 0.1 + 0.01)
+        n = 192
+        x = torch.ones(1, 1, n, 8, 8, dtype=torch.float64, requires_grad=True)
+        out = model(x)
+        out[0, 0, n // 2, 4, 4].backward()
     reach = torch.nonzero(x.grad[0, 0, :, 4, 4].abs() > 0).flatten()
     return int(max(n // 2 - reach.min().item(), reach.max().item() - n // 2))
