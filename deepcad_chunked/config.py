@@ -265,6 +265,10 @@ class TrainConfig(_Config):
         U-Net's output, started as a Gaussian blur; odd sizes up to 31): a new network denoises
         like a Gaussian filter from its first step, and reaches a given quality in far fewer
         steps (benchmarks/RESULTS.md). None: DeepCAD-RT's network as published.
+    calibrate : bool
+        Fit the network's intensity calibration after every epoch and store it in the
+        checkpoint (:mod:`deepcad_chunked.model.calibration`): denoised pixels keep their
+        temporal mean in every intensity band. False: the network's output as it is.
     """
 
     patch: tuple[int, int, int] = (16, 64, 64)
@@ -286,6 +290,7 @@ class TrainConfig(_Config):
     loss: Literal["l1+l2", "l2"] = "l1+l2"
     average: float = Field(0.0, ge=0, lt=1)
     bypass: tuple[int, int, int] | None = BYPASS_KERNEL
+    calibrate: bool = True
 
     @field_validator("patch")
     @classmethod
@@ -418,6 +423,12 @@ class SimulationConfig(_Config):
     gain, offset, read_noise : float
         Detector: ADU per photon, baseline in ADU and the standard deviation of the Gaussian
         read noise in ADU.
+    subtract_offset : bool
+        Samples as many microscopes' software stores them: the baseline subtracted and
+        negative values clipped to zero (dim pixels then hold many zeros, and their mean
+        lies above the truth's); the clean recording's baseline is then 0.
+    dropouts : float
+        Probability that a line of a frame reads zeros (the scanner dropping a line).
     """
 
     frames: int = Field(3000, ge=1)
@@ -429,6 +440,13 @@ class SimulationConfig(_Config):
     gain: float = Field(4.0, gt=0)
     offset: float = Field(100.0, ge=0)
     read_noise: float = Field(2.0, ge=0)
+    subtract_offset: bool = False
+    dropouts: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def baseline(self) -> float:
+        """The clean recording's value without any photons (ADU)."""
+        return 0.0 if self.subtract_offset else self.offset
 
     @field_validator("size")
     @classmethod

@@ -326,3 +326,26 @@ def test_weight_averaging_is_saved_for_inference_and_resumes_exactly(
         **{**config, "average": 0.0}, epochs=2), progress=False).last)
     assert plain.live_state == {}
     assert all(torch.equal(plain.model_state[k], ckpt.live_state[k]) for k in plain.model_state)
+
+
+def test_checkpoints_carry_the_intensity_calibration_which_leaves_training_alone(
+        tmp_path: Path, store: Path) -> None:
+    """Every checkpoint holds a calibration fitted on held-out frames; fitting it changes
+    nothing of the training (the same weights without it), and --no-calibrate leaves it out."""
+    from deepcad_chunked.model.calibration import output_calibration
+
+    config = TrainConfig(**TINY, epochs=2, steps_per_epoch=3)
+    with_it = train(store, tmp_path / "c", config=config, progress=False)
+    for name in ("epoch_0001.pt", "epoch_0002.pt", "best.pt", "last.pt"):
+        calibration = output_calibration(Checkpoint.load(tmp_path / "c" / name).normalization)
+        assert calibration is not None and np.all(np.isfinite(calibration.shift))
+    off = train(store, tmp_path / "n", config=config.model_copy(update={"calibrate": False}),
+                progress=False)
+    without = Checkpoint.load(off.last)
+    assert "calibration" not in without.normalization
+    for key, value in _weights(with_it.last).items():
+        assert torch.equal(value, without.model_state[key]), key
+    assert run_cli("train", str(store), "-o", str(tmp_path / "cli"), "--patch", "8,16,16",
+                   "--features", "4", "--epochs", "1", "--steps-per-epoch", "1", "--workers",
+                   "0", "--device", "cpu", "--no-calibrate").returncode == 0
+    assert "calibration" not in Checkpoint.load(tmp_path / "cli" / "last.pt").normalization

@@ -23,6 +23,7 @@ import torch
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.lean import lean_forward
 from deepcad_chunked.infer.memory import plan_tiles
+from deepcad_chunked.model.calibration import output_calibration
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
 from deepcad_chunked.model.unet3d import GRID, UNet3D, receptive_radius
@@ -107,7 +108,8 @@ def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
     Returns
     -------
     numpy.ndarray
-        float32, the shape of ``array``, in the units of the raw samples.
+        float32, the shape of ``array``, in the units of the raw samples (through the
+        model's intensity calibration when it has one: :mod:`deepcad_chunked.model.calibration`).
     """
     halo = default_halo() if halo is None else check_halo(halo)
     array = np.asarray(array)
@@ -121,6 +123,9 @@ def predict_array(model: UNet3D, array: np.ndarray, *, halo: int | None = None,
     core = tuple(n - 2 * halo for n in x.shape)
     out = _forward_tiled(inference_layout(model, device), x, core, halo, max_voxels or x.size,
                          torch.device(device), precision)
+    calibration = output_calibration(norm)
+    if calibration is not None:
+        out = calibration.apply(out)
     crop = tuple(slice(halo, halo + n) for n in array.shape)
     return out[crop] * std + mean
 
@@ -161,10 +166,12 @@ def denoise_block(block: np.ndarray, *, model_path: str, digest: str, device: st
     model = _cached_model(model_path, digest, device)
     core = tuple(n - 2 * halo for n in block.shape)
     limit = max_voxels or block.size
+    calibration = output_calibration(model.normalization)
     while True:
         try:
-            return _forward_tiled(model, block, core, halo, limit, torch.device(device),
-                                  precision)
+            out = _forward_tiled(model, block, core, halo, limit, torch.device(device),
+                                 precision)
+            return out if calibration is None else calibration.apply(out)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             largest = max(math.prod(s.stop - s.start + 2 * halo for s in tile)

@@ -61,7 +61,9 @@ class Checkpoint:
     features : int
         ``f`` of the network.
     normalization : dict
-        ``{"mean": m, "std": s}``: inputs are ``(x - m) / s``; outputs are mapped back.
+        ``{"mean": m, "std": s}``: inputs are ``(x - m) / s``; outputs are mapped back, after
+        the intensity calibration under ``"calibration"`` when there is one
+        (:mod:`deepcad_chunked.model.calibration`).
     config : dict
         The full training configuration.
     epoch, step : int
@@ -80,7 +82,7 @@ class Checkpoint:
 
     model_state: dict[str, torch.Tensor]
     features: int
-    normalization: dict[str, float]
+    normalization: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     step: int = 0

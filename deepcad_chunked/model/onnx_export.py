@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deepcad_chunked.errors import ConfigError, OutputExistsError
+from deepcad_chunked.model.calibration import Calibration, output_calibration
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN
 from deepcad_chunked.model.unet3d import GRID, UNet3D
@@ -36,12 +37,15 @@ TOLERANCE = 1e-4
 class _Normalized(nn.Module):
     """The network between its normalisation and its inverse."""
 
-    def __init__(self, net: UNet3D, mean: float, std: float) -> None:
+    def __init__(self, net: UNet3D, mean: float, std: float,
+                 calibration: Calibration | None = None) -> None:
         super().__init__()
         self.net, self.mean, self.std = net, float(mean), float(std)
+        self.calibration = nn.Identity() if calibration is None else calibration.module()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std) * self.std + self.mean
+        y = self.calibration(self.net((x - self.mean) / self.std))
+        return y * self.std + self.mean
 
 
 def export_onnx(model: str | Path, output: str | Path, *, normalize: bool = False,
@@ -94,7 +98,11 @@ def export_onnx(model: str | Path, output: str | Path, *, normalize: bool = Fals
             raise ConfigError("this model (from DeepCAD-RT) subtracts each recording's own "
                               "mean, which cannot be built into the graph; export it without "
                               "--normalize")
-        module = _Normalized(net, norm["mean"], norm["std"])
+        module = _Normalized(net, norm["mean"], norm["std"], output_calibration(norm))
+    elif output_calibration(norm) is not None:
+        log.info("the graph is the bare network: apply the intensity calibration in the "
+                 "metadata's normalization (output + interp(output, knots, shift)) yourself, "
+                 "or export with --normalize, which builds it in")
     module.eval()
     example = torch.zeros(1, 1, 2 * GRID, 4 * GRID, 4 * GRID)
     axes = {0: "n", 2: "t", 3: "y", 4: "x"}

@@ -1,7 +1,9 @@
 """The training loop: Adam on 0.5·L1 + 0.5·L2 between denoised input frames and target frames.
 
 Checkpoints after every epoch (``epoch_NNNN.pt``, ``last.pt``, and ``best.pt`` for the lowest
-validation loss), losses logged to ``log.csv`` and ``log.json``. ``resume=True`` continues
+validation loss), each with the network's intensity calibration
+(:mod:`deepcad_chunked.training.calibrate`) unless ``TrainConfig.calibrate`` is off; losses
+logged to ``log.csv`` and ``log.json``. ``resume=True`` continues
 from ``last.pt``: weights, optimiser, epoch, and the sample counter that drives the stateless
 tile sampler, so a killed and resumed run ends with the weights of an uninterrupted one.
 """
@@ -30,11 +32,13 @@ from tqdm.auto import tqdm
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import ConfigError, DeepCADError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
+from deepcad_chunked.model.calibration import Calibration
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
 from deepcad_chunked.store.location import write_atomic
 from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording
+from deepcad_chunked.training.calibrate import calibrate
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
 from deepcad_chunked.training.tiles import draw, split_regions
 
@@ -374,14 +378,18 @@ def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainCo
 
 
 def _save_epoch(state: _State, run_dir: Path, epoch: int, train_loss: float, val: float,
-                seconds: float, plan: _Plan, config: TrainConfig) -> None:
+                seconds: float, plan: _Plan, config: TrainConfig,
+                calibration: Calibration | None) -> None:
     """Record the epoch, write its checkpoint and publish it as last (and best) one."""
     judged = state.average.model if state.average is not None else state.model
     state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
                           "seconds": seconds})
     live = state.model.state_dict() if state.average is not None else {}
+    norm: dict[str, Any] = dict(plan.norm.as_dict())
+    if calibration is not None:
+        norm["calibration"] = calibration.as_dict()
     ckpt = Checkpoint(model_state=judged.state_dict(), features=config.features,
-                      live_state=live, normalization=plan.norm.as_dict(), config=plan.record,
+                      live_state=live, normalization=norm, config=plan.record,
                       epoch=epoch + 1, step=(epoch + 1) * plan.steps,
                       optimizer_state=state.optimizer.state_dict(),
                       scaler_state=state.scaler.state_dict(), history=state.history)
@@ -458,10 +466,12 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
             _require_finite(val, epoch + 1, "validation", config.lr)
             if not all(bool(torch.isfinite(p).all()) for p in judged.parameters()):
                 _require_finite(math.nan, epoch + 1, "the weights", config.lr)
+            calibration = (calibrate(judged, plan.norm, recordings, plan.val_regions, device)
+                           if config.calibrate else None)
             for pin in pins:  # the recordings are still the ones training started on
                 pin.verify()
             _save_epoch(state, run_dir, epoch, total / steps, val,
-                        time.perf_counter() - started, plan, config)
+                        time.perf_counter() - started, plan, config, calibration)
     finally:
         bar.close()
         _stop_loaders(batches)
