@@ -228,7 +228,7 @@ def _footprints(footprints: str | Path | None, truth: str | Path
     if footprints is None:
         return [], None
     loaded = load_truth(footprints)
-    return loaded.footprints, loaded.config.offset
+    return loaded.footprints, loaded.config.baseline
 
 
 def _traces(frames: np.ndarray, weights: sparse.csr_matrix | None) -> np.ndarray | None:
@@ -313,3 +313,66 @@ def dark_region_std(denoised: str | Path, raw: str | Path | None = None, *,
         out["reduction"] = (out["raw_std"] / out["denoised_std"] if out["denoised_std"] > 0
                             else None)
     return out
+
+
+#: Intensity bands of the intensity check: deciles of the raw temporal mean.
+BANDS = 10
+#: Largest departure of a band's ratio from 1 that the check accepts.
+INTENSITY_TOLERANCE = 0.03
+
+
+def intensity_bands(denoised: str | Path, raw: str | Path, *, bands: int = BANDS,
+                    tolerance: float = INTENSITY_TOLERANCE) -> dict[str, Any]:
+    """Whether denoising kept intensities: per band of brightness, denoised over raw mean.
+
+    Pixels are grouped by their raw temporal mean into ``bands`` bands of equal pixel counts
+    (deciles); in each, the sum of the denoised temporal means over the sum of the raw ones.
+    A linear filter keeps 1 in every band; ΔF/F = (F − F₀)/F₀ is wrong by as much as a
+    band's ratio is off where F₀ lies in it.
+
+    Parameters
+    ----------
+    denoised, raw : str or Path
+        Recordings of the same shape (stores or source files), read a chunk at a time.
+    bands : int
+        Number of bands.
+    tolerance : float
+        Largest accepted ``|ratio - 1|``.
+
+    Returns
+    -------
+    dict
+        ``bands``: per band ``low``, ``high`` (raw mean limits), ``raw_mean``,
+        ``denoised_mean`` and ``ratio`` (None where the band's raw mean is not positive);
+        ``whole``: the ratio over all pixels; ``kept``: every ratio within ``tolerance``.
+
+    Raises
+    ------
+    ConfigError
+        When the shapes differ.
+    """
+    est, noisy = Frames(denoised), Frames(raw)
+    if noisy.shape != est.shape:
+        raise ConfigError(f"{noisy.path} has shape {noisy.shape} but {est.path} has "
+                          f"{est.shape}")
+    raw_mean, den_mean = mean_image(noisy).ravel(), mean_image(est).ravel()
+    order = np.argsort(raw_mean, kind="stable")
+    rows = []
+    for part in np.array_split(order, bands):
+        if not len(part):
+            continue
+        r, d = float(raw_mean[part].mean()), float(den_mean[part].mean())
+        rows.append({"low": float(raw_mean[part[0]]), "high": float(raw_mean[part[-1]]),
+                     "raw_mean": r, "denoised_mean": d, "ratio": d / r if r > 0 else None})
+    total = float(raw_mean.mean())
+    kept = all(row["ratio"] is None or abs(row["ratio"] - 1) <= tolerance for row in rows)
+    return {"bands": rows, "whole": float(den_mean.mean()) / total if total > 0 else None,
+            "kept": kept, "tolerance": tolerance}
+
+
+def intensity_line(check: dict[str, Any]) -> str:
+    """One line saying what :func:`intensity_bands` found."""
+    ratios = " ".join("—" if b["ratio"] is None else f"{b['ratio']:.3f}" for b in check["bands"])
+    verdict = ("kept" if check["kept"] else
+               f"NOT kept (a band off by more than {check['tolerance']:.0%})")
+    return f"intensity, denoised/raw mean by decile of brightness: {ratios} — {verdict}"

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from deepcad_chunked.metrics import Frames, dark_region_std, darkest_region, score, temporal_std
+from deepcad_chunked.metrics import (
+    Frames,
+    dark_region_std,
+    darkest_region,
+    intensity_bands,
+    score,
+    temporal_std,
+)
 from deepcad_chunked.simulate import Footprint, SimulationConfig, _save_truth, make_scene
 from tests.conftest import assert_clean_error, run_cli
 
@@ -96,3 +103,26 @@ def test_evaluate_command_json_and_errors(tmp_path: Path) -> None:
     small = _write(tmp_path / "s.tif", truth[:10])
     assert_clean_error(run_cli("evaluate", str(e), "--truth", str(small)), "shape")
     assert_clean_error(run_cli("evaluate", str(e), "--dark", "0:99,0:8"), "not inside")
+
+
+def test_the_intensity_check_finds_crushed_dim_pixels(tmp_path: Path) -> None:
+    """Pixels from 2 to 200 counts: a movie that keeps them passes in every decile; one whose
+    dim pixels lost 3 counts (what an undertrained network did to a real recording) fails
+    in the dim deciles only, and evaluate --raw says so."""
+    rng = np.random.default_rng(5)
+    level = np.geomspace(2, 200, 24 * 24).reshape(1, 24, 24)
+    raw = rng.poisson(np.repeat(level, 40, axis=0)).astype(np.float64)
+    r = _write(tmp_path / "r.tif", raw)
+    kept = _write(tmp_path / "k.tif", raw + rng.normal(0, 0.5, raw.shape))
+    check = intensity_bands(kept, r)
+    assert check["kept"] and len(check["bands"]) == 10
+    assert all(abs(b["ratio"] - 1) < 0.03 for b in check["bands"])
+    assert check["bands"][0]["high"] <= check["bands"][1]["low"]
+    crushed = _write(tmp_path / "c.tif", raw - 3)
+    check = intensity_bands(crushed, r)
+    assert not check["kept"]
+    ratios = [b["ratio"] for b in check["bands"]]
+    assert ratios[0] < 0.5 and ratios[-1] > 0.97 and ratios == sorted(ratios)
+    result = run_cli("evaluate", str(crushed), "--raw", str(r))
+    assert result.returncode == 0, result.stderr
+    assert "NOT kept" in result.stdout and "decile of brightness" in result.stdout
