@@ -11,14 +11,13 @@ from deepcad_chunked.cli.options import (
     SOURCES_HELP,
     add_cluster_options,
     add_source_options,
+    add_training_options,
     cluster_of,
-    kernel,
     pair,
-    put_kernel,
     region,
     source_options,
     span,
-    triple,
+    training_config,
 )
 
 log = logging.getLogger("deepcad_chunked.cli")
@@ -64,6 +63,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gain", type=float, help=f"ADU per photon (default {d.gain:g})")
     p.add_argument("--offset", type=float, help=f"baseline ADU (default {d.offset:g})")
     p.add_argument("--read-noise", type=float, help=f"ADU σ (default {d.read_noise:g})")
+    p.add_argument("--subtract-offset", action="store_true", default=None,
+                   help="store samples with the baseline subtracted and negatives clipped to "
+                   "zero, as many microscopes' software does")
+    p.add_argument("--dropouts", type=float, metavar="P",
+                   help="probability that a line of a frame reads zeros (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(run=_run_simulate)
 
@@ -74,7 +78,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from deepcad_chunked.simulate import simulate
 
     given = {k: getattr(args, k) for k in ("frames", "size", "seed", "photons", "frame_rate",
-                                           "neurons", "gain", "offset", "read_noise")}
+                                           "neurons", "gain", "offset", "read_noise",
+                                           "subtract_offset", "dropouts")}
     config = SimulationConfig.build(**{k: v for k, v in given.items() if v is not None})
     if (args.output is None) == (args.acquire is None):
         raise ConfigError("give either -o PREFIX (files with ground truth) or --acquire DIR "
@@ -92,34 +97,6 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--steps-per-epoch", type=int, metavar="N", help="optimiser steps per epoch")
-    p.add_argument("--features", type=int, help="feature maps of the first level")
-    p.add_argument("--patch", type=triple, metavar="T,Y,X", help="training patch")
-    p.add_argument("--lr", type=float, help="peak Adam learning rate")
-    p.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate over the "
-                   "run: warm-up then cosine decay, or constant")
-    p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss")
-    p.add_argument("--average", type=float, metavar="DECAY",
-                   help="moving average of the weights for inference (0: off)")
-    p.add_argument("--bypass", type=kernel, metavar="T,Y,X|none",
-                   help="kernel of the network's learned linear bypass; none: DeepCAD-RT's "
-                   "network as published")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-
-
-def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
-    from deepcad_chunked.config import TrainConfig
-
-    given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch", "features", "patch",
-                                           "lr", "schedule", "loss", "average", "device")}
-    values = base.model_dump() if base is not None else {}
-    values.update({k: v for k, v in given.items() if v is not None})
-    put_kernel(values, "bypass", args.bypass)
-    return TrainConfig.build(**values)
-
-
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="convert, train and denoise in one command",
                        description="Convert the recording, train the denoiser on it and "
@@ -129,7 +106,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC", help=SOURCES_HELP)
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to fill")
     add_source_options(p)
-    _train_options(p)
+    add_training_options(p)
     p.add_argument("--dtype", choices=("same", "float32"),
                    help="denoised samples: the input's dtype (default) or float32")
     p.add_argument("--export", action="store_true", help="also write denoised.ome.tif")
@@ -146,7 +123,7 @@ def _run_run(args: argparse.Namespace) -> int:
     denoise = DenoiseConfig.build(**({"dtype": args.dtype} if args.dtype else {}))
     recording = ConvertConfig.build(**source_options(args))
     with cluster_of(args) as cluster:
-        result = run(args.sources, args.output, train_config=_train_config(args),
+        result = run(args.sources, args.output, train_config=training_config(args),
                      convert_config=recording,
                      denoise_config=denoise, export_tiff=args.export, cluster=cluster,
                      workers=args.workers, progress=False if args.no_progress else None,
@@ -170,7 +147,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, help=f"simulated frames (default {S.frames})")
     p.add_argument("--size", type=pair, metavar="Y,X", help="simulated frame size")
     p.add_argument("--photons", type=float, help=f"photon level (default {S.photons:g})")
-    _train_options(p)
+    add_training_options(p, T)
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--overwrite", action="store_true", help="start again")
     add_cluster_options(p)
@@ -186,7 +163,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                                   ("photons", args.photons)) if v is not None})
     with cluster_of(args) as cluster:
         scores = demo(args.output, simulation=SimulationConfig.build(**sim),
-                      training=_train_config(args, DEMO_TRAINING), cluster=cluster,
+                      training=training_config(args, DEMO_TRAINING), cluster=cluster,
                       workers=args.workers, progress=False if args.no_progress else None,
                       overwrite=args.overwrite)
     _print_scores(scores, args.json)
@@ -203,8 +180,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        "held-out frame score (the even frames denoised alone by the network "
                        "and by Gaussian filters, each compared with the odd frames none of "
                        "them saw: differences estimate differences in true error) and the "
-                       "temporal standard deviation over a dark region. Recordings are Zarr "
-                       "stores or source files.")
+                       "temporal standard deviation over a dark region. Given --raw, always: "
+                       "the intensity check (denoised over raw temporal mean, by decile of "
+                       "brightness). Recordings are Zarr stores or source files.")
     p.add_argument("denoised", metavar="DENOISED", help="denoised recording")
     p.add_argument("--truth", metavar="CLEAN", help="noise-free recording")
     p.add_argument("--raw", metavar="RAW", help="the noisy recording")
@@ -232,7 +210,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from deepcad_chunked.errors import ConfigError
     from deepcad_chunked.heldout import heldout_score, network_of
-    from deepcad_chunked.metrics import dark_region_std, score
+    from deepcad_chunked.metrics import dark_region_std, intensity_bands, score
 
     if args.held_out and not args.raw:
         raise ConfigError("--held-out needs --raw (the noisy recording)")
@@ -247,6 +225,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         scores["held_out"] = heldout_score(args.raw, model=model, frames=args.frames,
                                            device=args.device, recording_store=source,
                                            truth=args.truth)
+    if args.raw:
+        scores["intensity"] = intensity_bands(args.denoised, args.raw)
     _print_scores(scores, args.json)
     return 0
 
@@ -285,6 +265,10 @@ def _print_scores(scores: dict[str, Any], as_json: bool) -> None:
             line += (f" (raw {dark['raw_std']:.4g}, {dark['reduction']:.1f}× lower)"
                      if dark["reduction"] is not None else f" (raw {dark['raw_std']:.4g})")
         print(line)
+    if "intensity" in scores:
+        from deepcad_chunked.metrics import intensity_line
+
+        print(intensity_line(scores["intensity"]))
 
 
 def _add_preview(sub: argparse._SubParsersAction) -> None:

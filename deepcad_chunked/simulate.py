@@ -6,7 +6,9 @@ bursts, turned into fluorescence by GCaMP6f-like kinetics (fast rise, 0.4–0.8 
 them a neuropil background with slowly fluctuating brightness, crossed by dark blood vessels.
 The clean recording, in detected photons, is scaled to the chosen photon level (mean photons
 per pixel per frame) and then detected: ``offset + gain · Poisson(photons) + N(0, read_noise²)``,
-rounded to uint16.
+rounded to uint16. Optionally, as many microscopes store samples, the baseline is subtracted
+and negatives clipped to zero, and lines of frames drop out as zeros (``subtract_offset``,
+``dropouts``).
 
 The recording is generated :data:`CHUNK` frames at a time (the calcium and background states
 carry over), each chunk from its own random stream seeded by ``(seed, chunk)``: memory does not
@@ -269,6 +271,11 @@ def detect(photons: np.ndarray, config: SimulationConfig, chunk: int) -> np.ndar
     if config.read_noise:
         read = np.random.default_rng([config.seed, 3, chunk])
         adu += read.normal(0.0, config.read_noise, photons.shape).astype(np.float32)
+    if config.subtract_offset:
+        adu -= np.float32(config.offset)  # then clipped at zero below, as stored by the software
+    if config.dropouts:
+        lost = np.random.default_rng([config.seed, 4, chunk]).random(photons.shape[:2])
+        adu[lost < config.dropouts] = 0
     return np.clip(np.round(adu), 0, 65535).astype(np.uint16)
 
 
@@ -385,7 +392,7 @@ def simulate(prefix: str | Path, config: SimulationConfig | None = None, *,
     try:
         for start, photons, dff in clean_chunks(config, scene):
             raw.put(detect(photons, config, start // CHUNK))
-            clean.put(config.offset + config.gain * photons)
+            clean.put(config.baseline + config.gain * photons)
             traces[start:start + len(dff)] = dff
     except BaseException:
         raw.put(None)

@@ -119,3 +119,24 @@ def test_existing_files_are_kept_and_bad_options_are_one_line(tmp_path: Path) ->
                      "32,32", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert tifffile.imread(tmp_path / "cli.tif").shape == (40, 32, 32)
+
+
+def test_offset_subtracted_samples_are_clipped_at_zero_and_lines_drop_out(tmp_path: Path
+                                                                         ) -> None:
+    """As a microscope's software stores them: the baseline gone, negatives clipped (so dim
+    pixels hold many zeros and their mean lies above the truth), a few lines of zeros; the
+    same photons as the ordinary recording, and a clean recording without baseline."""
+    plain, config = _sim(tmp_path, photons=0.3)
+    files, clipped = _sim(tmp_path, name="c", photons=0.3, subtract_offset=True, dropouts=0.02)
+    raw = tifffile.imread(files.raw).astype(np.float64)
+    clean = tifffile.imread(files.clean).astype(np.float64)
+    np.testing.assert_allclose(clean, tifffile.imread(plain.clean) - config.offset, atol=1e-3)
+    assert clipped.baseline == 0 and config.baseline == config.offset
+    assert (raw == 0).mean() > 0.3  # at 0.3 photons most samples hold none
+    lines = (raw == 0).all(axis=2)
+    assert 0.01 < lines.mean() < 0.04  # about the 2 % asked for
+    kept = ~lines[:, :, None].repeat(raw.shape[2], axis=2)
+    assert raw[kept].mean() > clean[kept].mean()  # read noise clipped at zero lifts the mean
+    assert run_cli("simulate", "-o", str(tmp_path / "cli"), "--frames", "20", "--size",
+                   "32,32", "--subtract-offset", "--dropouts", "0.1").returncode == 0
+    assert load_truth(tmp_path / "cli_truth.npz").config.subtract_offset
