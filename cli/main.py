@@ -24,12 +24,12 @@ from deepcad_chunked.cli.options import (
     add_cluster_options,
     add_forward_options,
     add_source_options,
+    add_training_options,
     cluster_of,
     forward_options,
-    kernel,
-    put_kernel,
     shard,
     source_options,
+    training_config,
     triple,
 )
 from deepcad_chunked.cli.stores import add_store_commands
@@ -103,8 +103,6 @@ def _default(model: type, name: str) -> str:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from deepcad_chunked.config import TrainConfig as C
-
     p = sub.add_parser("train", help="train the denoiser on recordings (self-supervised)",
                        description="Train DeepCAD-RT's 3D U-Net on one or more recordings, "
                        "streaming tile pairs (even frames → odd frames) from their stores. "
@@ -114,53 +112,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_axes_option(p)
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR",
                    help="folder for checkpoints and logs")
-    p.add_argument("--epochs", type=int, help=f"epochs (default {_default(C, 'epochs')})")
-    p.add_argument("--steps-per-epoch", type=int, metavar="N",
-                   help="optimiser steps per epoch (default: cover the training frames once)")
-    p.add_argument("--patch", type=triple, metavar="T,Y,X",
-                   help="input volume pt,py,px, multiples of 8; a tile reads 2·pt frames "
-                   f"(default {_default(C, 'patch')})")
-    p.add_argument("--batch-size", type=int,
-                   help=f"tiles per step (default {_default(C, 'batch_size')})")
-    p.add_argument("--features", type=int, help="feature maps of the first level (default "
-                   f"{_default(C, 'features')}: DeepCAD-RT's network)")
-    p.add_argument("--lr", type=float,
-                   help=f"peak Adam learning rate (default {_default(C, 'lr')})")
-    p.add_argument("--schedule", choices=("cosine", "constant"),
-                   help="learning rate over the run: a linear warm-up then a cosine decay to "
-                   f"zero, or constant (default {_default(C, 'schedule')})")
-    p.add_argument("--warmup", type=float, metavar="FRACTION", help="fraction of the steps "
-                   f"spent warming up (cosine; default {_default(C, 'warmup')})")
-    p.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss: mean squared error, "
-                   f"or DeepCAD's mean of L1 and L2 (default {_default(C, 'loss')})")
-    p.add_argument("--average", type=float, metavar="DECAY", help="keep an exponential "
-                   "moving average of the weights with this decay, e.g. 0.99, for inference "
-                   f"(default {_default(C, 'average')}: off)")
-    p.add_argument("--bypass", type=kernel, metavar="T,Y,X|none", help="kernel of the learned "
-                   "linear filter added beside the U-Net, which makes training reach a given "
-                   f"quality sooner (default {_default(C, 'bypass')}); none: DeepCAD-RT's "
-                   "network as published")
-    p.add_argument("--workers", type=int, help="tile-loading worker processes (default "
-                   f"{_default(C, 'workers')}; 0 reads in the training process)")
-    p.add_argument("--seed", type=int, help="seed for weights and tiles")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    p.add_argument("--val-fraction", type=float, help="fraction of the last frames held out "
-                   f"for validation (default {_default(C, 'val_fraction')})")
+    add_training_options(p, loader_flag="--workers")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
     add_cluster_options(p, local_workers=False, default=None)
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from deepcad_chunked.config import TrainConfig
     from deepcad_chunked.jobs.train import train
 
-    given = {name: getattr(args, name) for name in (
-        "patch", "batch_size", "epochs", "steps_per_epoch", "features", "lr", "schedule",
-        "warmup", "loss", "average", "workers", "seed", "device", "val_fraction")}
-    values = {k: v for k, v in given.items() if v is not None}
-    put_kernel(values, "bypass", args.bypass)
-    config = TrainConfig.build(**values)
+    config = training_config(args)
     with cluster_of(args, workers=1) as cluster:
         result = train(args.data, args.output, config=config, resume=args.resume,
                        progress=False if args.no_progress else None, cluster=cluster,

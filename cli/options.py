@@ -247,3 +247,82 @@ def add_axes_option(p: argparse.ArgumentParser) -> None:
     """``--axes``: the axes of a plain Zarr array that does not name them."""
     p.add_argument("--axes", metavar="TYX", help="axes of a plain Zarr array that does not "
                    "name them: t, optionally c and z, then y and x (e.g. tyx, tzyx)")
+
+
+#: TrainConfig fields set by options of the same name (``--steps-per-epoch`` → steps_per_epoch).
+TRAIN_FIELDS = ("epochs", "steps_per_epoch", "patch", "batch_size", "features", "lr", "schedule",
+                "warmup", "loss", "average", "seed", "device", "val_fraction")
+
+
+def add_training_options(p: argparse.ArgumentParser, base: Any = None, *,
+                         loader_flag: str = "--loader-workers") -> None:
+    """The options of ``train`` that shape a training run, for every command that trains.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+    base : TrainConfig, optional
+        The defaults shown (the command's own, e.g. the demo's); default TrainConfig's.
+    loader_flag : str
+        Name of the tile-loader processes option (``train`` calls it ``--workers``; where
+        ``--workers`` means the cluster's workers it is ``--loader-workers``).
+    """
+    from deepcad_chunked.config import TrainConfig
+
+    d = base if base is not None else TrainConfig()
+
+    def show(value: Any) -> str:
+        return "none" if value is None else (",".join(map(str, value))
+                                             if isinstance(value, tuple) else str(value))
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
+    g.add_argument("--steps-per-epoch", type=int, metavar="N", help="optimiser steps per epoch "
+                   "(default: " + (show(d.steps_per_epoch) if d.steps_per_epoch else
+                                   "cover the training frames once") + ")")
+    g.add_argument("--patch", type=triple, metavar="T,Y,X", help="input volume pt,py,px, "
+                   f"multiples of 8; a tile reads 2·pt frames (default {show(d.patch)})")
+    g.add_argument("--batch-size", type=int, help=f"tiles per step (default {d.batch_size})")
+    g.add_argument("--features", type=int, help="feature maps of the first level (default "
+                   f"{d.features}; 16 is DeepCAD-RT's network)")
+    g.add_argument("--lr", type=float, help=f"peak Adam learning rate (default {d.lr:g})")
+    g.add_argument("--schedule", choices=("cosine", "constant"), help="learning rate over the "
+                   "run: a linear warm-up then a cosine decay to zero, or constant "
+                   f"(default {d.schedule})")
+    g.add_argument("--warmup", type=float, metavar="FRACTION", help="fraction of the steps "
+                   f"spent warming up (cosine; default {d.warmup:g})")
+    g.add_argument("--loss", choices=("l2", "l1+l2"), help="training loss: mean squared error, "
+                   f"or DeepCAD's mean of L1 and L2 (default {d.loss})")
+    g.add_argument("--average", type=float, metavar="DECAY", help="keep an exponential "
+                   "moving average of the weights with this decay, e.g. 0.99, for inference "
+                   f"(default {d.average:g}; 0: off)")
+    g.add_argument("--bypass", type=kernel, metavar="T,Y,X|none", help="kernel of the learned "
+                   "linear filter added beside the U-Net, which makes training reach a given "
+                   f"quality sooner (default {show(d.bypass)}); none: DeepCAD-RT's network as "
+                   "published")
+    g.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                   help="keep the network's output as it is, without the intensity "
+                   "calibration that makes denoised pixels keep their mean brightness")
+    g.add_argument(loader_flag, dest="loader_workers", type=int, metavar="N",
+                   help=f"tile-loading processes (default {d.workers}; 0 reads in the "
+                   "training process)")
+    g.add_argument("--seed", type=int, help=f"seed for weights and tiles (default {d.seed})")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help=f"where training runs (default {d.device})")
+    g.add_argument("--val-fraction", type=float, help="fraction of the last frames held out "
+                   f"for validation (default {d.val_fraction:g})")
+
+
+def training_config(args: argparse.Namespace, base: Any = None) -> Any:
+    """The TrainConfig of :func:`add_training_options`' values over ``base`` (or the
+    defaults)."""
+    from deepcad_chunked.config import TrainConfig
+
+    values = base.model_dump() if base is not None else {}
+    values.update({k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None})
+    if args.loader_workers is not None:
+        values["workers"] = args.loader_workers
+    if args.calibrate is not None:
+        values["calibrate"] = args.calibrate
+    put_kernel(values, "bypass", args.bypass)
+    return TrainConfig.build(**values)

@@ -50,6 +50,7 @@ class RunResult:
     model: Path
     denoised: Path
     exported: Path | None
+    verdict: dict[str, Any] | None = None
 
 
 def _complete(store: Path) -> bool:
@@ -61,8 +62,10 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         convert_config: ConvertConfig | None = None, train_config: TrainConfig | None = None,
         denoise_config: DenoiseConfig | None = None, export_tiff: bool = False,
         cluster: str | Client | None = "local", workers: int | None = None,
-        progress: bool | None = None, overwrite: bool = False) -> RunResult:
-    """Convert, train on and denoise a recording, with defaults, in one folder.
+        progress: bool | None = None, overwrite: bool = False, check: bool = True
+        ) -> RunResult:
+    """Convert, train on and denoise a recording, with defaults, in one folder; say whether
+    denoising helped.
 
     Parameters
     ----------
@@ -82,6 +85,9 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         Progress bars.
     overwrite : bool
         Start again, removing this command's products (never anything else in ``outdir``).
+    check : bool
+        End with :func:`~deepcad_chunked.jobs.verdict.verdict` (the held-out score against the
+        best Gaussian and the intensity check), logged and returned in ``verdict``.
 
     Returns
     -------
@@ -141,7 +147,15 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
                         progress=progress)
         if export_tiff and not exported.exists():
             export(denoised, exported, progress=progress)
-    return RunResult(store, result, denoised, exported if export_tiff else None)
+    said = None
+    if check:
+        from deepcad_chunked.jobs.verdict import verdict
+
+        said = verdict(store, denoised, result,
+                       device=train_config.device if train_config else "auto")
+        for line in said["lines"]:
+            log.info("%s", line)
+    return RunResult(store, result, denoised, exported if export_tiff else None, said)
 
 
 def _check_patterns(named: Sequence[str | Path], product: Path) -> None:
@@ -195,8 +209,9 @@ def demo(outdir: str | Path, *, simulation: SimulationConfig = DEMO_SIMULATION,
     Returns
     -------
     dict
-        The scores of :func:`deepcad_chunked.metrics.score`, with ``report`` (the PNG) and
-        ``run`` (the products of :func:`run`).
+        The scores of :func:`deepcad_chunked.metrics.score`, with ``verdict`` (the held-out
+        score and the intensity check of :func:`run`), ``report`` (the PNG) and ``run`` (the
+        products of :func:`run`).
     """
     from deepcad_chunked.metrics import score
     from deepcad_chunked.report import preview
@@ -218,7 +233,9 @@ def demo(outdir: str | Path, *, simulation: SimulationConfig = DEMO_SIMULATION,
                    denoise_config=DenoiseConfig(dtype="float32"), cluster=cluster,
                    workers=workers, progress=progress, overwrite=overwrite)
     scores = score(products.denoised, files.clean, files.raw, footprints=files.truth)
+    scores["verdict"] = products.verdict
     report = preview(files.raw, products.denoised, outdir / "report.png",
                      footprints=files.truth)
     return {**scores, "report": str(report), "run": {k: str(v) for k, v in
-                                                      products.__dict__.items()}}
+                                                      products.__dict__.items()
+                                                      if k != "verdict"}}
