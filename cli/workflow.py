@@ -68,6 +68,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    "zero, as many microscopes' software does")
     p.add_argument("--dropouts", type=float, metavar="P",
                    help="probability that a line of a frame reads zeros (default 0)")
+    p.add_argument("--scene", choices=("somata", "dense"), help="somata: separate round "
+                   "cells over smooth neuropil (default); dense: packed irregular somata, thin "
+                   "active dendrites and axons, textured neuropil with its own fluctuations, "
+                   "bleaching and motion jitter")
+    p.add_argument("--indicator", choices=("fast", "slow"),
+                   help="calcium kinetics: GCaMP6f-like (default) or GCaMP6s-like")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(run=_run_simulate)
 
@@ -79,7 +85,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in ("frames", "size", "seed", "photons", "frame_rate",
                                            "neurons", "gain", "offset", "read_noise",
-                                           "subtract_offset", "dropouts")}
+                                           "subtract_offset", "dropouts", "scene",
+                                           "indicator")}
     config = SimulationConfig.build(**{k: v for k, v in given.items() if v is not None})
     if (args.output is None) == (args.acquire is None):
         raise ConfigError("give either -o PREFIX (files with ground truth) or --acquire DIR "

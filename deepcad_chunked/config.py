@@ -429,6 +429,14 @@ class SimulationConfig(_Config):
         lies above the truth's); the clean recording's baseline is then 0.
     dropouts : float
         Probability that a line of a frame reads zeros (the scanner dropping a line).
+    scene : {"somata", "dense"}
+        ``somata``: separate round somata over smooth neuropil (the DeepCAD papers' recipe).
+        ``dense``: twice as many somata, packed and irregular, thin active dendrites and
+        axons, neuropil with a fine grain whose regions fluctuate on their own, slow
+        bleaching and a small motion jitter of every frame.
+    indicator : {"fast", "slow"}
+        Calcium kinetics: GCaMP6f-like (rise 50 ms, decay 0.4–0.8 s) or GCaMP6s-like (rise
+        150 ms, decay 1.2–2 s, larger transients).
     """
 
     frames: int = Field(3000, ge=1)
@@ -442,6 +450,8 @@ class SimulationConfig(_Config):
     read_noise: float = Field(2.0, ge=0)
     subtract_offset: bool = False
     dropouts: float = Field(0.0, ge=0, lt=1)
+    scene: Literal["somata", "dense"] = "somata"
+    indicator: Literal["fast", "slow"] = "fast"
 
     @property
     def baseline(self) -> float:

@@ -37,6 +37,14 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from deepcad_chunked.anatomy import (
+    Footprint,
+    fine_texture,
+    neurite,
+    soma,
+    vessel_transmission,
+    zones,
+)
 from deepcad_chunked.config import SimulationConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError
 from deepcad_chunked.store.location import no_folder
@@ -49,20 +57,14 @@ CHUNK = 64
 NEUROPIL_TAU_S = 3.0
 #: Rise time constant of the calcium indicator, in seconds.
 RISE_TAU_S = 0.05
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """A neuron's spatial weights: ``patch`` placed with its corner at ``(y, x)``."""
-
-    y: int
-    x: int
-    patch: np.ndarray
-
-    def region(self) -> tuple[slice, slice]:
-        """Where the patch lies in the frame."""
-        return (slice(self.y, self.y + self.patch.shape[0]),
-                slice(self.x, self.x + self.patch.shape[1]))
+#: Per indicator: rise time constant (s), range of decay time constants (s) and of the ΔF/F of
+#: one spike.
+INDICATORS = {"fast": (RISE_TAU_S, (0.4, 0.8), (0.3, 0.7)),
+              "slow": (0.15, (1.2, 2.0), (0.6, 1.2))}
+#: Dense scenes: bleaching's time constant (s) and the fraction of the signal it takes.
+BLEACH_TAU_S, BLEACH_FRACTION = 120.0, 0.3
+#: Dense scenes: standard deviation of each frame's motion (px).
+JITTER_PX = 0.3
 
 
 @dataclass(frozen=True)
@@ -78,71 +80,37 @@ class Scene:
     background: np.ndarray  # neuropil and vessels, relative units, (y, x)
     vessels: np.ndarray  # transmission of the vessels, 0–1, (y, x)
     scale: float  # photons per relative unit
+    rise_s: float = RISE_TAU_S
+    kinds: np.ndarray | None = None  # per footprint: 0 a soma, 1 a neurite (None: all somata)
+    zones: np.ndarray | None = None  # (k, y, x) neuropil regions fluctuating on their own
 
 
-def _soft_disk(r: np.ndarray, edge: float, width: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp((r - edge) / width))
-
-
-def _footprint(rng: np.random.Generator, cy: float, cx: float, radius: float,
-               shape: tuple[int, int]) -> Footprint | None:
-    """A ring-like soma (cytosolic indicator, dim nucleus), clipped to the frame."""
-    stretch, angle = rng.uniform(0.8, 1.25), rng.uniform(0, math.pi)
-    half = math.ceil(radius * 1.4) + 1
-    y0, x0 = round(cy) - half, round(cx) - half
-    yy, xx = np.mgrid[y0:y0 + 2 * half + 1, x0:x0 + 2 * half + 1].astype(np.float64)
-    u = (yy - cy) * math.cos(angle) + (xx - cx) * math.sin(angle)
-    v = -(yy - cy) * math.sin(angle) + (xx - cx) * math.cos(angle)
-    rho = np.hypot(u / (radius * math.sqrt(stretch)), v * math.sqrt(stretch) / radius)
-    patch = _soft_disk(rho, 1.0, 0.08) * (1.0 - 0.7 * _soft_disk(rho, 0.55, 0.06))
-    top, left = max(0, -y0), max(0, -x0)
-    bottom = patch.shape[0] - max(0, y0 + patch.shape[0] - shape[0])
-    right = patch.shape[1] - max(0, x0 + patch.shape[1] - shape[1])
-    patch = patch[top:bottom, left:right]
-    if patch.size == 0 or patch.max() < 0.5:
-        return None
-    return Footprint(y0 + top, x0 + left, patch.astype(np.float32))
-
-
-def _vessels(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """Transmission (1 clear, ~0.15 inside) of a few meandering dark vessels."""
-    out = np.ones(shape)
-    count = max(1, round(2 * shape[0] * shape[1] / 256**2))
-    for _ in range(count):
-        width = rng.uniform(5, 12)
-        y, x = rng.uniform(0, shape[0]), 0.0
-        heading = rng.uniform(-0.6, 0.6)
-        if rng.random() < 0.5:  # from the top instead of the left
-            y, x, heading = 0.0, rng.uniform(0, shape[1]), heading + math.pi / 2
-        line = np.zeros(shape, dtype=bool)
-        for _ in range(4 * (shape[0] + shape[1])):
-            if not (0 <= y < shape[0] and 0 <= x < shape[1]):
-                break
-            line[int(y), int(x)] = True
-            heading += rng.normal(0, 0.04)
-            y, x = y + 0.5 * math.sin(heading), x + 0.5 * math.cos(heading)
-        distance = ndimage.distance_transform_edt(~line)
-        out *= 1.0 - 0.85 * np.exp(-((distance / (width / 2)) ** 4))
-    return out
-
-
-def _kernel_stats(decay_s: np.ndarray, frame_rate: float) -> tuple[np.ndarray, np.ndarray]:
+def _kernel_stats(decay_s: np.ndarray, frame_rate: float, rise_s: float = RISE_TAU_S
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Peak and sum over time of the unit double-exponential response of each neuron."""
-    k = np.arange(int(frame_rate * 10))[:, None]
-    h = np.exp(-k / (decay_s[None] * frame_rate)) - np.exp(-k / (RISE_TAU_S * frame_rate))
+    k = np.arange(int(frame_rate * max(10.0, 8 * float(decay_s.max(initial=0)))))[:, None]
+    h = np.exp(-k / (decay_s[None] * frame_rate)) - np.exp(-k / (rise_s * frame_rate))
     return h.max(axis=0), h.sum(axis=0)
 
 
 def make_scene(config: SimulationConfig) -> Scene:
-    """Place vessels and somata and draw every neuron's parameters."""
+    """Place vessels, somata (and in a dense scene neurites) and draw every neuron's
+    parameters."""
     rng = np.random.default_rng([config.seed, 0])
+    extra = np.random.default_rng([config.seed, 6])  # the dense scene's own draws
+    dense = config.scene == "dense"
+    rise_s, decay_range, amplitude_range = INDICATORS[config.indicator]
     shape = config.size
-    vessels = _vessels(rng, shape)
+    vessels = vessel_transmission(rng, shape)
     texture = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=min(shape) / 12,
                                       mode="wrap")
     texture = (texture - texture.min()) / max(float(np.ptp(texture)), 1e-12)
     background = vessels * (0.05 + 0.6 + 0.4 * texture)
-    wanted = config.neurons if config.neurons is not None else round(shape[0] * shape[1] / 600)
+    if dense:
+        background *= np.clip(1 + 0.2 * fine_texture(extra, shape), 0.2, None)
+    per_soma = 300 if dense else 600
+    wanted = (config.neurons if config.neurons is not None
+              else round(shape[0] * shape[1] / per_soma))
     centres: list[tuple[float, float, float]] = []
     footprints: list[Footprint] = []
     for _ in range(wanted * 30):
@@ -151,29 +119,38 @@ def make_scene(config: SimulationConfig) -> Scene:
         cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
         radius = rng.uniform(4.5, 7.5)
         if vessels[int(cy), int(cx)] < 0.6 or any(
-                math.hypot(cy - y, cx - x) < 0.85 * (radius + r) for y, x, r in centres):
+                math.hypot(cy - y, cx - x) < (0.7 if dense else 0.85) * (radius + r)
+                for y, x, r in centres):
             continue
-        fp = _footprint(rng, cy, cx, radius, shape)
+        fp = soma(rng, cy, cx, radius, shape, irregular=0.15 if dense else 0.0)
         if fp is not None:
             centres.append((cy, cx, radius))
             footprints.append(fp)
+    somata_count = len(footprints)
+    if dense:
+        for _ in range(round(shape[0] * shape[1] / 1200)):
+            fp = neurite(extra, shape)
+            if fp is not None:
+                footprints.append(fp)
     n = len(footprints)
     brightness = rng.lognormal(math.log(1.2), 0.35, n)
     rate_hz = rng.lognormal(math.log(0.3), 0.5, n)
     burst_hz = rng.uniform(0.02, 0.1, n)
-    amplitude = rng.uniform(0.3, 0.7, n)
-    decay_s = rng.uniform(0.4, 0.8, n)
+    amplitude = rng.uniform(*amplitude_range, n)
+    decay_s = rng.uniform(*decay_range, n)
     # the photon level: the mean over the field and over time of the clean recording
-    peak, area = _kernel_stats(decay_s, config.frame_rate)
+    peak, area = _kernel_stats(decay_s, config.frame_rate, rise_s)
     spikes_per_frame = (rate_hz + 4.0 * burst_hz) / config.frame_rate
     mean_dff = amplitude * spikes_per_frame * area / peak
     somata = np.zeros(shape)
     for fp, b, m in zip(footprints, brightness, mean_dff, strict=True):
         somata[fp.region()] += b * (1 + m) * fp.patch
     mean_relative = float((background + vessels * somata).mean())
+    kinds = np.array([0] * somata_count + [1] * (n - somata_count), dtype=np.int8)
     return Scene(footprints, brightness, rate_hz, burst_hz, amplitude, decay_s,
                  background.astype(np.float32), vessels.astype(np.float32),
-                 config.photons / mean_relative)
+                 config.photons / mean_relative, rise_s, kinds,
+                 zones(extra, shape, 4).astype(np.float32) if dense else None)
 
 
 @dataclass
@@ -183,6 +160,7 @@ class _State:
     decay: np.ndarray
     rise: np.ndarray
     neuropil: float
+    zones: np.ndarray
 
 
 def _spikes(rng: np.random.Generator, scene: Scene, frames: int,
@@ -235,32 +213,54 @@ def spike_counts(config: SimulationConfig, scene: Scene | None = None) -> np.nda
 
 def clean_chunks(config: SimulationConfig, scene: Scene | None = None
                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(first frame, clean photons (t, y, x) float32, ΔF/F (t, neurons))`` by chunk."""
+    """Yield ``(first frame, clean photons (t, y, x) float32, ΔF/F (t, neurons))`` by chunk.
+
+    In a dense scene each neuropil region also fluctuates on its own, the whole field bleaches
+    slowly (ΔF/F is unchanged by it) and every frame moves by a small random shift: the clean
+    recording is what reaches the detector, shifts included.
+    """
     scene = scene or make_scene(config)
     fr = config.frame_rate
     a_decay = np.exp(-1.0 / (scene.decay_s * fr))
-    a_rise = math.exp(-1.0 / (RISE_TAU_S * fr))
-    peak, _ = _kernel_stats(scene.decay_s, fr)
+    a_rise = math.exp(-1.0 / (scene.rise_s * fr))
+    peak, _ = _kernel_stats(scene.decay_s, fr, scene.rise_s)
     rho = math.exp(-1.0 / (NEUROPIL_TAU_S * fr))
     n = len(scene.footprints)
-    state = _State(np.zeros(n), np.zeros(n), 0.0)
+    regions = 0 if scene.zones is None else len(scene.zones)
+    state = _State(np.zeros(n), np.zeros(n), 0.0, np.zeros(regions))
     for index, start in enumerate(range(0, config.frames, CHUNK)):
         frames = min(CHUNK, config.frames - start)
         rng, counts = _chunk_spikes(config, scene, index)
         dff = np.empty((frames, n))
         neuropil = np.empty(frames)
         shocks = rng.standard_normal(frames) * 0.05 * math.sqrt(1 - rho**2)
+        own = np.random.default_rng([config.seed, 7, index]).standard_normal(
+            (frames, regions)) * 0.1 * math.sqrt(1 - rho**2)
+        local = np.empty((frames, regions))
         for t in range(frames):
             state.decay = state.decay * a_decay + counts[t]
             state.rise = state.rise * a_rise + counts[t]
             dff[t] = scene.amplitude * (state.decay - state.rise) / peak
             state.neuropil = state.neuropil * rho + shocks[t]
             neuropil[t] = 1.0 + state.neuropil
-        clean = scene.background[None] * neuropil[:, None, None].astype(np.float32)
+            state.zones = state.zones * rho + own[t]
+            local[t] = state.zones
+        level = neuropil[:, None, None].astype(np.float32)
+        if scene.zones is not None:
+            level = level + np.tensordot(local, scene.zones, axes=1).astype(np.float32)
+        clean = scene.background[None] * level
         for i, fp in enumerate(scene.footprints):
             region = (slice(None), *fp.region())
             weights = (scene.brightness[i] * fp.patch * scene.vessels[fp.region()])
             clean[region] += (1.0 + dff[:, i, None, None]).astype(np.float32) * weights
+        if config.scene == "dense":
+            seconds = (start + np.arange(frames)) / fr
+            bleach = 1 - BLEACH_FRACTION * (1 - np.exp(-seconds / BLEACH_TAU_S))
+            clean *= bleach[:, None, None].astype(np.float32)
+            moves = np.random.default_rng([config.seed, 5, index]).normal(
+                0, JITTER_PX, (frames, 2))
+            for t in range(frames):
+                clean[t] = ndimage.shift(clean[t], moves[t], order=1, mode="nearest")
         yield start, clean * np.float32(scene.scale), dff.astype(np.float32)
 
 
@@ -420,6 +420,8 @@ def _save_truth(path: Path, scene: Scene, config: SimulationConfig) -> None:
                             brightness=scene.brightness, rate_hz=scene.rate_hz,
                             burst_hz=scene.burst_hz, amplitude=scene.amplitude,
                             decay_s=scene.decay_s, vessels=scene.vessels,
+                            kinds=(scene.kinds if scene.kinds is not None
+                                   else np.zeros(len(scene.footprints), np.int8)),
                             config=np.array(json.dumps(config.model_dump())))
 
 
@@ -429,6 +431,14 @@ class Truth:
 
     footprints: list[Footprint]
     config: SimulationConfig
+    kinds: np.ndarray | None = None  # per footprint: 0 a soma, 1 a neurite
+
+    @property
+    def somata(self) -> list[Footprint]:
+        """The footprints of somata (what cell detection should find)."""
+        if self.kinds is None:
+            return list(self.footprints)
+        return [fp for fp, kind in zip(self.footprints, self.kinds, strict=True) if kind == 0]
 
 
 def load_truth(path: str | Path) -> Truth:
@@ -446,6 +456,7 @@ def load_truth(path: str | Path) -> Truth:
         with np.load(path, allow_pickle=False) as data:
             corners, shapes, flat = data["corners"], data["shapes"], data["patches"]
             config = SimulationConfig(**json.loads(str(data["config"])))
+            kinds = data["kinds"] if "kinds" in data.files else None
     except (OSError, KeyError, ValueError) as exc:
         raise SourceError(f"{path} is not a simulation's ground truth ({exc})") from None
     footprints, offset = [], 0
@@ -453,4 +464,4 @@ def load_truth(path: str | Path) -> Truth:
         patch = flat[offset:offset + h * w].reshape(h, w)
         footprints.append(Footprint(int(y), int(x), patch))
         offset += h * w
-    return Truth(footprints, config)
+    return Truth(footprints, config, kinds)

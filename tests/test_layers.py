@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "_version", "config", "interrupt", "local_worker")),
     ("store", ("store",)),
-    ("sources, network, simulation", ("sources", "model", "simulate")),
+    ("sources, network, simulation", ("sources", "model", "anatomy", "simulate")),
     ("kernels and cluster", ("infer", "training", "cluster", "launchers")),
     ("analysis", ("metrics", "detection", "acquire", "report", "heldout")),
     ("jobs", ("jobs",)),

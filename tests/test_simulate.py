@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,11 @@ def test_neurons_are_rings_with_calcium_transients(tmp_path: Path) -> None:
     assert below.size == 0 or 6 <= below[0] <= 60
 
 
-def test_the_spike_counts_are_the_spikes_behind_the_traces(tmp_path: Path) -> None:
-    files, config = _sim(tmp_path, frames=150)  # three chunks, the last one short
+@pytest.mark.parametrize("values", [{}, {"scene": "dense", "indicator": "slow"}],
+                         ids=["somata-fast", "dense-slow"])
+def test_the_spike_counts_are_the_spikes_behind_the_traces(tmp_path: Path,
+                                                           values: dict) -> None:
+    files, config = _sim(tmp_path, frames=150, **values)  # three chunks, the last one short
     counts = spike_counts(load_truth(files.truth).config)
     traces = np.load(files.traces)
     assert counts.shape == traces.shape and counts.min() >= 0
@@ -90,11 +94,13 @@ def test_the_spike_counts_are_the_spikes_behind_the_traces(tmp_path: Path) -> No
     # ΔF/F is each neuron's spikes through a rise-and-decay filter, scaled to its amplitude
     scene = make_scene(config)
     fr = config.frame_rate
+    rise_s = RISE_TAU_S if config.indicator == "fast" else 0.15
+    assert scene.rise_s == rise_s
     for i in range(counts.shape[1]):
         decay = signal.lfilter([1.0], [1.0, -np.exp(-1 / (scene.decay_s[i] * fr))], counts[:, i])
-        rise = signal.lfilter([1.0], [1.0, -np.exp(-1 / (RISE_TAU_S * fr))], counts[:, i])
-        k = np.arange(int(fr * 10))
-        h = np.exp(-k / (scene.decay_s[i] * fr)) - np.exp(-k / (RISE_TAU_S * fr))
+        rise = signal.lfilter([1.0], [1.0, -np.exp(-1 / (rise_s * fr))], counts[:, i])
+        k = np.arange(int(fr * 20))
+        h = np.exp(-k / (scene.decay_s[i] * fr)) - np.exp(-k / (rise_s * fr))
         np.testing.assert_allclose(traces[:, i], scene.amplitude[i] * (decay - rise) / h.max(),
                                    rtol=1e-4, atol=1e-5)
     other = spike_counts(SimulationConfig(**{**config.model_dump(), "seed": config.seed + 1}))
@@ -140,3 +146,44 @@ def test_offset_subtracted_samples_are_clipped_at_zero_and_lines_drop_out(tmp_pa
     assert run_cli("simulate", "-o", str(tmp_path / "cli"), "--frames", "20", "--size",
                    "32,32", "--subtract-offset", "--dropouts", "0.1").returncode == 0
     assert load_truth(tmp_path / "cli_truth.npz").config.subtract_offset
+
+
+def test_the_dense_scene_is_harder_and_all_of_it_has_ground_truth(tmp_path: Path) -> None:
+    """Twice the somata, irregular and packed; thin neurites with their own activity; slow
+    bleaching; every frame moved a little; the ΔF/F truth of every footprint kept."""
+    plain, _ = _sim(tmp_path, size=(96, 96), frames=300)
+    dense, config = _sim(tmp_path, name="d", size=(96, 96), frames=300, scene="dense")
+    somata, truth = load_truth(plain.truth), load_truth(dense.truth)
+    assert len(truth.somata) > 1.6 * len(somata.footprints)
+    assert truth.kinds is not None and (truth.kinds == 1).sum() >= 4
+    assert somata.somata == somata.footprints  # the default scene: all somata
+    neurites = [fp for fp, k in zip(truth.footprints, truth.kinds, strict=True) if k == 1]
+    assert all(min(fp.patch.shape) >= 9 and (fp.patch > 0.5).mean() < 0.35 for fp in neurites)
+    traces = np.load(dense.traces)
+    assert traces.shape == (300, len(truth.footprints))
+    assert (traces[:, truth.kinds == 1].max(axis=0) > 0.1).all()  # neurites are active
+    clean = tifffile.imread(dense.clean).astype(np.float64) - config.offset
+    assert clean[-50:].mean() < 0.99 * clean[:50].mean()  # bleaching
+    # motion: the same scene without the jitter differs frame by frame, by sub-pixel moves
+    simulation = importlib.import_module("deepcad_chunked.simulate")
+    moved = np.concatenate([c for _, c, _ in clean_chunks(config)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(simulation, "JITTER_PX", 0.0)
+        still = np.concatenate([c for _, c, _ in clean_chunks(config)])
+    change = np.abs(moved - still).mean(axis=(1, 2)) / still.mean()
+    assert (change > 0.005).mean() > 0.9 and change.max() < 0.5
+    assert np.corrcoef(moved.mean(0).ravel(), still.mean(0).ravel())[0, 1] > 0.97
+    assert run_cli("simulate", "-o", str(tmp_path / "cli"), "--frames", "20", "--size",
+                   "32,32", "--scene", "dense", "--indicator", "slow").returncode == 0
+
+
+def test_the_slow_indicator_has_longer_transients(tmp_path: Path) -> None:
+    fast, _ = _sim(tmp_path, frames=600, size=(48, 48))
+    slow, _ = _sim(tmp_path, name="slow", frames=600, size=(48, 48), indicator="slow")
+
+    def decorrelation(traces: np.ndarray) -> float:
+        x = traces - traces.mean(0)
+        lag = 15  # half a second at 30 Hz
+        return float((x[lag:] * x[:-lag]).sum() / (x * x).sum())
+
+    assert decorrelation(np.load(slow.traces)) > decorrelation(np.load(fast.traces)) + 0.15
