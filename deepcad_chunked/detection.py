@@ -17,6 +17,7 @@ compares the result with the spikes the simulation fired
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -239,3 +240,115 @@ def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 
     norm = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(norm > 0, (a * b).sum(axis=1) / norm, np.nan)
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    """How a movie keeps the calcium transients of a simulation's neurons.
+
+    Attributes
+    ----------
+    amplitude_ratio : numpy.ndarray
+        Per neuron with transients: the movie's mean ΔF over the frames where the noise-free
+        movie's ΔF is at least half its peak, over the noise-free movie's (1: kept; below:
+        peaks flattened or intensities lowered).
+    rise_s, decay_s : float
+        The movie's population transient after an isolated spike: 10–90 % rise time and
+        time from the peak down to 1/e of it, in seconds.
+    true_rise_s, true_decay_s : float
+        The same of the noise-free movie.
+    """
+
+    amplitude_ratio: np.ndarray
+    rise_s: float
+    decay_s: float
+    true_rise_s: float
+    true_decay_s: float
+
+    @property
+    def rise_error_ms(self) -> float:
+        """Rise time error, ms."""
+        return 1000 * (self.rise_s - self.true_rise_s)
+
+    @property
+    def decay_error_ms(self) -> float:
+        """Decay time error, ms."""
+        return 1000 * (self.decay_s - self.true_decay_s)
+
+
+def _triggered(traces: np.ndarray, onsets: list[tuple[int, int]], before: int, after: int
+               ) -> np.ndarray:
+    """The mean of ``traces[neuron, onset - before : onset + after]`` over the onsets."""
+    return np.mean([traces[i, t - before:t + after] for i, t in onsets], axis=0)
+
+
+def _shape_times(curve: np.ndarray, before: int, frame_rate: float) -> tuple[float, float]:
+    """10–90 % rise time and peak-to-1/e decay time of a triggered average, in seconds."""
+    base = float(curve[:before].mean())
+    y = curve - base
+    peak = int(np.argmax(y[before:])) + before
+    top = float(y[peak])
+    if top <= 0:
+        return math.nan, math.nan
+    rising = y[before:peak + 1]
+    t10 = before + int(np.argmax(rising >= 0.1 * top))
+    t90 = before + int(np.argmax(rising >= 0.9 * top))
+    falling = y[peak:]
+    below = np.nonzero(falling <= top / math.e)[0]
+    decay = int(below[0]) if len(below) else len(falling)
+    return (t90 - t10) / frame_rate, decay / frame_rate
+
+
+def transient_dynamics(movie: np.ndarray, clean: np.ndarray, footprints: Sequence[Footprint],
+                       spikes: np.ndarray, *, frame_rate: float, offset: float = 0.0,
+                       quiet_s: float = 1.0, after_s: float = 3.0) -> Dynamics:
+    """Transient amplitudes and kinetics of a movie against the noise-free one.
+
+    Both movies are read through the true footprints (:func:`footprint_traces`) with the
+    noise-free trace's baseline (its 20th percentile) as F₀ for both, so that a movie that
+    lowers intensities lowers its ΔF as well. The kinetics come from the population average
+    of each trace, scaled by its neuron's noise-free peak, after every spike preceded by
+    ``quiet_s`` without spikes.
+
+    Parameters
+    ----------
+    movie, clean : numpy.ndarray
+        ``(t, y, x)``: the movie scored and the simulation's noise-free one.
+    footprints : sequence of Footprint
+    spikes : numpy.ndarray
+        Neurons × frames, the true spike counts.
+    frame_rate : float
+    offset : float
+        The detector's baseline in the noise-free movie (not fluorescence): a neuron counts
+        when its noise-free peak ΔF is at least 10 % of its resting fluorescence.
+    quiet_s, after_s : float
+        Spike-free time before an onset, and the length of the averaged transient.
+
+    Returns
+    -------
+    Dynamics
+    """
+    est = footprint_traces(movie, footprints).astype(np.float64)
+    true = footprint_traces(clean, footprints).astype(np.float64)
+    f0 = np.percentile(true, 20, axis=1, keepdims=True)
+    d_est, d_true = est - f0, true - f0
+    ratios = []
+    for a, b, base in zip(d_est, d_true, f0[:, 0], strict=True):
+        if b.max() < 0.1 * max(base - offset, 1e-9):
+            continue  # no transient worth the name
+        top = b >= 0.5 * b.max()
+        ratios.append(float(a[top].mean() / b[top].mean()))
+    before, after = max(2, round(0.2 * frame_rate)), round(after_s * frame_rate)
+    quiet = round(quiet_s * frame_rate)
+    onsets = [(i, t) for i, t in zip(*np.nonzero(spikes > 0), strict=True)
+              if t >= max(quiet, before) and t + after <= spikes.shape[1]
+              and not spikes[i, t - quiet:t].any()]
+    peaks = np.maximum(d_true.max(axis=1, keepdims=True), 1e-9)
+    if onsets:
+        rise, decay = _shape_times(_triggered(d_est / peaks, onsets, before, after), before,
+                                   frame_rate)
+        true_rise, true_decay = _shape_times(_triggered(d_true / peaks, onsets, before, after),
+                                             before, frame_rate)
+    else:
+        rise = decay = true_rise = true_decay = math.nan
+    return Dynamics(np.array(ratios), rise, decay, true_rise, true_decay)

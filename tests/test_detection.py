@@ -18,6 +18,7 @@ from deepcad_chunked.detection import (
     oasis_spikes,
     spike_correlation,
     suite2p_rois,
+    transient_dynamics,
 )
 from deepcad_chunked.errors import SourceError
 from deepcad_chunked.simulate import Footprint, load_truth, simulate, spike_counts
@@ -121,3 +122,29 @@ def test_oasis_recovers_the_simulated_spikes_better_from_clean_than_raw(tmp_path
         assert inferred.shape == spikes.shape and inferred.min() >= 0
         r[name] = float(np.nanmean(spike_correlation(inferred, spikes)))
     assert r["clean"] > 0.6 and r["raw"] < r["clean"] - 0.1, r
+
+
+def test_transient_dynamics_see_flattened_peaks_slow_rises_and_lost_intensity(
+        tmp_path: Path) -> None:
+    """The noise-free movie scores 1 and no error; a temporal blur flattens the peaks and
+    slows the rise; a movie 3 counts too dark loses ΔF in proportion."""
+    from scipy import ndimage
+
+    config = SimulationConfig(frames=900, size=(48, 48), photons=2.0, seed=3)
+    files = simulate(tmp_path / "s", config)
+    clean = tifffile.imread(files.clean).astype(np.float32)
+    truth = load_truth(files.truth)
+    spikes = spike_counts(config).T
+    same = transient_dynamics(clean, clean, truth.footprints, spikes, frame_rate=30.0,
+                              offset=100.0)
+    assert len(same.amplitude_ratio) >= 2
+    np.testing.assert_allclose(same.amplitude_ratio, 1.0)
+    assert same.rise_error_ms == 0 and same.decay_error_ms == 0
+    assert 0.03 < same.true_rise_s < 0.3 and 0.2 < same.true_decay_s < 1.2  # GCaMP6f-like
+    blurred = ndimage.gaussian_filter1d(clean, 4.0, axis=0, mode="nearest")
+    slow = transient_dynamics(blurred, clean, truth.footprints, spikes, frame_rate=30.0,
+                              offset=100.0)
+    assert np.median(slow.amplitude_ratio) < 0.9 and slow.rise_error_ms > 30
+    dark = transient_dynamics(clean - 3, clean, truth.footprints, spikes, frame_rate=30.0,
+                              offset=100.0)
+    assert np.median(dark.amplitude_ratio) < np.median(same.amplitude_ratio)
