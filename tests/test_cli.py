@@ -141,15 +141,40 @@ def test_bypass_option_of_run_and_demo(given: tuple[str, ...], expected: object)
     """``run`` and ``demo`` turn ``--bypass`` into the training config as ``train`` does, the
     demo's other training settings kept."""
     from deepcad_chunked.cli.main import build_parser
-    from deepcad_chunked.cli.workflow import _train_config
+    from deepcad_chunked.cli.options import training_config
 
     from deepcad_chunked.config import BYPASS_KERNEL, TrainConfig
     from deepcad_chunked.jobs.run import DEMO_TRAINING
 
     parser = build_parser()
-    run = _train_config(parser.parse_args(["run", "a.tif", "-o", "o", *given]))
-    demo = _train_config(parser.parse_args(["demo", "-o", "o", *given]), DEMO_TRAINING)
+    run = training_config(parser.parse_args(["run", "a.tif", "-o", "o", *given]))
+    demo = training_config(parser.parse_args(["demo", "-o", "o", *given]), DEMO_TRAINING)
+    train = training_config(parser.parse_args(["train", "a.zarr", "-o", "r", *given]))
     want = BYPASS_KERNEL if expected == "default" else expected
-    assert run.bypass == demo.bypass == want
+    assert run.bypass == demo.bypass == train.bypass == want
     assert run.features == TrainConfig().features
     assert (demo.features, demo.loss, demo.average) == (DEMO_TRAINING.features, "l2", 0.99)
+
+
+def test_run_demo_and_train_share_every_training_option() -> None:
+    """The same training options in the three commands, each reaching the config."""
+    from deepcad_chunked.cli.main import build_parser
+    from deepcad_chunked.cli.options import training_config
+
+    given = ["--epochs", "3", "--steps-per-epoch", "7", "--patch", "8,16,16", "--batch-size",
+             "3", "--features", "4", "--lr", "0.002", "--schedule", "cosine", "--warmup", "0.1",
+             "--loss", "l1+l2", "--average", "0.9", "--no-calibrate", "--seed", "5",
+             "--device", "cpu", "--val-fraction", "0.2"]
+    parser = build_parser()
+    configs = [training_config(parser.parse_args(["run", "a.tif", "-o", "o", *given,
+                                                  "--loader-workers", "1"])),
+               training_config(parser.parse_args(["demo", "-o", "o", *given,
+                                                  "--loader-workers", "1"])),
+               training_config(parser.parse_args(["train", "a.zarr", "-o", "r", *given,
+                                                  "--workers", "1"]))]
+    for config in configs:
+        assert (config.epochs, config.steps_per_epoch, config.patch, config.batch_size,
+                config.features, config.lr, config.schedule, config.warmup, config.loss,
+                config.average, config.calibrate, config.seed, config.device,
+                config.val_fraction, config.workers) == (
+            3, 7, (8, 16, 16), 3, 4, 0.002, "cosine", 0.1, "l1+l2", 0.9, False, 5, "cpu", 0.2, 1)
