@@ -10,8 +10,9 @@ and ΔF/F = (F − F₀)/F₀ computed on them (``benchmarks/RESULTS.md``, "Inte
 
 The calibration is a smooth, monotone correction of the network's output value,
 ``y + shift(y)`` with ``shift`` piecewise linear between knots (flat beyond them), fitted after
-training on frames of the recording so that each pixel's temporal mean equals that of the raw
-frames — a few parameters over every pixel of the sample, so per-pixel noise averages out.
+training on frames of the recording so that in every band of brightness the pixels' mean
+equals that of the raw frames — a few parameters over thousands of pixels, so noise averages
+out.
 It is a function of one output voxel: chunked inference stays exactly the monolithic one.
 """
 
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 
 #: Knots of the correction, at quantiles of the network's output.
-KNOTS = 17
-#: Weight of the penalty on differences between neighbouring knots' shifts (per pixel).
+KNOTS = 9
+#: Bands of brightness whose means are matched.
+BANDS = 32
+#: Weight of the penalty on differences between neighbouring knots' shifts (per band).
 SMOOTHNESS = 1e-2
 
 
@@ -127,8 +130,9 @@ def _hat_means(outputs: np.ndarray, knots: np.ndarray) -> np.ndarray:
 
 
 def fit_calibration(outputs: Iterable[np.ndarray], inputs: Iterable[np.ndarray], *,
-                    knots: int = KNOTS, smoothness: float = SMOOTHNESS) -> Calibration:
-    """Fit the correction that gives every pixel of the samples the temporal mean of its input.
+                    knots: int = KNOTS, bands: int = BANDS,
+                    smoothness: float = SMOOTHNESS) -> Calibration:
+    """Fit the correction that gives every band of brightness the mean intensity of its input.
 
     Parameters
     ----------
@@ -136,10 +140,13 @@ def fit_calibration(outputs: Iterable[np.ndarray], inputs: Iterable[np.ndarray],
         Pairs of ``(t, y, x)`` samples: the network's output and the (normalised) frames it
         denoised, in the same units.
     knots : int
-        Knots, placed at quantiles of the outputs.
+        Knots of the correction, placed at quantiles of the outputs.
+    bands : int
+        Bands of pixels of equal counts, by their input's temporal mean, whose mean output
+        must equal their mean input.
     smoothness : float
-        Penalty on the differences between neighbouring shifts, per pixel: the fit stays a
-        gentle curve where few pixels lie.
+        Penalty on the differences between neighbouring knots' shifts: the fit stays a gentle
+        curve where few pixels lie.
 
     Returns
     -------
@@ -147,9 +154,14 @@ def fit_calibration(outputs: Iterable[np.ndarray], inputs: Iterable[np.ndarray],
 
     Notes
     -----
-    A weighted least-squares fit: every pixel's error of mean weighs by the inverse of its
-    temporal standard deviation, so that dim pixels, whose means are known precisely and
-    matter most to ΔF/F, count as much as they should.
+    What is matched is what the intensity check measures: per band of the raw temporal mean,
+    the mean of the denoised over that of the raw. Matching each pixel's own mean instead
+    would learn a shrinkage toward the mean of every error the network makes at a pixel (a
+    blurred fine structure, say), which no correction of the output value can undo and which
+    costs SNR. The pixels are put in bands by the mean of the first half of each sample's
+    frames and compared over the second half: the noise that placed a pixel in a band is not
+    the noise it is compared with, which would otherwise show as a bias (bright bands too
+    bright, dim bands too dark) that is not there.
     """
     pairs = [(np.asarray(o, dtype=np.float32), np.asarray(i, dtype=np.float32))
              for o, i in zip(outputs, inputs, strict=True)]
@@ -159,16 +171,21 @@ def fit_calibration(outputs: Iterable[np.ndarray], inputs: Iterable[np.ndarray],
     grid = np.unique(np.quantile(values, np.linspace(0.0, 1.0, knots)).astype(np.float64))
     if len(grid) < 2:
         grid = np.array([grid[0] - 1.0, grid[0] + 1.0])
-    rows, gaps, weights = [], [], []
+    rows, gaps, levels = [], [], []
     for out, inp in pairs:
-        rows.append(_hat_means(out, grid))
-        gaps.append((inp.mean(0, dtype=np.float64) - out.mean(0, dtype=np.float64)).ravel())
-        spread = inp.std(0, dtype=np.float64).ravel()
-        weights.append(1.0 / (spread + 0.05 * max(float(spread.mean()), 1e-6)))
-    a, b, w = np.concatenate(rows), np.concatenate(gaps), np.concatenate(weights)
-    w = w / np.sqrt(np.mean(w**2))
-    aw = a * w[:, None]
+        half = len(out) // 2 if len(out) >= 4 else 0
+        seen, judged = slice(0, half or len(out)), slice(half, len(out))
+        levels.append(inp[seen].mean(0, dtype=np.float64).ravel())
+        rows.append(_hat_means(out[judged], grid))
+        gaps.append((inp[judged].mean(0, dtype=np.float64)
+                     - out[judged].mean(0, dtype=np.float64)).ravel())
+    a, b = np.concatenate(rows), np.concatenate(gaps)
+    groups = np.array_split(np.argsort(np.concatenate(levels), kind="stable"),
+                            min(bands, len(b)))
+    a_band = np.stack([a[g].mean(0) for g in groups])
+    b_band = np.array([b[g].mean() for g in groups])
     diff = np.diff(np.eye(len(grid)), axis=0)
-    lhs = aw.T @ aw + smoothness * len(b) * diff.T @ diff + 1e-9 * len(b) * np.eye(len(grid))
-    theta = np.linalg.solve(lhs, aw.T @ (b * w))
+    lhs = (a_band.T @ a_band + smoothness * len(groups) * diff.T @ diff
+           + 1e-9 * len(groups) * np.eye(len(grid)))
+    theta = np.linalg.solve(lhs, a_band.T @ b_band)
     return Calibration(tuple(float(v) for v in grid), tuple(float(v) for v in theta))

@@ -28,13 +28,13 @@ from deepcad_chunked.training.tiles import Region
 log = logging.getLogger(__name__)
 
 #: Frames of each sample whose means are matched.
-FRAMES = 32
+FRAMES = 64
 #: Frames and pixels of context read around a sample (mirrored where the recording ends).
 CONTEXT = 16
 #: Side of the crops a large frame is sampled by.
 CROP = 128
 #: Largest number of voxels (without context) sampled in all.
-BUDGET = 2**21
+BUDGET = 2**22
 
 
 def _spread(lo: int, hi: int, size: int, count: int) -> list[int]:
