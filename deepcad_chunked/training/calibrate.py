@@ -4,7 +4,8 @@ After every epoch the network denoises a small sample of whole frames — the st
 recording's validation region, which it never trained on, a few crops of it when frames are
 large — exactly as ``denoise`` would (full frame rate, mirrored edges), and
 :func:`~deepcad_chunked.model.calibration.fit_calibration` finds the correction of its output
-that gives every sampled pixel the temporal mean of its raw frames. The checkpoint carries it;
+that gives every band of brightness of the sample the mean of its raw frames. The checkpoint
+carries it;
 every command that denoises applies it.
 """
 
