@@ -62,6 +62,21 @@ def soma(rng: np.random.Generator, cy: float, cx: float, radius: float,
     return Footprint(y0 + top, x0 + left, patch.astype(np.float32))
 
 
+def _meander(rng: np.random.Generator, shape: tuple[int, int], start: tuple[float, float],
+             heading: float, steps: int, turn: float) -> np.ndarray:
+    """A boolean map of a random smooth path from ``start`` (y, x), in half-pixel steps whose
+    heading turns by ``N(0, turn)`` radians each, until it leaves the frame."""
+    line = np.zeros(shape, dtype=bool)
+    y, x = start
+    for _ in range(steps):
+        if not (0 <= y < shape[0] and 0 <= x < shape[1]):
+            break
+        line[int(y), int(x)] = True
+        heading += rng.normal(0, turn)
+        y, x = y + 0.5 * math.sin(heading), x + 0.5 * math.cos(heading)
+    return line
+
+
 def vessel_transmission(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """Transmission (1 clear, ~0.15 inside) of a few meandering dark vessels, ``(y, x)``."""
     out = np.ones(shape)
@@ -72,38 +87,18 @@ def vessel_transmission(rng: np.random.Generator, shape: tuple[int, int]) -> np.
         heading = rng.uniform(-0.6, 0.6)
         if rng.random() < 0.5:  # from the top instead of the left
             y, x, heading = 0.0, rng.uniform(0, shape[1]), heading + math.pi / 2
-        line = np.zeros(shape, dtype=bool)
-        for _ in range(4 * (shape[0] + shape[1])):
-            if not (0 <= y < shape[0] and 0 <= x < shape[1]):
-                break
-            line[int(y), int(x)] = True
-            heading += rng.normal(0, 0.04)
-            y, x = y + 0.5 * math.sin(heading), x + 0.5 * math.cos(heading)
+        line = _meander(rng, shape, (y, x), heading, 4 * (shape[0] + shape[1]), 0.04)
         distance = ndimage.distance_transform_edt(~line)
         out *= 1.0 - 0.85 * np.exp(-((distance / (width / 2)) ** 4))
     return out
-
-
-def _meander(rng: np.random.Generator, shape: tuple[int, int], steps: int, turn: float
-             ) -> np.ndarray:
-    """A boolean map of a random smooth path entering from a random point of the frame."""
-    line = np.zeros(shape, dtype=bool)
-    y, x = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
-    heading = rng.uniform(0, 2 * math.pi)
-    for _ in range(steps):
-        if not (0 <= y < shape[0] and 0 <= x < shape[1]):
-            break
-        line[int(y), int(x)] = True
-        heading += rng.normal(0, turn)
-        y, x = y + 0.5 * math.sin(heading), x + 0.5 * math.cos(heading)
-    return line
 
 
 def neurite(rng: np.random.Generator, shape: tuple[int, int]) -> Footprint | None:
     """A thin dendrite or axon: a meandering line 1–3 px wide (Gaussian profile), with
     varicosities (brighter beads) along it; None when it barely enters the frame."""
     length = int(rng.uniform(0.5, 1.5) * (shape[0] + shape[1]))
-    line = _meander(rng, shape, 2 * length, 0.08)
+    start = (rng.uniform(0, shape[0]), rng.uniform(0, shape[1]))
+    line = _meander(rng, shape, start, rng.uniform(0, 2 * math.pi), 2 * length, 0.08)
     if line.sum() < 12:
         return None
     ys, xs = np.nonzero(line)

@@ -9,7 +9,6 @@ brightness.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.heldout import held_out_range, heldout_score
 from deepcad_chunked.metrics import intensity_bands, intensity_line
 from deepcad_chunked.store.recording import open_recording
-
-log = logging.getLogger(__name__)
 
 #: Most frames the held-out score of a run reads (it denoises half of them again).
 FRAMES = 256

@@ -5,8 +5,7 @@ recording's validation region, which it never trained on, a few crops of it when
 large — exactly as ``denoise`` would (full frame rate, mirrored edges), and
 :func:`~deepcad_chunked.model.calibration.fit_calibration` finds the correction of its output
 that gives every band of brightness of the sample the mean of its raw frames. The checkpoint
-carries it;
-every command that denoises applies it.
+carries it; every command that denoises applies it.
 """
 
 from __future__ import annotations
