@@ -18,7 +18,8 @@ gives it the best F1 (tuned against the truth, as the Gaussian is). Spike infere
 true footprints so that it scores the traces and not the detector: each neuron's
 footprint-weighted trace → Suite2p's baseline and OASIS deconvolution (tau 0.7 s, a 10 s
 baseline window) → the mean over neurons of the correlation with the simulated spikes (both
-smoothed by a Gaussian of one frame). Transients (``detection.transient_dynamics``): the
+smoothed by a Gaussian of one frame; a spike compared in the frame where its fluorescence first
+shows, ``simulate.SPIKE_LAG``). Transients (``detection.transient_dynamics``): the
 median over neurons of the ratio of each movie's transient peaks to the noise-free movie's,
 and the error of the population transient's rise and decay times. With ``--pure-noise``, the
 same pipeline on a movie of noise alone (a flat field at the photon level): the ROIs Suite2p
@@ -51,7 +52,7 @@ from deepcad_chunked.detection import (
 )
 from deepcad_chunked.jobs.run import DEMO_TRAINING, run
 from deepcad_chunked.metrics import Frames, score
-from deepcad_chunked.simulate import load_truth, simulate, spike_counts
+from deepcad_chunked.simulate import SPIKE_LAG, load_truth, simulate, spike_counts
 
 
 def main() -> None:
@@ -145,7 +146,7 @@ def main() -> None:
                 d, k = max(tried, key=lambda pair: pair[0].f1)
                 inferred = oasis_spikes(footprint_traces(movie, somata), frame_rate=30.0,
                                         window_s=10.0)
-                r = float(np.nanmean(spike_correlation(inferred, spikes)))
+                r = float(np.nanmean(spike_correlation(inferred, spikes, lag=SPIKE_LAG)))
                 dyn = transient_dynamics(movie, clean, somata, spikes, frame_rate=30.0,
                                          offset=config.baseline)
                 lines.append(

@@ -209,13 +209,15 @@ def oasis_spikes(traces: np.ndarray, *, frame_rate: float, tau: float = 0.7,
     return oasis(flat, batch_size=100, tau=tau, fs=frame_rate)
 
 
-def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 1.0
-                      ) -> np.ndarray:
+def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 1.0,
+                      lag: int = 0) -> np.ndarray:
     """Pearson correlation of inferred activity with the true spikes, per neuron.
 
     Both are smoothed in time by a Gaussian of ``smooth`` frames first, so that a spike
-    placed one frame off still counts (the usual measure of spike inference, after the
+    placed one frame off still counts partly (the usual measure of spike inference, after the
     spikefinder benchmark's 40 ms bins). NaN for a neuron without spikes or without activity.
+    The measure is steep in the alignment: a whole frame off costs about a quarter of the
+    correlation, so ``lag`` must say where the truth's spikes show.
 
     Parameters
     ----------
@@ -225,6 +227,11 @@ def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 
         Neurons × frames, the true spike counts.
     smooth : float
         Gaussian σ in frames (0: none).
+    lag : int
+        Frames from a true spike to the first frame its fluorescence shows, where a
+        deconvolution places it: ``inferred[:, t + lag]`` is compared with ``spikes[:, t]``
+        (the last ``lag`` frames of both are left out). For the simulations,
+        :data:`~deepcad_chunked.simulate.SPIKE_LAG`.
     """
     from scipy.ndimage import gaussian_filter1d
 
@@ -232,6 +239,9 @@ def spike_correlation(inferred: np.ndarray, spikes: np.ndarray, smooth: float = 
     b = np.asarray(spikes, np.float64)
     if a.shape != b.shape:
         raise ValueError(f"inferred {a.shape} and true spikes {b.shape} differ in shape")
+    if lag < 0 or lag >= a.shape[-1]:
+        raise ValueError(f"lag {lag} is not within the {a.shape[-1]} frames")
+    a, b = a[:, lag:], b[:, :b.shape[1] - lag]
     if smooth:
         a = gaussian_filter1d(a, smooth, axis=1, mode="nearest")
         b = gaussian_filter1d(b, smooth, axis=1, mode="nearest")

@@ -57,6 +57,9 @@ CHUNK = 64
 NEUROPIL_TAU_S = 3.0
 #: Rise time constant of the calcium indicator, in seconds.
 RISE_TAU_S = 0.05
+#: Frames from a spike to the first frame its fluorescence shows: a spike counted in frame t
+#: (:func:`spike_counts`) raises frames t + 1 onward, the indicator's kernel being zero at lag 0.
+SPIKE_LAG = 1
 #: Per indicator: rise time constant (s), range of decay time constants (s) and of the ΔF/F of
 #: one spike.
 INDICATORS = {"fast": (RISE_TAU_S, (0.4, 0.8), (0.3, 0.7)),
@@ -202,7 +205,9 @@ def spike_counts(config: SimulationConfig, scene: Scene | None = None) -> np.nda
     Returns
     -------
     numpy.ndarray
-        Spike counts, float32, frames × neurons.
+        Spike counts, float32, frames × neurons; a spike counted in frame t shows from frame
+        t + :data:`SPIKE_LAG` on (pass ``lag=SPIKE_LAG`` to
+        :func:`~deepcad_chunked.detection.spike_correlation`).
     """
     scene = scene or make_scene(config)
     out = np.empty((config.frames, len(scene.footprints)), np.float32)
