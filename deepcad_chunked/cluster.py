@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.system import MEMORY_LIMIT
 
 from deepcad_chunked import launchers
-from deepcad_chunked.config import JobQueueOptions
+from deepcad_chunked.config import FORWARD, JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,23 @@ def local_workers(asked: int | None) -> int:
     return asked
 
 
+#: Task threads of a local inference worker: the forward passes run on one, holding the
+#: worker's single :data:`INFERENCE_RESOURCES` slot, while the other reads the next blocks
+#: and writes finished ones.
+INFERENCE_THREADS = 2
+#: What a local inference worker advertises: one forward pass at a time.
+INFERENCE_RESOURCES = {FORWARD: 1}
+
+
 def inference_workers(asked: int | None) -> tuple[int, dict[str, Any]]:
     """Worker processes of a local cluster that runs the network, and their environment.
 
-    One process by default, whose single task thread runs the network on every core
-    (``torch`` threads = cores ÷ processes): a forward pass on two threads is as fast as two
-    passes on one thread each, and a lone task may use the whole machine's memory, so blocks
-    are larger and the halo costs less (benchmarks/RESULTS.md, "Inference on the CPU").
+    One process by default, whose forward passes run the network on every core
+    (``torch`` threads = cores ÷ processes) one at a time: a forward pass on two threads is
+    as fast as two passes on one thread each, and a lone pass may use the whole machine's
+    memory, so blocks are larger and the halo costs less (benchmarks/RESULTS.md, "Inference
+    on the CPU"). Start them with :data:`INFERENCE_THREADS` and :data:`INFERENCE_RESOURCES`,
+    so that reads and writes run beside the passes.
 
     Parameters
     ----------
@@ -152,7 +162,8 @@ LAUNCHED = ("slurm", "pbs", "sge", "lsf", "cuda")
 @contextmanager
 def connect(cluster: str | Client | None = "local", *, workers: int | None = None,
             threads_per_worker: int = 1, jobqueue: JobQueueOptions | None = None,
-            worker_env: dict[str, Any] | None = None) -> Iterator[Client]:
+            worker_env: dict[str, Any] | None = None,
+            resources: dict[str, float] | None = None) -> Iterator[Client]:
     """Yield a client of the cluster a job should run on.
 
     Parameters
@@ -174,6 +185,8 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
     worker_env : dict, optional
         Environment variables of a LocalCluster's workers, over the defaults
         (:data:`WORKER_MALLOC_ENV`); :func:`inference_workers` gives those of inference.
+    resources : dict, optional
+        Resources each LocalCluster worker advertises (:data:`INFERENCE_RESOURCES`).
 
     Yields
     ------
@@ -196,7 +209,7 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
                         "machines that reach it can submit work to it", host)
         dashboard = _dashboard_address(host)
         with _start_local(n, threads_per_worker, host, dashboard,
-                          {**WORKER_MALLOC_ENV, **(worker_env or {})}) as lc, \
+                          {**WORKER_MALLOC_ENV, **(worker_env or {})}, resources) as lc, \
                 Client(lc) as client:
             if not log.isEnabledFor(logging.DEBUG):
                 client.register_plugin(QuietTaskFailures())
@@ -241,7 +254,8 @@ def connect(cluster: str | Client | None = "local", *, workers: int | None = Non
 
 
 def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
-                 env: dict[str, Any]) -> LocalCluster:
+                 env: dict[str, Any], resources: dict[str, float] | None = None
+                 ) -> LocalCluster:
     """A LocalCluster whose workers start with ``env`` over distributed's own settings.
 
     distributed writes a worker's start-up environment into this process's ``os.environ``
@@ -263,10 +277,24 @@ def _start_local(workers: int, threads: int, host: str, dashboard: str | None,
                               "distributed.worker.preload": ["deepcad_chunked.local_worker"]}):
             return LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
                                 host=host, dashboard_address=dashboard,
-                                memory_limit=MEMORY_LIMIT // workers)
+                                memory_limit=MEMORY_LIMIT // workers, resources=resources)
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def forward_resources(client: Client) -> dict[str, float] | None:
+    """The resources a forward pass holds on this cluster's workers.
+
+    One ``GPU`` where workers advertise GPUs; one :data:`~deepcad_chunked.config.FORWARD`
+    slot on local inference workers (:data:`INFERENCE_RESOURCES`); none on other CPU
+    workers, which run as many passes at once as they have threads.
+    """
+    workers = client.scheduler_info().get("workers", {}).values()
+    for name in ("GPU", FORWARD):
+        if any(name in (w.get("resources") or {}) for w in workers):
+            return {name: 1}
+    return None
 
 
 def advertises_gpus(client: Client) -> bool:

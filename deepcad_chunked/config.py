@@ -17,6 +17,10 @@ from pydantic import (
 
 from deepcad_chunked.errors import ConfigError
 
+#: The worker resource a forward pass holds on CPU inference workers (a GPU worker's is
+#: ``GPU``): one pass at a time, while the worker's other threads read and write blocks.
+FORWARD = "forward"
+
 #: Training's default kernel (t, y, x) of the network's learned linear bypass: it reaches
 #: 6 half-rate frames and 3 px, far inside the U-Net's receptive radius, so halos stay exact.
 BYPASS_KERNEL = (13, 7, 7)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import dask
@@ -17,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
+from deepcad_chunked.cluster import INFERENCE_RESOURCES, INFERENCE_THREADS
 from deepcad_chunked.config import CompressionConfig
 from deepcad_chunked.jobs.denoise import Layout, _Job
 from deepcad_chunked.model import Checkpoint, load_model
@@ -219,7 +221,7 @@ def test_the_graph_of_a_segment_does_not_grow_with_the_recording(tmp_path: Path,
         layout = Layout(block=(48, 64, 64), halo=48, device="cpu", max_voxels=10**9,
                         pieces=(48, 64, 64), segment=96)
         job = _Job(open_recording(path), model_path, tmp_path / "out.zarr", tmp_path / "m",
-                   layout, np.dtype(np.uint16), DenoiseConfig(), gpu=False)
+                   layout, np.dtype(np.uint16), DenoiseConfig(), resources=None)
         assert job.count() == (frames // 48, frames // 48)
         segments = job.segments()
         first, second = next(segments), next(segments)
@@ -227,3 +229,40 @@ def test_the_graph_of_a_segment_does_not_grow_with_the_recording(tmp_path: Path,
         tasks[frames] = [len(dict(dask.optimize(dask.delayed(s))[0].__dask_graph__()))
                          for s in (first, second)]
     assert tasks[960] == tasks[96_000]
+
+
+@pytest.mark.parametrize("resources", [INFERENCE_RESOURCES, {"GPU": 1}],
+                         ids=["local inference worker", "GPU worker"])
+def test_forward_passes_hold_the_worker_slot_and_reads_and_writes_run_beside_them(
+        tmp_path: Path, client: Client, model_path: Path, resources: dict[str, int]) -> None:
+    """A local inference worker (two threads, one forward slot) or a GPU worker (here one
+    that only advertises a GPU) never runs two passes at once, and reads the next blocks
+    and writes finished ones while a pass runs."""
+    from distributed import get_task_stream
+
+    raw = _poisson((192, 64, 64), seed=8)
+    store = _store(tmp_path, raw, client)
+    with LocalCluster(n_workers=1, threads_per_worker=INFERENCE_THREADS,
+                      resources=resources, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as own, \
+            get_task_stream(own) as stream:
+        rec = denoise(store, model_path, tmp_path / "o.zarr",
+                      config=DenoiseConfig(block=(16, 64, 64), halo=16, dtype="float32"),
+                      cluster=own, progress=False)
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in stream.data:
+        kind = task["key"][0] if isinstance(task["key"], tuple) else task["key"]
+        for part in task["startstops"]:
+            if part["action"] == "compute":
+                spans.setdefault(kind.split("-")[0], []).append((part["start"], part["stop"]))
+    passes = sorted(spans.pop("denoise_block"))
+    assert len(passes) == 192 // 16
+    # (the worker stamps a task's stop a moment after it frees the slot: allow 50 ms)
+    overlaps = [(a, b) for a, b in pairwise(passes)
+                if a[1] > b[0] + 0.05]
+    assert not overlaps, overlaps
+    others = [s for kind in ("from", "write") for s in spans[kind]]
+    beside = [s for s in others if any(s[0] < p[1] and p[0] < s[1] for p in passes)]
+    assert beside, "no read or write ran during a forward pass"
+    want = predict_array(load_model(model_path), raw, halo=16)
+    assert np.abs(rec.array[:] - want).max() <= 1e-4 * float(raw.max() - raw.min())

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from deepcad_chunked.config import FORWARD
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.memory import (
     CPU_FRACTION,
@@ -84,4 +85,10 @@ def test_each_worker_reports_its_own_memory_limit_and_threads() -> None:
                       host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         (got,) = client.run(worker_memory, "cpu").values()
-    assert got == {"device": "cpu", "bytes": int(3 * 2**30 * CPU_FRACTION / 2)}
+    assert got == {"device": "cpu", "bytes": int(3 * 2**30 * CPU_FRACTION / 2), "slots": 2}
+    # a worker with one forward slot runs one pass at a time, its other thread does I/O
+    with LocalCluster(n_workers=1, threads_per_worker=2, memory_limit="3GiB",
+                      resources={FORWARD: 1}, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        (got,) = client.run(worker_memory, "cpu").values()
+    assert got == {"device": "cpu", "bytes": int(3 * 2**30 * CPU_FRACTION), "slots": 1}

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from itertools import product
 from typing import Any
 
+from deepcad_chunked.config import FORWARD
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.model.unet3d import GRID
 
@@ -66,22 +67,28 @@ def worker_memory(device: str = "auto", dask_worker: Any = None) -> dict[str, An
     Returns
     -------
     dict
-        ``device`` ("cpu" or "cuda") and ``bytes`` for one task.
+        ``device`` ("cpu" or "cuda"), ``bytes`` for one forward pass and ``slots``, the
+        passes the worker runs at once: its threads, or the :data:`~deepcad_chunked.config.FORWARD`
+        resource it advertises (its other threads then only read and write).
     """
     import torch
 
     if device in ("auto", "cuda") and torch.cuda.is_available():
         index = torch.cuda.current_device()
         total = torch.cuda.get_device_properties(index).total_memory
-        return {"device": "cuda", "bytes": int(total * GPU_FRACTION)}
+        return {"device": "cuda", "bytes": int(total * GPU_FRACTION), "slots": 1}
     limit, threads = None, 1
     if dask_worker is not None:
         limit, threads = dask_worker.memory_manager.memory_limit, dask_worker.state.nthreads
+        forward = (dask_worker.state.total_resources or {}).get(FORWARD)
+        if forward:
+            threads = min(threads, int(forward))
     if not limit:
         import psutil
 
         limit = psutil.virtual_memory().total // max(1, os.cpu_count() or 1)
-    return {"device": "cpu", "bytes": int(limit * CPU_FRACTION / max(1, threads))}
+    return {"device": "cpu", "bytes": int(limit * CPU_FRACTION / max(1, threads)),
+            "slots": max(1, threads)}
 
 
 def _splits(n: int, pieces: int) -> list[int]:

@@ -14,9 +14,12 @@ import functools
 import json
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import torch
 
@@ -256,7 +259,6 @@ def _gather(x: Any, axis: int, idx: np.ndarray) -> Any:
     Mirror indices are a few such runs, so this is a handful of slices and one concatenation
     rather than a fancy-indexing graph.
     """
-    import dask.array as da
 
     parts, start = [], 0
     for end in range(1, len(idx) + 1):
@@ -287,11 +289,18 @@ def block_chunks(n: int, block: int, halo: int) -> tuple[int, ...]:
     return (halo + cores[0], *cores[1:-1], cores[-1] + halo)
 
 
+def _fused(x: Any) -> Any:
+    """``x`` with its graph optimised (reads, gathers and normalisation fused into few tasks)."""
+    graph = da.optimization.optimize(x.__dask_graph__(), x.__dask_keys__())
+    return da.Array(graph, x.name, x.chunks, meta=x._meta)
+
+
 def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, int],
                  halo: int | None = None, device: str = "cpu", precision: str = "fp32",
                  frames: tuple[int, int] | None = None,
                  max_voxels: int | None = None, recording_mean: float | None = None,
-                 pinned: tuple[dict[str, Any], str] | None = None) -> Any:
+                 pinned: tuple[dict[str, Any], str] | None = None,
+                 resources: dict[str, float] | None = None) -> Any:
     """The lazy graph of a chunked denoise of a ``(t, y, x)`` dask array.
 
     Parameters
@@ -319,6 +328,11 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
     pinned : (normalization, digest), optional
         The checkpoint's normalisation and weights digest, as the caller read them once:
         the file is then not read here, and every worker refuses a file with other weights.
+    resources : dict, optional
+        Worker resources each forward pass holds (``{"GPU": 1}``), and only the forward
+        passes: the reads before them and whatever follows run beside them. They survive
+        only a graph computed without optimisation (``optimize_graph=False``), which then
+        keeps the forward passes apart from the rest.
 
     Returns
     -------
@@ -356,9 +370,13 @@ def denoise_dask(array: Any, model_path: str | Path, *, block: tuple[int, int, i
         x = _gather(x, axis, mirror_indices(array.shape[axis], halo))
     x = normalise(x, mean, std)
     x = x.rechunk(tuple(block_chunks(m, b, halo) for m, b in zip(shape, block, strict=True)))
+    x = _fused(x)
     fn = functools.partial(denoise_block, model_path=str(path), digest=digest, device=device,
                            precision=precision, halo=halo, max_voxels=max_voxels)
-    out = x.map_overlap(fn, depth=halo, boundary="none", trim=True, dtype=np.float32,
-                        meta=np.empty((0, 0, 0), dtype=np.float32), allow_rechunk=False)
+    # map_overlap in its three steps, so that only the forward passes carry ``resources``
+    x = da.overlap.overlap(x, depth=halo, boundary="none", allow_rechunk=False)
+    with dask.annotate(resources=resources) if resources else nullcontext():
+        out = x.map_blocks(fn, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32))
+    out = da.overlap.trim_internal(out, {0: halo, 1: halo, 2: halo}, boundary="none")
     out = out[tuple(slice(halo, halo + m) for m in shape)]
     return denormalise(out, mean, std)

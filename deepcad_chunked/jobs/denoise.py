@@ -17,7 +17,6 @@ import logging
 import math
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -29,8 +28,10 @@ from distributed import Client
 
 from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import (
-    advertises_gpus,
+    INFERENCE_RESOURCES,
+    INFERENCE_THREADS,
     connect,
+    forward_resources,
     inference_workers,
 )
 from deepcad_chunked.config import CompressionConfig, DenoiseConfig
@@ -118,8 +119,7 @@ def plan_layout(client: Client, rec: Recording, features: int,
     halo = default_halo() if config.halo is None else config.halo
     frames_yx = (rec.shape[0], rec.shape[-2], rec.shape[-1])
     storage = (rec.chunks[0], rec.chunks[-2], rec.chunks[-1])
-    slots = (len(workers) if device == "cuda"
-             else sum(client.nthreads().values()) or len(workers))
+    slots = sum(w["slots"] for w in workers.values()) or len(workers)
     block = config.block or fit_block(frames_yx, halo, max_voxels,
                                       largest=DEFAULT_BLOCKS[device],
                                       step=tuple(c if c % 8 == 0 else 8 for c in storage),
@@ -232,10 +232,12 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
         check_blocks(config.block, halo, (rec.shape[0], rec.shape[-2], rec.shape[-1]))
     out_dtype = rec.dtype if config.dtype == "same" else np.dtype(np.float32)
     stored = _unfinished_block(output, config)
-    env = None
+    local: dict[str, Any] = {}
     if cluster in (None, "local"):  # one process on every core: the largest blocks
         workers, env = inference_workers(workers)
-    with connect(cluster, workers=workers, worker_env=env) as client:
+        local = {"worker_env": env, "threads_per_worker": INFERENCE_THREADS,
+                 "resources": INFERENCE_RESOURCES}
+    with connect(cluster, workers=workers, **local) as client:
         layout = plan_layout(client, rec, ckpt.features,
                              config if stored is None else config.model_copy(
                                  update={"block": stored}))
@@ -250,7 +252,8 @@ def denoise(data: str | Path, model: str | Path, output: str | Path, *,
                                                     model_path, layout, config))
             pinned = pin_model(store, ckpt)
             job = _Job(rec, pinned, output, store.progress, layout, out_dtype, config,
-                       gpu=advertises_gpus(client), pinned=(ckpt.normalization, ckpt.digest),
+                       resources=forward_resources(client),
+                       pinned=(ckpt.normalization, ckpt.digest),
                        check=store.check)
             todo, total = job.count()
             series = (rec.shape[0], rec.shape[-2], rec.shape[-1])
@@ -370,7 +373,8 @@ class _Job:
     layout: Layout
     dtype: np.dtype
     config: DenoiseConfig
-    gpu: bool
+    #: what each forward pass holds on a worker (:func:`~deepcad_chunked.cluster.forward_resources`)
+    resources: dict[str, float] | None
     #: the model's (normalisation, digest), read once by the driver
     pinned: tuple[dict[str, Any], str] | None = None
     #: called before each segment is submitted (the store's lock and pinned inputs)
@@ -427,15 +431,16 @@ class _Job:
     def _segment(self, plane: tuple[int, ...], frames: tuple[int, int]) -> list[Any]:
         layout = self.layout
         series = self.source[(slice(None), *plane)]
-        with dask.annotate(resources={"GPU": 1}) if self.gpu else nullcontext():
-            out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
-                               device=self.config.device, precision=self.config.precision,
-                               frames=frames, max_voxels=layout.max_voxels,
-                               recording_mean=(self.rec.statistics or {}).get("mean"),
-                               pinned=self.pinned)
+        out = denoise_dask(series, self.model_path, block=layout.block, halo=layout.halo,
+                           device=self.config.device, precision=self.config.precision,
+                           frames=frames, max_voxels=layout.max_voxels,
+                           recording_mean=(self.rec.statistics or {}).get("mean"),
+                           pinned=self.pinned, resources=self.resources)
         if layout.pieces != layout.block:
             out = out.rechunk(layout.pieces)  # a block off the chunk grid: write whole chunks
-        pieces = out.to_delayed()
+        # unoptimised: fusion would merge the reads into the forward passes and drop the
+        # resources (the reads are fused already, by denoise_dask)
+        pieces = out.to_delayed(optimize_graph=False)
         tasks = []
         offset = (frames[0], 0, 0)
         starts = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in out.chunks]
