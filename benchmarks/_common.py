@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import socket
 import subprocess
 import sys
 import threading
@@ -129,6 +130,21 @@ def run_measured(cmd: Sequence[str], interval: float = 0.05, **kwargs: object) -
     stop.set()
     sampler.join()
     return Measured(seconds, peak, code, sum(own.values()))
+
+
+def s3_server() -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server on a free loopback port: (its process, its endpoint URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    raise SystemExit("moto's S3 server did not start")
 
 
 def publish(title: str, text: str, record: bool) -> None:

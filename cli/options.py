@@ -251,7 +251,7 @@ def add_axes_option(p: argparse.ArgumentParser) -> None:
 
 #: TrainConfig fields set by options of the same name (``--steps-per-epoch`` → steps_per_epoch).
 TRAIN_FIELDS = ("epochs", "steps_per_epoch", "patch", "batch_size", "features", "lr", "schedule",
-                "warmup", "loss", "average", "seed", "device", "val_fraction")
+                "warmup", "loss", "average", "seed", "device", "val_fraction", "devices")
 
 
 def add_training_options(p: argparse.ArgumentParser, base: Any = None, *,
@@ -309,6 +309,10 @@ def add_training_options(p: argparse.ArgumentParser, base: Any = None, *,
     g.add_argument("--seed", type=int, help=f"seed for weights and tiles (default {d.seed})")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"),
                    help=f"where training runs (default {d.device})")
+    g.add_argument("--devices", type=int, metavar="N",
+                   help="train data-parallel in N processes: one per GPU of this node with "
+                   "cuda, or on the CPU; each takes its share of every batch, which must be a "
+                   f"multiple of N (default {d.devices})")
     g.add_argument("--val-fraction", type=float, help="fraction of the last frames held out "
                    f"for validation (default {d.val_fraction:g})")
 

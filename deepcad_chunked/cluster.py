@@ -77,10 +77,6 @@ def local_workers(asked: int | None) -> int:
     return asked
 
 
-#: Task threads of a local inference worker: the forward passes run on one, holding the
-#: worker's single :data:`INFERENCE_RESOURCES` slot, while the other reads the next blocks
-#: and writes finished ones.
-INFERENCE_THREADS = 2
 #: What a local inference worker advertises: one forward pass at a time.
 INFERENCE_RESOURCES = {FORWARD: 1}
 
@@ -92,7 +88,8 @@ def inference_workers(asked: int | None) -> tuple[int, dict[str, Any]]:
     (``torch`` threads = cores ÷ processes) one at a time: a forward pass on two threads is
     as fast as two passes on one thread each, and a lone pass may use the whole machine's
     memory, so blocks are larger and the halo costs less (benchmarks/RESULTS.md, "Inference
-    on the CPU"). Start them with :data:`INFERENCE_THREADS` and :data:`INFERENCE_RESOURCES`,
+    on the CPU"). Start them with :data:`~deepcad_chunked.config.INFERENCE_THREADS` and
+    :data:`INFERENCE_RESOURCES`,
     so that reads and writes run beside the passes.
 
     Parameters

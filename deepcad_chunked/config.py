@@ -20,6 +20,9 @@ from deepcad_chunked.errors import ConfigError
 #: The worker resource a forward pass holds on CPU inference workers (a GPU worker's is
 #: ``GPU``): one pass at a time, while the worker's other threads read and write blocks.
 FORWARD = "forward"
+#: Task threads of a worker that runs the network: the passes run on one, holding the
+#: worker's GPU or forward slot, while the other reads the next blocks and writes finished ones.
+INFERENCE_THREADS = 2
 
 #: Training's default kernel (t, y, x) of the network's learned linear bypass: it reaches
 #: 6 half-rate frames and 3 px, far inside the U-Net's receptive radius, so halos stay exact.
@@ -273,6 +276,11 @@ class TrainConfig(_Config):
         Fit the network's intensity calibration after every epoch and store it in the
         checkpoint (:mod:`deepcad_chunked.model.calibration`): denoised pixels keep their
         temporal mean in every intensity band. False: the network's output as it is.
+    devices : int
+        Processes training together, data-parallel (:mod:`deepcad_chunked.training.ranks`):
+        one per GPU (``cuda``: devices 0 … N−1 of this node) or on the CPU, each streaming its
+        share of every batch of ``batch_size`` tiles (a multiple of ``devices``); the weights
+        are those of one process with that batch, to float rounding.
     """
 
     patch: tuple[int, int, int] = (16, 64, 64)
@@ -295,6 +303,14 @@ class TrainConfig(_Config):
     average: float = Field(0.0, ge=0, lt=1)
     bypass: tuple[int, int, int] | None = BYPASS_KERNEL
     calibrate: bool = True
+    devices: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _batch_shared(self) -> TrainConfig:
+        if self.batch_size % self.devices:
+            raise ValueError(f"batch size {self.batch_size} cannot be shared by {self.devices} "
+                             "devices: make it a multiple of --devices")
+        return self
 
     @field_validator("patch")
     @classmethod

@@ -20,7 +20,7 @@ from typing import Any
 
 import dask
 
-from deepcad_chunked.config import JobQueueOptions
+from deepcad_chunked.config import INFERENCE_THREADS, JobQueueOptions
 from deepcad_chunked.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def start_cuda(workers: int | None = None) -> Any:
-    """One dask-cuda worker per visible GPU (or ``workers`` of them).
+    """One dask-cuda worker per visible GPU (or ``workers`` of them), pinned to it by
+    dask-cuda (``CUDA_VISIBLE_DEVICES`` rotated per worker), with a second thread for the
+    blocks' reads and writes beside the forward passes, which hold the worker's ``GPU``.
 
     Raises
     ------
@@ -277,5 +279,6 @@ def start_cuda(workers: int | None = None) -> Any:
     if not torch.cuda.is_available():
         raise ConfigError("--cluster cuda: no CUDA GPU is visible on this machine")
     count = torch.cuda.device_count() if workers is None else workers
-    return LocalCUDACluster(n_workers=count, host="127.0.0.1",
-                            dashboard_address="127.0.0.1:0", resources={"GPU": 1})
+    return LocalCUDACluster(n_workers=count, threads_per_worker=INFERENCE_THREADS,
+                            host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                            resources={"GPU": 1})

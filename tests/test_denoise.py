@@ -18,8 +18,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 from deepcad_chunked import ConvertConfig, DenoiseConfig, convert, denoise, predict_array
-from deepcad_chunked.cluster import INFERENCE_RESOURCES, INFERENCE_THREADS
-from deepcad_chunked.config import CompressionConfig
+from deepcad_chunked.cluster import INFERENCE_RESOURCES
+from deepcad_chunked.config import INFERENCE_THREADS, CompressionConfig
 from deepcad_chunked.jobs.denoise import Layout, _Job
 from deepcad_chunked.model import Checkpoint, load_model
 from deepcad_chunked.store.omezarr import create_image, update_attrs

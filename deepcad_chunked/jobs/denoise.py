@@ -29,12 +29,11 @@ from distributed import Client
 from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import (
     INFERENCE_RESOURCES,
-    INFERENCE_THREADS,
     connect,
     forward_resources,
     inference_workers,
 )
-from deepcad_chunked.config import CompressionConfig, DenoiseConfig
+from deepcad_chunked.config import INFERENCE_THREADS, CompressionConfig, DenoiseConfig
 from deepcad_chunked.errors import ConfigError
 from deepcad_chunked.infer.kernels import stored_samples
 from deepcad_chunked.infer.memory import (

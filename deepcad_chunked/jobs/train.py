@@ -24,12 +24,13 @@ from distributed import Client
 
 from deepcad_chunked.cluster import advertises_gpus, connect
 from deepcad_chunked.config import TrainConfig
-from deepcad_chunked.errors import StoreError
+from deepcad_chunked.errors import ConfigError, StoreError
 from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.store.location import resolve, write_atomic
 from deepcad_chunked.store.outputs import open_folder
 from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
+from deepcad_chunked.training.ranks import fit_ranks
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,16 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
             return train(paths, folder, config=config, resume=resume, progress=progress,
                          cluster=cluster, lock=False, axes=axes)
     if cluster is not None:
+        if config.devices > 1:
+            raise ConfigError("--devices trains in several processes of this node; with "
+                              "--cluster training is one task on one worker (run the command "
+                              "with --devices inside the node's batch job instead)")
         with connect(cluster, workers=1) as client:
             return train_on_cluster(client, paths, folder, config=config, resume=resume,
                                     axes=axes)
+    if config.devices > 1:
+        return fit_ranks([str(p) for p in paths], folder, config=config,
+                         resume=resume, progress=progress, axes=axes)
     return fit(recordings, folder, config=config, resume=resume, progress=progress)
 
 

@@ -40,6 +40,7 @@ from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording
 from deepcad_chunked.training.calibrate import calibrate
 from deepcad_chunked.training.dataset import Normalization, TilePairDataset, make_pairs
+from deepcad_chunked.training.ranks import Rank, RankSampler, agree, mean_over_ranks
 from deepcad_chunked.training.tiles import draw, split_regions
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class _State:
 
 
 def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: torch.device,
-           resume: bool) -> _State:
+           resume: bool, main: bool = True) -> _State:
     """A new network, or the newest checkpoint's when resuming a run made the same way."""
     torch.manual_seed(config.seed)
     model = UNet3D(features=config.features, bypass=config.bypass).to(device)
@@ -321,7 +322,7 @@ def _start(run_dir: Path, config: TrainConfig, record: dict[str, Any], device: t
         optimizer.load_state_dict(ckpt.optimizer_state)
         start_epoch, history = ckpt.epoch, ckpt.history
         best = min((h["val_loss"] for h in history), default=math.inf)
-        if newest.name != "last.pt":  # killed before last.pt (and best.pt) caught up
+        if newest.name != "last.pt" and main:  # killed before last.pt (and best.pt) caught up
             _publish(newest, run_dir / "last.pt")
             if history and history[-1]["val_loss"] == best:
                 _publish(newest, run_dir / "best.pt")
@@ -352,8 +353,12 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int,
 
 
 def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainConfig,
-           device: torch.device, bar: Any) -> float:
-    """One epoch's optimiser steps; the summed training loss."""
+           device: torch.device, bar: Any, network: torch.nn.Module,
+           rank: Rank | None) -> float:
+    """One epoch's optimiser steps; the summed training loss (over all ranks' tiles).
+
+    ``network`` is ``state.model``, or its ``DistributedDataParallel`` wrapper in a
+    data-parallel run, which averages the ranks' gradients in ``backward``."""
     amp = config.amp and device.type == "cuda"
     model, optimizer, steps, total = state.model, state.optimizer, plan.steps, 0.0
     for step in range(steps):
@@ -363,8 +368,8 @@ def _steps(state: _State, batches: Any, epoch: int, plan: _Plan, config: TrainCo
             state.schedule.step()  # the rate of this step (checkpoints hold the last one used)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(model(inp).float(), tgt, config.loss)
-        value = float(loss.detach())
+            loss = loss_fn(network(inp).float(), tgt, config.loss)
+        value = mean_over_ranks(float(loss.detach()), rank)  # every rank sees a divergence
         _require_finite(value, epoch + 1, f"step {step + 1}", config.lr)
         state.scaler.scale(loss).backward()
         state.scaler.step(optimizer)
@@ -404,8 +409,28 @@ def _save_epoch(state: _State, run_dir: Path, epoch: int, train_loss: float, val
              config.epochs, train_loss, val, " (best)" if val == state.best else "")
 
 
+def _end_epoch(state: _State, run_dir: Path, epoch: int, train_loss: float, started: float,
+               plan: _Plan, config: TrainConfig, recordings: Sequence[Recording],
+               val_set: TilePairDataset, val_draws: list, device: torch.device,
+               pins: list[StorePin]) -> None:
+    """Validate, calibrate and write the epoch's checkpoint (rank 0's part of an epoch)."""
+    amp = config.amp and device.type == "cuda"
+    judged = state.average.model if state.average is not None else state.model
+    val = _validate(judged, val_set, val_draws, device, amp, config.loss)
+    _require_finite(val, epoch + 1, "validation", config.lr)
+    if not all(bool(torch.isfinite(p).all()) for p in judged.parameters()):
+        _require_finite(math.nan, epoch + 1, "the weights", config.lr)
+    calibration = (calibrate(judged, plan.norm, recordings, plan.val_regions, device)
+                   if config.calibrate else None)
+    for pin in pins:  # the recordings are still the ones training started on
+        pin.verify()
+    _save_epoch(state, run_dir, epoch, train_loss, val, time.perf_counter() - started, plan,
+                config, calibration)
+
+
 def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
-        resume: bool = False, progress: bool | None = None) -> TrainResult:
+        resume: bool = False, progress: bool | None = None,
+        rank: Rank | None = None) -> TrainResult:
     """Train in this process on ``recordings`` (opened, checked, with statistics), writing
     checkpoints and logs into ``run_dir``, whose lock the caller holds.
 
@@ -418,6 +443,10 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
         Continue from the newest checkpoint in ``run_dir``.
     progress : bool, optional
         Progress bar; default: when standard error is a terminal.
+    rank : Rank, optional
+        This process's place in a data-parallel run whose ``torch.distributed`` group it has
+        joined (:func:`~deepcad_chunked.training.ranks.fit_ranks`): it trains on its share of
+        every batch, and only rank 0 validates and writes checkpoints. None: alone.
 
     Returns
     -------
@@ -430,12 +459,19 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
     TrainingError
         The loss stopped being finite (training diverged).
     """
-    _prepare_run_dir(run_dir, resume)
+    main = rank is None or rank.main
+    if main:
+        _prepare_run_dir(run_dir, resume)
     pins = [StorePin(r.path) for r in recordings]
     plan = _plan(recordings, config)
     device = pick_device(config.device)
-    amp = config.amp and device.type == "cuda"
-    state = _start(run_dir, config, plan.record, device, resume)
+    if rank is not None and device.type == "cuda":
+        device = torch.device("cuda", rank.index)
+    state = _start(run_dir, config, plan.record, device, resume, main)
+    network: torch.nn.Module = state.model
+    if rank is not None and rank.size > 1:
+        network = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device.index] if device.type == "cuda" else None)
     tile, steps = config.tile, plan.steps
     chunks = [(r.chunks[0], r.chunks[-2], r.chunks[-1]) for r in recordings]
     arrays = [r.array_ref for r in recordings]
@@ -445,9 +481,9 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
                               augment=False)
     val_draws = [draw(config.seed + 1, i, plan.val_regions, tile, augment=False)
                  for i in range(config.val_tiles)]
-    per_epoch = steps * config.batch_size
-    loader = DataLoader(train_set, batch_size=config.batch_size,
-                        sampler=range(state.start_epoch * per_epoch, config.epochs * per_epoch),
+    sampler = RankSampler(state.start_epoch * steps, config.epochs * steps, config.batch_size,
+                          rank or Rank(0, 1))
+    loader = DataLoader(train_set, batch_size=sampler.share, sampler=sampler,
                         num_workers=config.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if config.workers else None,
                         worker_init_fn=_loader_worker_init)
@@ -460,18 +496,15 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
     try:
         for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
-            total = _steps(state, batches, epoch, plan, config, device, bar)
-            judged = state.average.model if state.average is not None else state.model
-            val = _validate(judged, val_set, val_draws, device, amp, config.loss)
-            _require_finite(val, epoch + 1, "validation", config.lr)
-            if not all(bool(torch.isfinite(p).all()) for p in judged.parameters()):
-                _require_finite(math.nan, epoch + 1, "the weights", config.lr)
-            calibration = (calibrate(judged, plan.norm, recordings, plan.val_regions, device)
-                           if config.calibrate else None)
-            for pin in pins:  # the recordings are still the ones training started on
-                pin.verify()
-            _save_epoch(state, run_dir, epoch, total / steps, val,
-                        time.perf_counter() - started, plan, config, calibration)
+            total = _steps(state, batches, epoch, plan, config, device, bar, network, rank)
+            failure = None
+            if main:
+                try:
+                    _end_epoch(state, run_dir, epoch, total / steps, started, plan, config,
+                               recordings, val_set, val_draws, device, pins)
+                except BaseException as exc:  # the other ranks are told, then it is raised
+                    failure = exc
+            agree(failure, rank)
     finally:
         bar.close()
         _stop_loaders(batches)

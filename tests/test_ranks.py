@@ -1,0 +1,121 @@
+"""Data-parallel training on the CPU: two gloo processes train the weights of one process with
+the same batch; a killed process stops the run in one line, and it resumes exactly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from distributed import Client
+
+from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
+from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.training.ranks import Rank, RankSampler
+from tests.conftest import assert_clean_error, run_cli
+from tests.test_train import blinking_cells
+from tests.tiffs import write_plain
+
+TINY = {"patch": (8, 16, 16), "features": 4, "batch_size": 4, "lr": 1e-3, "workers": 0,
+        "device": "cpu", "val_tiles": 2}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
+    folder = tmp_path_factory.mktemp("ranks")
+    tif = write_plain(folder / "cells.tif", blinking_cells(160, 32))
+    convert(tif, folder / "cells.zarr", config=ConvertConfig(chunks=(16, 16, 16)), cluster=client,
+            progress=False)
+    return folder / "cells.zarr"
+
+
+def test_ranks_share_every_batch_in_order() -> None:
+    shares = [list(RankSampler(3, 5, 4, Rank(r, 2))) for r in range(2)]
+    assert shares == [[12, 13, 16, 17], [14, 15, 18, 19]]
+    assert list(RankSampler(3, 5, 4, Rank(0, 1))) == list(range(12, 20))
+    assert len(RankSampler(3, 5, 4, Rank(1, 2))) == 4
+
+
+def test_two_processes_train_the_weights_of_one_with_the_same_batch(tmp_path: Path,
+                                                                    store: Path) -> None:
+    config = {**TINY, "epochs": 2, "steps_per_epoch": 5}
+    one = train(store, tmp_path / "one", config=TrainConfig(**config), progress=False)
+    two = train(store, tmp_path / "two", config=TrainConfig(**config, devices=2),
+                progress=False)
+    want, got = Checkpoint.load(one.last), Checkpoint.load(two.last)
+    assert got.epoch == 2 and got.step == want.step == 10
+    changed = 0.0
+    for name, w in want.model_state.items():
+        g = got.model_state[name]
+        assert torch.allclose(w, g, rtol=1e-4, atol=1e-6), name
+        changed = max(changed, float((w - Checkpoint.load(one.run_dir / "epoch_0001.pt")
+                                      .model_state[name]).abs().max()))
+    assert changed > 1e-4  # the second epoch moved the weights: the comparison means something
+    # the logged training loss is the mean over all tiles of a step, as in one process
+    assert [round(h["train_loss"], 5) for h in one.history] == \
+        [round(h["train_loss"], 5) for h in two.history]
+    assert not list(Path(tempfile.gettempdir()).glob("deepcad-ranks-*"))  # rendezvous gone
+
+
+def _args(store: Path, run: Path) -> list[str]:
+    return ["train", str(store), "-o", str(run), "--patch", "8,16,16", "--features", "4",
+            "--batch-size", "4", "--lr", "1e-3", "--epochs", "4", "--steps-per-epoch", "30",
+            "--workers", "0", "--device", "cpu", "--devices", "2", "--no-progress"]
+
+
+def _ranks(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
+            " ".join(p.cmdline())]
+
+
+def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_exactly(
+        tmp_path: Path, store: Path) -> None:
+    reference = tmp_path / "reference"
+    done = run_cli(*_args(store, reference))
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "deepcad_chunked.cli.main",
+                             *_args(store, run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (run / "epoch_0001.pt").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ranks = _ranks(proc)
+    assert len(ranks) == 2, ranks
+    ranks[1].send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "was killed by SIGKILL" in stderr and "--resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks)
+    assert not (run / "epoch_0004.pt").exists()
+
+    result = run_cli(*_args(store, run), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    want = Checkpoint.load(reference / "last.pt").model_state
+    got = Checkpoint.load(run / "last.pt").model_state
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_a_batch_the_devices_cannot_share_and_devices_on_a_cluster_are_refused(
+        tmp_path: Path, store: Path) -> None:
+    odd = run_cli("train", str(store), "-o", str(tmp_path / "r"), "--batch-size", "3",
+                  "--devices", "2", "--no-progress")
+    assert_clean_error(odd, "multiple of --devices")
+    clustered = run_cli("train", str(store), "-o", str(tmp_path / "c"), "--devices", "2",
+                        "--patch", "8,16,16",
+                        "--cluster", "local", "--no-progress")
+    assert_clean_error(clustered, "--devices")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("*.pt"))
