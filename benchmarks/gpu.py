@@ -11,10 +11,13 @@ One command on a machine with a CUDA GPU, a few minutes:
    the error against fp32 (max |Δ| ÷ range of the fp32 output, over the block's core).
 2. The default GPU block that the measured fp32 memory per voxel allows on this GPU, and its
    redundancy (network voxels ÷ output voxels) on a long 512×512 recording.
-3. ``denoise`` Zarr → Zarr at default settings on a ``LocalCUDACluster`` (one worker per GPU;
+3. ``denoise`` Zarr → Zarr at default settings on a ``LocalCUDACluster`` of one GPU, then of
+   all GPUs (one worker per GPU, a second thread reading and writing beside its passes;
    a LocalCluster with a ``GPU`` resource where dask-cuda is not installed): output frames per
    second, cluster start-up excluded, and the error against ``predict_array`` on its first
    frames.
+4. Training (``train --devices N``) on one GPU and on all GPUs of the machine, two tiles per
+   GPU and step: steps and tiles per second.
 
 ``--record`` appends the tables to benchmarks/RESULTS.md. ``--dry-run`` runs every step on
 the CPU with a tiny network and recording (to check the script, not to measure anything).
@@ -40,7 +43,8 @@ import torch
 from _common import machine, noisy_frames, publish
 
 from deepcad_chunked import DenoiseConfig, convert, denoise, predict_array
-from deepcad_chunked.config import BYPASS_KERNEL
+from deepcad_chunked.cluster import INFERENCE_RESOURCES
+from deepcad_chunked.config import BYPASS_KERNEL, INFERENCE_THREADS
 from deepcad_chunked.infer.lean import lean_forward
 from deepcad_chunked.infer.memory import GPU_FRACTION, fit_block, network_voxels
 from deepcad_chunked.infer.predict import default_halo
@@ -144,15 +148,19 @@ def forward_rows(features: int, bypass: tuple[int, int, int] | None, core: tuple
 
 
 def end_to_end(frames: int, size: int, features: int, bypass: tuple[int, int, int] | None,
-               work: Path, device: str, compare: int) -> dict:
-    """Part 3: ``denoise`` Zarr → Zarr at default settings on a local GPU cluster."""
+               work: Path, device: str, compare: int, gpus: int = 1) -> dict:
+    """Part 3: ``denoise`` Zarr → Zarr at default settings on a local cluster of ``gpus``
+    GPU workers (each with a thread for reads and writes beside its forward passes)."""
     from distributed import Client, LocalCluster
 
     pool = noisy_frames(64, size, size)
     tif = work / "rec.tif"
-    tifffile.imwrite(tif, (pool[t % 64] for t in range(frames)), shape=(frames, size, size),
-                     dtype=np.uint16, photometric="minisblack", bigtiff=True)
-    store = convert(tif, work / "rec.zarr", progress=False).path
+    if not tif.exists():
+        tifffile.imwrite(tif, (pool[t % 64] for t in range(frames)),
+                         shape=(frames, size, size), dtype=np.uint16, photometric="minisblack",
+                         bigtiff=True)
+    store = (work / "rec.zarr") if (work / "rec.zarr").exists() else convert(
+        tif, work / "rec.zarr", progress=False).path
     model = Checkpoint(model_state=network(features, bypass).state_dict(), features=features,
                        normalization={"mean": float(pool.mean()),
                                       "std": float(pool.std())}).save(work / "m.pt")
@@ -161,23 +169,25 @@ def end_to_end(frames: int, size: int, features: int, bypass: tuple[int, int, in
         try:
             from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(host="127.0.0.1", dashboard_address="127.0.0.1:0",
+            cluster = LocalCUDACluster(n_workers=gpus, threads_per_worker=INFERENCE_THREADS,
+                                       host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                        resources={"GPU": 1})
-            kind = f"LocalCUDACluster, {len(cluster.workers)} GPU(s)"
+            kind = f"LocalCUDACluster, {gpus} GPU(s)"
         except ImportError:
-            cluster = LocalCluster(n_workers=torch.cuda.device_count(), threads_per_worker=1,
+            cluster = LocalCluster(n_workers=gpus, threads_per_worker=INFERENCE_THREADS,
                                    host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                    resources={"GPU": 1})
-            kind = "LocalCluster + GPU resource (no dask-cuda)"
+            kind = f"LocalCluster + GPU resource, {gpus} worker(s) (no dask-cuda)"
     else:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0")
+        cluster = LocalCluster(n_workers=1, threads_per_worker=INFERENCE_THREADS,
+                               host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                               resources=INFERENCE_RESOURCES)
     with cluster, Client(cluster) as client:
         small = work / "warm.zarr"
         denoise(store, model, small, cluster=client, progress=False,
                 config=DenoiseConfig(block=(64, 64, 64)))  # workers load torch and the model
         start = time.perf_counter()
-        rec = denoise(store, model, work / "out.zarr", cluster=client, progress=False,
+        rec = denoise(store, model, work / f"out{gpus}.zarr", cluster=client, progress=False,
                       config=DenoiseConfig(dtype="float32"))
         seconds = time.perf_counter() - start
     params = rec.attrs["parameters"]
@@ -194,6 +204,30 @@ def end_to_end(frames: int, size: int, features: int, bypass: tuple[int, int, in
             "redundancy": network_voxels((frames, size, size), params["block"],
                                          params["halo"]) / (frames * size * size),
             "error": error}
+
+
+def training_rate(work: Path, features: int, bypass: tuple[int, int, int] | None,
+                  device: str, devices: int, dry: bool) -> dict:
+    """Part 4: training steps per second on ``devices`` GPUs (data-parallel), the batch of
+    each GPU fixed: the rate between a short and a long run, start-up cancelled out."""
+    from deepcad_chunked import TrainConfig, train
+
+    per_device = 1 if dry else 2
+    patch = (8, 16, 16) if dry else (16, 64, 64)
+    config = TrainConfig(features=features, bypass=bypass, epochs=1, workers=0 if dry else 2,
+                         device=device, val_tiles=1, calibrate=False, patch=patch,
+                         batch_size=per_device * devices, devices=devices)
+    steps = (2, 6) if dry else (20, 120)
+    took = []
+    for n in steps:
+        run = work / f"train{devices}-{n}"
+        start = time.perf_counter()
+        train(work / "rec.zarr", run, config=config.model_copy(update={"steps_per_epoch": n}),
+              progress=False)
+        took.append(time.perf_counter() - start)
+    rate = (steps[1] - steps[0]) / (took[1] - took[0]) if took[1] > took[0] else math.nan
+    return {"devices": devices, "batch": config.batch_size, "patch": ",".join(map(str, patch)),
+            "steps_per_s": rate, "tiles_per_s": rate * config.batch_size}
 
 
 def open_store_frames(store: Path, n: int) -> np.ndarray:
@@ -255,16 +289,25 @@ def main() -> None:
                   f"512×512 (today's default {'×'.join(map(str, DEFAULT_BLOCKS['cuda']))}: "
                   f"{network_voxels(long, DEFAULT_BLOCKS['cuda'], halo) / math.prod(long):.2f})"]
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
     try:
-        e2e = end_to_end(frames, size, features, bypass, work, device.type,
-                         compare=min(frames, 32 if dry else 96))
+        e2e = [end_to_end(frames, size, features, bypass, work, device.type,
+                          compare=min(frames, 32 if dry else 96), gpus=n)
+               for n in sorted({1, gpus})]
+        training = [training_rate(work, features, bypass, device.type, n, dry)
+                    for n in sorted({1, gpus})]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines += ["", "| denoise Zarr → Zarr | frames | block | redundancy | s | frames/s | "
-              "error ÷ range vs predict_array |", "|---|---|---|---|---|---|---|",
-              f"| {e2e['cluster']} | {e2e['frames']}×{size}² | "
-              f"{'×'.join(map(str, e2e['block']))} | {e2e['redundancy']:.2f} | "
-              f"{e2e['seconds']:.1f} | {e2e['fps']:.0f} | {e2e['error']:.1e} |"]
+              "error ÷ range vs predict_array |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['cluster']} | {e['frames']}×{size}² | "
+              f"{'×'.join(map(str, e['block']))} | {e['redundancy']:.2f} | "
+              f"{e['seconds']:.1f} | {e['fps']:.0f} | {e['error']:.1e} |" for e in e2e]
+    lines += ["", "| training (`train --devices N`) | tiles per step | steps/s | tiles/s |",
+              "|---|---|---|---|"]
+    lines += [f"| {t['devices']} device(s), patch {t['patch']}, f = {features} | "
+              f"{t['batch']} | {t['steps_per_s']:.2f} | {t['tiles_per_s']:.1f} |"
+              for t in training]
     publish("Inference on a GPU", "\n".join(lines), args.record and not dry)
 
 
