@@ -1,12 +1,13 @@
 """How much of ``denoise`` is reading and writing, and what running them beside the network gains.
 
-Usage: python benchmarks/overlap.py [--mib 64] [--size 256] [--features 8] [--repeats 2]
-[--no-s3] [--record]
+Usage: python benchmarks/overlap.py [--mib 64] [--size 256] [--features 4] [--block 64,256,256]
+[--repeats 2] [--no-s3] [--record]
 
 A TIFF of about MIB MiB (uint16 frames of SIZE²) is converted to a local store and to an
 ``s3://`` store on moto's S3 server on loopback (a slow store: one Python process answers
 every request). Each store is then denoised, store to store, with a FEATURES-feature network
-of random weights, on one local inference worker set up two ways, alternated REPEATS times:
+of random weights in blocks of BLOCK (the exact halo; ``--block default`` lets ``denoise``
+choose), on one local inference worker set up two ways, alternated REPEATS times:
 
 - **serial** (as before): one task thread, so a block's read, forward pass and write follow
   each other;
@@ -48,14 +49,15 @@ from deepcad_chunked.model.unet3d import UNet3D
 MODES = {"serial": (1, None), "overlapped": (INFERENCE_THREADS, INFERENCE_RESOURCES)}
 
 
-def _run(store: str, model: Path, out: str, mode: str) -> dict[str, float]:
+def _run(store: str, model: Path, out: str, mode: str,
+         block: tuple[int, int, int] | None) -> dict[str, float]:
     threads, resources = MODES[mode]
     workers, env = inference_workers(1)
     t0 = time.perf_counter()
     with connect("local", workers=workers, threads_per_worker=threads, worker_env=env,
                  resources=resources) as client, get_task_stream(client) as stream:
-        denoise(store, model, out, config=DenoiseConfig(dtype="float32"), cluster=client,
-                progress=False)
+        denoise(store, model, out, config=DenoiseConfig(dtype="float32", block=block),
+                cluster=client, progress=False)
     wall = time.perf_counter() - t0
     forward = io = 0.0
     first, last = float("inf"), 0.0
@@ -82,11 +84,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=float, default=64.0, help="size of the test TIFF")
     parser.add_argument("--size", type=int, default=256, help="frame edge in pixels")
-    parser.add_argument("--features", type=int, default=8, help="feature maps of the network")
+    parser.add_argument("--features", type=int, default=4, help="feature maps of the network")
+    parser.add_argument("--block", default="64,256,256", help="T,Y,X or default")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-s3", action="store_true", help="local disk only")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     args = parser.parse_args()
+    block = None if args.block == "default" else tuple(int(v) for v in args.block.split(","))
 
     work = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
     server = None
@@ -117,7 +121,7 @@ def main() -> None:
                     out = (f"s3://bench/dn-{mode}-{repeat}.zarr" if store.startswith("s3://")
                            else str(work / f"dn-{mode}-{repeat}.zarr"))
                     results.setdefault((where, mode), []).append(
-                        _run(store, model, out, mode))
+                        _run(store, model, out, mode, block))
                     got = _array(out)
                     if reference is None:
                         reference = got
@@ -130,7 +134,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     lines = [f"machine: {machine()}; {frames} frames of {args.size}² uint16 "
              f"({frames * args.size**2 * 2 / 2**20:.0f} MiB raw), network f = {args.features} "
-             f"(random weights), one local inference worker; medians of {args.repeats} "
+             f"(random weights), blocks {args.block} + halo 48, one local inference worker; "
+             "medians of {args.repeats} "
              "alternated runs; S3: moto's server on 127.0.0.1 (one Python process); outputs "
              f"all equal: {'yes' if same else 'NO'}", "",
              "| store | mode | wall s | task span s | forward passes s | reads and writes s | "
