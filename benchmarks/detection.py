@@ -173,9 +173,9 @@ def _pure_noise(work: Path, config: SimulationConfig, training: TrainConfig,
     level = config.photons
     raw = config.offset * (not config.subtract_offset) + config.gain * rng.poisson(level, shape)
     raw = np.clip(np.round(raw + rng.normal(0, config.read_noise, shape)), 0, 65535)
-    path = work / "noise.tif"
+    path = work / f"noise{level:g}.tif"  # one recording and run per photon level
     tifffile.imwrite(path, raw.astype(np.uint16), photometric="minisblack")
-    out = run(path, work / "noise-run", train_config=training,
+    out = run(path, work / f"noise{level:g}-run", train_config=training,
               denoise_config=DenoiseConfig(dtype="float32"), workers=args.workers,
               progress=False)
     denoised = Frames(out.denoised).read(0, config.frames).astype(np.float32)
