@@ -135,7 +135,7 @@ def main() -> None:
     lines = [f"machine: {machine()}; {frames} frames of {args.size}² uint16 "
              f"({frames * args.size**2 * 2 / 2**20:.0f} MiB raw), network f = {args.features} "
              f"(random weights), blocks {args.block} + halo 48, one local inference worker; "
-             "medians of {args.repeats} "
+             f"medians of {args.repeats} "
              "alternated runs; S3: moto's server on 127.0.0.1 (one Python process); outputs "
              f"all equal: {'yes' if same else 'NO'}", "",
              "| store | mode | wall s | task span s | forward passes s | reads and writes s | "
