@@ -147,6 +147,31 @@ def s3_server() -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("moto's S3 server did not start")
 
 
+def s3_bucket(endpoint: str, bucket: str = "bench") -> Any:
+    """Point this process, and the commands it starts, at the S3 server at ``endpoint`` (test
+    credentials) and make ``bucket``; its s3fs filesystem."""
+    import s3fs
+
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    fs.mkdir(bucket)
+    return fs
+
+
+def random_model(path: Path, features: int) -> Path:
+    """A checkpoint of a ``features``-feature network with seeded random weights, normalised
+    for :func:`write_big_tiff`'s recordings: for speed, not quality."""
+    import torch
+
+    from deepcad_chunked.model import Checkpoint
+    from deepcad_chunked.model.unet3d import UNet3D
+
+    torch.manual_seed(0)
+    return Checkpoint(model_state=UNet3D(features=features).state_dict(), features=features,
+                      normalization={"mean": 400.0, "std": 100.0}).save(path)
+
+
 def publish(title: str, text: str, record: bool) -> None:
     """Print a benchmark's table; with ``record``, append it to RESULTS.md under a heading
     that names the command that made it (``--record`` left out)."""

@@ -20,7 +20,6 @@ are checked to be byte-identical to the local ones.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +28,7 @@ import time
 from pathlib import Path
 
 import s3fs
-import torch
-from _common import machine, publish, s3_server, write_big_tiff
-
-from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.model.unet3d import UNet3D
+from _common import machine, publish, random_model, s3_bucket, s3_server, write_big_tiff
 
 
 def _timed(*args: str) -> float:
@@ -73,17 +68,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     server, endpoint = s3_server()
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     try:
-        fs = s3fs.S3FileSystem(use_listings_cache=False)
-        fs.mkdir("bench")
+        fs = s3_bucket(endpoint)
         frames = int(args.mib * 2**20 / (args.size * args.size * 2))
         tif = write_big_tiff(work / "rec.tif", frames, args.size, args.size)
-        torch.manual_seed(0)
-        model = Checkpoint(model_state=UNet3D(features=args.features).state_dict(),
-                           features=args.features,
-                           normalization={"mean": 400.0, "std": 100.0}).save(work / "m.pt")
+        model = random_model(work / "m.pt", args.features)
         rows = []
         local_conv = _timed("convert", str(tif), "-o", str(work / "rec.zarr"))
         s3_conv = _timed("convert", str(tif), "-o", "s3://bench/rec.zarr")

@@ -24,7 +24,6 @@ first local serial one.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -34,17 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import s3fs
-import torch
 import zarr
-from _common import machine, publish, s3_server, write_big_tiff
+from _common import machine, publish, random_model, s3_bucket, s3_server, write_big_tiff
 from distributed import get_task_stream
 
 from deepcad_chunked import DenoiseConfig, denoise
 from deepcad_chunked.cluster import INFERENCE_RESOURCES, connect, inference_workers
 from deepcad_chunked.config import INFERENCE_THREADS
-from deepcad_chunked.model import Checkpoint
-from deepcad_chunked.model.unet3d import UNet3D
 
 MODES = {"serial": (1, None), "overlapped": (INFERENCE_THREADS, INFERENCE_RESOURCES)}
 
@@ -98,18 +93,13 @@ def main() -> None:
     try:
         frames = int(args.mib * 2**20 / (args.size * args.size * 2))
         tif = write_big_tiff(work / "rec.tif", frames, args.size, args.size)
-        torch.manual_seed(0)
-        model = Checkpoint(model_state=UNet3D(features=args.features).state_dict(),
-                           features=args.features,
-                           normalization={"mean": 400.0, "std": 100.0}).save(work / "m.pt")
+        model = random_model(work / "m.pt", args.features)
         convert = [sys.executable, "-m", "deepcad_chunked.cli.main", "-q", "convert",
                    str(tif), "--no-progress", "-o"]
         subprocess.run([*convert, stores["local disk"]], check=True)
         if not args.no_s3:
             server, endpoint = s3_server()
-            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
-                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-            s3fs.S3FileSystem(use_listings_cache=False).mkdir("bench")
+            s3_bucket(endpoint)
             stores["loopback S3"] = "s3://bench/rec.zarr"
             subprocess.run([*convert, stores["loopback S3"]], check=True)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -15,12 +13,11 @@ import pytest
 import torch
 from distributed import Client
 
-from deepcad_chunked import ConvertConfig, TrainConfig, convert, train
+from deepcad_chunked import TrainConfig, train
 from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.training.ranks import Rank, RankSampler
-from tests.conftest import assert_clean_error, run_cli
-from tests.test_train import blinking_cells
-from tests.tiffs import write_plain
+from tests.conftest import assert_clean_error, run_cli, start_cli, wait_until
+from tests.test_train import cells_store
 
 TINY = {"patch": (8, 16, 16), "features": 4, "batch_size": 4, "lr": 1e-3, "workers": 0,
         "device": "cpu", "val_tiles": 2}
@@ -28,11 +25,7 @@ TINY = {"patch": (8, 16, 16), "features": 4, "batch_size": 4, "lr": 1e-3, "worke
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
-    folder = tmp_path_factory.mktemp("ranks")
-    tif = write_plain(folder / "cells.tif", blinking_cells(160, 32))
-    convert(tif, folder / "cells.zarr", config=ConvertConfig(chunks=(16, 16, 16)), cluster=client,
-            progress=False)
-    return folder / "cells.zarr"
+    return cells_store(tmp_path_factory.mktemp("ranks"), client)
 
 
 def test_ranks_share_every_batch_in_order() -> None:
@@ -69,7 +62,7 @@ def _args(store: Path, run: Path) -> list[str]:
             "--workers", "0", "--device", "cpu", "--devices", "2", "--no-progress"]
 
 
-def _ranks(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+def _ranks(proc: subprocess.Popen[str]) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True)
             if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
             " ".join(p.cmdline())]
@@ -82,14 +75,8 @@ def test_a_killed_process_stops_the_run_in_one_line_and_it_resumes_exactly(
     assert done.returncode == 0, done.stderr
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "deepcad_chunked.cli.main",
-                             *_args(store, run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (run / "epoch_0001.pt").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_cli(*_args(store, run))
+    wait_until((run / "epoch_0001.pt").exists, proc)
     ranks = _ranks(proc)
     assert len(ranks) == 2, ranks
     ranks[1].send_signal(signal.SIGKILL)

@@ -45,13 +45,17 @@ def blinking_cells(frames: int, size: int, seed: int = 0) -> np.ndarray:
     return rng.poisson(clean).astype(np.uint16)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
-    folder = tmp_path_factory.mktemp("train")
+def cells_store(folder: Path, client: Client) -> Path:
+    """A store of 160 frames of :func:`blinking_cells`, 32×32, in chunks of 16³."""
     tif = write_plain(folder / "cells.tif", blinking_cells(160, 32))
     convert(tif, folder / "cells.zarr", config=ConvertConfig(chunks=(16, 16, 16)), cluster=client,
             progress=False)
     return folder / "cells.zarr"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
+    return cells_store(tmp_path_factory.mktemp("train"), client)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
