@@ -277,7 +277,7 @@ class TrainConfig(_Config):
         checkpoint (:mod:`deepcad_chunked.model.calibration`): denoised pixels keep their
         temporal mean in every intensity band. False: the network's output as it is.
     devices : int
-        Processes training together, data-parallel (:mod:`deepcad_chunked.training.ranks`):
+        Processes training together, data-parallel (:mod:`deepcad_chunked.training.processes`):
         one per GPU (``cuda``: devices 0 … N−1 of this node) or on the CPU, each streaming its
         share of every batch of ``batch_size`` tiles (a multiple of ``devices``); the weights
         are those of one process with that batch, to float rounding.

@@ -106,3 +106,18 @@ def test_a_batch_the_devices_cannot_share_and_devices_on_a_cluster_are_refused(
                         "--cluster", "local", "--no-progress")
     assert_clean_error(clustered, "--devices")
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("*.pt"))
+
+
+def test_an_error_of_the_main_process_alone_is_said_as_it_is(tmp_path: Path,
+                                                             store: Path) -> None:
+    """Rank 0 refuses a run directory that holds a run; rank 1, waiting for it to join, is
+    stopped, and the command says rank 0's reason."""
+    run = tmp_path / "run"
+    args = ["train", str(store), "-o", str(run), "--features", "2", "--patch", "8,16,16",
+            "--epochs", "1", "--steps-per-epoch", "2", "--workers", "0", "--device", "cpu",
+            "--devices", "2", "--no-progress"]
+    assert run_cli(*args).returncode == 0
+    before = (run / "last.pt").read_bytes()
+    again = run_cli(*args)
+    assert_clean_error(again, "already holds a training run", "--resume")
+    assert (run / "last.pt").read_bytes() == before

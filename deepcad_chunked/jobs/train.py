@@ -30,7 +30,7 @@ from deepcad_chunked.store.location import resolve, write_atomic
 from deepcad_chunked.store.outputs import open_folder
 from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
-from deepcad_chunked.training.ranks import fit_ranks
+from deepcad_chunked.training.processes import fit_ranks
 
 log = logging.getLogger(__name__)
 

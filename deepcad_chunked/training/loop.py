@@ -445,7 +445,7 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
         Progress bar; default: when standard error is a terminal.
     rank : Rank, optional
         This process's place in a data-parallel run whose ``torch.distributed`` group it has
-        joined (:func:`~deepcad_chunked.training.ranks.fit_ranks`): it trains on its share of
+        joined (:func:`~deepcad_chunked.training.processes.fit_ranks`): it trains on its share of
         every batch, and only rank 0 validates and writes checkpoints. None: alone.
 
     Returns

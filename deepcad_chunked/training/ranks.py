@@ -1,48 +1,25 @@
-"""Data-parallel training: several processes on this node, one per GPU or on the CPU.
+"""A process's share of a data-parallel run: its rank, its samples, the steps all ranks take
+together.
 
-:func:`fit_ranks` starts ``TrainConfig.devices`` processes that join one
-``torch.distributed`` group — NCCL on GPUs, gloo on the CPU, every socket on the loopback
-interface and the rendezvous in a private file, so nothing listens beyond this machine —
-and each runs :func:`~deepcad_chunked.training.loop.fit` on its share of every batch: rank
-``r`` of ``n`` takes samples ``step·B + r·B/n … step·B + (r+1)·B/n − 1`` of the same
-stateless sampler, so the run is still a pure function of the seed and the sample number,
-and ``DistributedDataParallel`` averages the gradients: the weights are those of one process
-with the batch of ``B`` tiles, to float rounding. Rank 0 validates, calibrates and writes
-the checkpoints (the caller holds the run directory's lock); a resumed run continues as an
-uninterrupted one would. When one process fails or is killed, the others are stopped and
-the error is one line; ``--resume`` continues from the last finished epoch.
+Rank ``r`` of ``n`` takes samples ``step·B + r·B/n … step·B + (r+1)·B/n − 1`` of the same
+stateless sampler, so a run is still a pure function of the seed and the sample number, and
+``DistributedDataParallel`` averages the gradients: the weights are those of one process with
+the batch of ``B`` tiles, to float rounding. The processes are started by
+:mod:`deepcad_chunked.training.processes`.
 """
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
-import shutil
-import signal
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from deepcad_chunked import errors
-from deepcad_chunked.config import TrainConfig
-from deepcad_chunked.errors import DeepCADError, TrainingError
-from deepcad_chunked.interrupt import check as check_interrupt
+from deepcad_chunked.errors import TrainingError
 
-log = logging.getLogger(__name__)
-
-#: How long a process waits for the others at a collective step (rank 0's validation and
-#: checkpoint included) before the run is called hung.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-#: Seconds between looks at the processes.
-POLL_S = 0.2
+#: What the other ranks raise when rank 0 failed at the end of an epoch.
+MAIN_STOPPED = "the main training process stopped"
 
 
 @dataclass(frozen=True)
@@ -83,16 +60,6 @@ class RankSampler(torch.utils.data.Sampler[int]):
         return (self.stop - self.start) * self.share
 
 
-def loopback_interface() -> str:
-    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
-    import psutil
-
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.address == "127.0.0.1" for a in addresses):
-            return name
-    return "lo"
-
-
 def mean_over_ranks(value: float, rank: Rank | None) -> float:
     """``value`` averaged over the ranks (itself in a single process)."""
     if rank is None or rank.size == 1:
@@ -108,170 +75,8 @@ def agree(failure: BaseException | None, rank: Rank | None) -> None:
         flag = torch.tensor([failure is not None], dtype=torch.int32)
         dist.broadcast(flag, 0)
         if flag.item() and failure is None:
-            raise TrainingError("the main training process stopped")
+            raise TrainingError(MAIN_STOPPED)
     if failure is not None:
         raise failure
 
 
-def _on_gpus(config: TrainConfig) -> bool:
-    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-
-
-def fit_ranks(data: Sequence[str], run_dir: Path, *, config: TrainConfig, resume: bool,
-              progress: bool | None, axes: str | None = None) -> Any:
-    """Train with ``config.devices`` processes on this node (see the module's description).
-
-    Parameters
-    ----------
-    data : sequence of str
-        The recordings' stores (each process opens them).
-    run_dir : Path
-        The run directory, whose lock the caller holds.
-    config : TrainConfig
-    resume : bool
-    progress : bool, optional
-        Rank 0's progress bar.
-    axes : str, optional
-
-    Returns
-    -------
-    TrainResult
-        Rank 0's.
-
-    Raises
-    ------
-    ConfigError
-        ``cuda`` with fewer GPUs than ``devices``.
-    TrainingError
-        A process was killed or failed (its own error is raised when it is one of ours).
-    """
-    n = config.devices
-    if _on_gpus(config) and torch.cuda.device_count() < n:
-        raise errors.ConfigError(f"--devices {n}: this node has {torch.cuda.device_count()} "
-                                 "CUDA device(s)")
-    ctx = multiprocessing.get_context("spawn")
-    rendezvous = Path(tempfile.mkdtemp(prefix="deepcad-ranks-"))
-    env = {"GLOO_SOCKET_IFNAME": loopback_interface(), "NCCL_SOCKET_IFNAME": "lo"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
-    procs, pipes = [], []
-    try:
-        for index in range(n):
-            receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_rank_main, name=f"train-rank-{index}",
-                               args=(Rank(index, n), str(rendezvous / "store"), list(data),
-                                     run_dir, config, resume, progress, axes, send))
-            proc.start()
-            send.close()  # the child's end: the parent only reads
-            procs.append(proc)
-            pipes.append(receive)
-        log.info("training in %d processes (%s), batch %d = %d × %d", n,
-                 "one per GPU" if _on_gpus(config) else "CPU",
-                 config.batch_size, n, config.batch_size // n)
-        return _wait(procs, pipes)
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(rendezvous, ignore_errors=True)
-
-
-def _read(pipes: list[Any], outcome: dict[int, tuple[str, Any]]) -> None:
-    """Collect what the processes have reported so far."""
-    for index, pipe in enumerate(pipes):
-        try:
-            if index not in outcome and pipe.poll():
-                outcome[index] = pipe.recv()
-        except (EOFError, OSError):  # it ended without a word: killed
-            pass
-
-
-def _wait(procs: list[Any], pipes: list[Any]) -> Any:
-    """Rank 0's result once every process ended well; else stop them all and raise."""
-    outcome: dict[int, tuple[str, Any]] = {}
-    while True:
-        check_interrupt()
-        _read(pipes, outcome)
-        codes = [p.exitcode for p in procs]
-        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-        failed += [i for i, (kind, _) in outcome.items() if kind == "error" and i not in failed]
-        if failed or all(c == 0 for c in codes):
-            break
-        time.sleep(POLL_S)
-    if not failed:
-        _read(pipes, outcome)
-        if outcome.get(0, ("", None))[0] == "ok":
-            return outcome[0][1]
-        failed = [0]
-    for proc in procs:  # the others would wait for the failed one until the timeout
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs:
-        proc.join(timeout=30)
-    _read(pipes, outcome)
-    killed = [i for i in failed if (procs[i].exitcode or 0) < 0
-              and outcome.get(i, ("", None))[0] != "error"]
-    for index in sorted(failed, key=lambda i: (i != 0, i)):  # rank 0's own error first
-        kind, payload = outcome.get(index, ("", None))
-        if kind == "error" and payload[0] in vars(errors) and not killed:
-            raise getattr(errors, payload[0])(payload[1])
-    index = killed[0] if killed else failed[0]
-    code = procs[index].exitcode
-    kind, payload = outcome.get(index, ("", None))
-    how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-           else f"failed ({payload[1]})" if kind == "error"
-           else f"ended with status {code}")
-    raise TrainingError(f"training process {index} of {len(procs)} {how}; the others were "
-                        "stopped: --resume continues from the last finished epoch")
-
-
-def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: TrainConfig,
-               resume: bool, progress: bool | None, axes: str | None, report: Any) -> None:
-    """One process of the group: join it, train its share, report how it ended.
-
-    Sends ``("ok", TrainResult)`` or ``("error", (class name, one line))`` through ``report``
-    and never prints a traceback: a process that loses a peer fails in the middle of a
-    collective step, which the parent reports as the peer's end."""
-    from deepcad_chunked.store.recording import open_recording
-    from deepcad_chunked.training.loop import fit
-
-    logging.basicConfig(level=logging.INFO if rank.main else logging.WARNING,
-                        format="%(message)s")
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent stops the group
-        signal.signal(sig, lambda *_: os._exit(1))
-    cuda = _on_gpus(config)
-    if cuda:
-        torch.cuda.set_device(rank.index)
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // rank.size))
-    try:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}",
-                                rank=rank.index, world_size=rank.size,
-                                timeout=COLLECTIVE_TIMEOUT)
-        try:
-            recordings = [open_recording(p, axes=axes).with_statistics() for p in data]
-            result = fit(recordings, run_dir, config=config, resume=resume,
-                         progress=progress if rank.main else False, rank=rank)
-        finally:
-            dist.destroy_process_group()
-        report.send(("ok", result))
-    except DeepCADError as exc:
-        report.send(("error", (type(exc).__name__, str(exc).strip().splitlines()[-1])))
-        os._exit(1)
-    except Exception as exc:
-        log.debug("training process %d failed", rank.index, exc_info=True)
-        line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        report.send(("error", ("", line)))
-        os._exit(1)
