@@ -176,7 +176,7 @@ def test_train_killed_at_several_points(tmp_path: Path, store: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-@pytest.mark.parametrize("command", ["convert", "denoise", "train"])
+@pytest.mark.parametrize("command", ["convert", "denoise", "train", "train --devices 2"])
 def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, sig: int, tmp_path: Path,
                                                      movie: Path, store: Path,
                                                      model: Path) -> None:
@@ -188,8 +188,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, sig: int, tmp
     elif command == "denoise":
         args = _denoise(store, model, out)
         ready = lambda: _count(out / ".progress" / "denoise", "*.done") >= 2  # noqa: E731
-    else:
-        args = _train(store, out)
+    else:  # in this process, or in two data-parallel ones
+        args = _train(store, out) + command.split()[1:]
         ready = lambda: (out / "epoch_0001.pt").exists()  # noqa: E731
     err = _stop_when(_start(args), ready, sig)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -201,7 +201,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(command: str, sig: int, tmp
     assert not any(" - ERROR - " in line or " - WARNING - " in line for line in lines), err
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    if command == "train":
+    if command.startswith("train"):
         assert "resuming" in result.stderr
     else:
         assert "of 600 slabs to do" in result.stderr or "of 16 blocks to do" in result.stderr

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -186,6 +187,14 @@ def _wait(procs: list[Any], pipes: list[Any]) -> Any:
                         "stopped: --resume continues from the last finished epoch")
 
 
+class _Stopped(BaseException):
+    """SIGINT or SIGTERM reached a training process."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
+
+
 def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: TrainConfig,
                resume: bool, progress: bool | None, axes: str | None, report: Any) -> None:
     """One process of the group: join it, train its share, report how it ended.
@@ -195,8 +204,8 @@ def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: T
     collective step, which the parent reports as the peer's end."""
     logging.basicConfig(level=logging.INFO if rank.main else logging.WARNING,
                         format="%(message)s")
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent stops the group
-        signal.signal(sig, lambda *_: os._exit(1))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent, or a batch system, stops it
+        signal.signal(sig, _stop)
     cuda = _on_gpus(config)
     if cuda:
         torch.cuda.set_device(rank.index)
@@ -217,9 +226,11 @@ def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: T
         report.send(("ok", result))
     except DeepCADError as exc:
         report.send(("error", (type(exc).__name__, str(exc).strip().splitlines()[-1])))
-        os._exit(1)
+        sys.exit(1)
+    except _Stopped:
+        sys.exit(1)
     except Exception as exc:
         log.debug("training process %d failed", rank.index, exc_info=True)
         line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         report.send(("error", ("", line)))
-        os._exit(1)
+        sys.exit(1)  # an ordinary exit: what the process made (its locks) is released
