@@ -191,8 +191,16 @@ class _Stopped(BaseException):
     """SIGINT or SIGTERM reached a training process."""
 
 
+#: Whether this training process was told to stop (its first SIGINT or SIGTERM).
+_stopping: list[bool] = []
+
+
 def _stop(signum: int, frame: Any) -> None:
-    raise _Stopped
+    """Unwind the process on the first signal; later ones (the parent's own stop, reaching it
+    while it already exits) change nothing."""
+    if not _stopping:
+        _stopping.append(True)
+        raise _Stopped
 
 
 def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: TrainConfig,
