@@ -89,8 +89,7 @@ def inference_workers(asked: int | None) -> tuple[int, dict[str, Any]]:
     as fast as two passes on one thread each, and a lone pass may use the whole machine's
     memory, so blocks are larger and the halo costs less (benchmarks/RESULTS.md, "Inference
     on the CPU"). Start them with :data:`~deepcad_chunked.config.INFERENCE_THREADS` and
-    :data:`INFERENCE_RESOURCES`,
-    so that reads and writes run beside the passes.
+    :data:`INFERENCE_RESOURCES`, so that reads and writes run beside the passes.
 
     Parameters
     ----------
@@ -287,14 +286,18 @@ def forward_resources(client: Client) -> dict[str, float] | None:
     slot on local inference workers (:data:`INFERENCE_RESOURCES`); none on other CPU
     workers, which run as many passes at once as they have threads.
     """
-    workers = client.scheduler_info().get("workers", {}).values()
     for name in ("GPU", FORWARD):
-        if any(name in (w.get("resources") or {}) for w in workers):
+        if _advertises(client, name):
             return {name: 1}
     return None
 
 
+def _advertises(client: Client, resource: str) -> bool:
+    """Whether a worker of the cluster advertises ``resource``."""
+    return any(resource in (w.get("resources") or {})
+               for w in client.scheduler_info().get("workers", {}).values())
+
+
 def advertises_gpus(client: Client) -> bool:
     """Whether a worker of the cluster advertises a ``GPU`` resource."""
-    return any("GPU" in (w.get("resources") or {})
-               for w in client.scheduler_info().get("workers", {}).values())
+    return _advertises(client, "GPU")

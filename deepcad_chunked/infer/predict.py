@@ -259,7 +259,6 @@ def _gather(x: Any, axis: int, idx: np.ndarray) -> Any:
     Mirror indices are a few such runs, so this is a handful of slices and one concatenation
     rather than a fancy-indexing graph.
     """
-
     parts, start = [], 0
     for end in range(1, len(idx) + 1):
         if end < len(idx) and end - start == 1 and abs(int(idx[end]) - int(idx[start])) == 1:

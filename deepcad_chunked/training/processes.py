@@ -114,20 +114,25 @@ def fit_ranks(data: Sequence[str], run_dir: Path, *, config: TrainConfig, resume
                  config.batch_size, n, config.batch_size // n)
         return _wait(procs, pipes)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _end(procs)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+def _end(procs: list[Any]) -> None:
+    """Stop the processes still running (SIGTERM, then SIGKILL after 30 s) and reap them."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _read(pipes: list[Any], outcome: dict[int, tuple[str, Any]]) -> None:
@@ -163,11 +168,7 @@ def _wait(procs: list[Any], pipes: list[Any]) -> Any:
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
         _read(pipes, outcome)
         time.sleep(POLL_S)
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs:
-        proc.join(timeout=30)
+    _end(procs)
     _read(pipes, outcome)
     failed += [i for i, (kind, _) in outcome.items() if kind == "error" and i not in failed]
     killed = [i for i in failed if (procs[i].exitcode or 0) < 0
