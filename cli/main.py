@@ -126,9 +126,10 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(args.data, args.output, config=config, resume=args.resume,
                        progress=False if args.no_progress else None, cluster=cluster,
                        axes=args.axes)
-    best = min(result.history, key=lambda h: h["val_loss"])
-    log.info("done: best validation loss %.5g at epoch %d -> %s", best["val_loss"],
-             best["epoch"], result.best)
+    if result.history:  # the other processes of a launched run leave rank 0 to say it
+        best = min(result.history, key=lambda h: h["val_loss"])
+        log.info("done: best validation loss %.5g at epoch %d -> %s", best["val_loss"],
+                 best["epoch"], result.best)
     return 0
 
 

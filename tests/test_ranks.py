@@ -3,8 +3,12 @@ the same batch; a killed process stops the run in one line, and it resumes exact
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from distributed import Client
 
 from deepcad_chunked import TrainConfig, train
 from deepcad_chunked.model import Checkpoint
+from deepcad_chunked.training.processes import loopback_interface
 from deepcad_chunked.training.ranks import Rank, RankSampler
 from tests.conftest import assert_clean_error, run_cli, start_cli, wait_until
 from tests.test_train import cells_store
@@ -121,3 +126,84 @@ def test_an_error_of_the_main_process_alone_is_said_as_it_is(tmp_path: Path,
     again = run_cli(*args)
     assert_clean_error(again, "already holds a training run", "--resume")
     assert (run / "last.pt").read_bytes() == before
+
+
+def _launch(node: int, port: int, store: Path, run: Path, *extra: str) -> subprocess.Popen[str]:
+    """One of two "nodes" of a ``torchrun`` launch, both on this machine, meeting on loopback:
+    each runs one process of the run (``train`` with no ``--devices``)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": loopback_interface(),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+         str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+         str(port), "-m", "deepcad_chunked", "train", str(store), "-o", str(run),
+         "--patch", "8,16,16", "--features", "4", "--batch-size", "4", "--lr", "1e-3",
+         "--epochs", "2", "--steps-per-epoch", "5", "--workers", "0", "--device", "cpu",
+         "--no-progress", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_torchrun_launch_over_two_nodes_trains_the_weights_of_one_process(
+        tmp_path: Path, store: Path) -> None:
+    """Processes started by a launcher (here torchrun as two nodes on this machine) each take
+    one share of the batch; rank 0 alone holds and writes the run directory."""
+    config = {**TINY, "epochs": 2, "steps_per_epoch": 5}
+    one = train(store, tmp_path / "one", config=TrainConfig(**config), progress=False)
+    run, port = tmp_path / "launched", _free_port()
+    nodes = [_launch(i, port, store, run) for i in range(2)]
+    outputs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert all("Traceback" not in out for out in outputs), outputs
+    assert "epoch 2/2" in outputs[0] and "epoch" not in outputs[1], outputs  # one voice
+    want, got = Checkpoint.load(one.last), Checkpoint.load(run / "last.pt")
+    assert got.epoch == 2 and got.step == want.step == 10
+    for name, w in want.model_state.items():
+        assert torch.allclose(w, got.model_state[name], rtol=1e-4, atol=1e-6), name
+    assert [round(h["train_loss"], 5) for h in one.history] == \
+        [round(h["train_loss"], 5) for h in json.loads((run / "log.json").read_text())]
+
+
+def test_a_launch_whose_batch_the_processes_cannot_share_is_refused(tmp_path: Path,
+                                                                    store: Path) -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    odd = run_cli("train", str(store), "-o", str(tmp_path / "r"), "--batch-size", "3",
+                  "--patch", "8,16,16", "--no-progress", env=env)
+    assert_clean_error(odd, "multiple of 2")
+    both = run_cli("train", str(store), "-o", str(tmp_path / "r"), "--devices", "2",
+                   "--patch", "8,16,16", "--no-progress", env=env)
+    assert_clean_error(both, "rank 1 of 2", "--devices")
+    bad = run_cli("train", str(store), "-o", str(tmp_path / "r"), "--patch", "8,16,16",
+                  "--no-progress", env={**env, "RANK": "two"})
+    assert_clean_error(bad, "whole numbers")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_launched_process_killed_stops_the_others_in_one_line_and_the_run_resumes(
+        tmp_path: Path, store: Path) -> None:
+    run, port = tmp_path / "launched", _free_port()
+    longer = ("--epochs", "3", "--steps-per-epoch", "25")
+    nodes = [_launch(i, port, store, run, *longer) for i in range(2)]
+    wait_until((run / "epoch_0001.pt").exists, nodes[0])
+    child = psutil.Process(nodes[1].pid).children()
+    assert len(child) == 1, child
+    child[0].send_signal(signal.SIGKILL)
+    outputs = [node.communicate(timeout=120)[1] for node in nodes]
+    assert nodes[0].returncode != 0
+    ours = [ln for ln in outputs[0].splitlines() if ln.startswith("deepcad-chunked: error")]
+    assert len(ours) == 1 and "process 0 of 2 lost the others" in ours[0], outputs[0]
+    assert "--resume" in ours[0] and "pair.cc" not in ours[0], ours
+    assert not (run / "epoch_0003.pt").exists()
+
+    port = _free_port()
+    nodes = [_launch(i, port, store, run, *longer, "--resume") for i in range(2)]
+    outputs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "resuming" in outputs[0]
+    assert Checkpoint.load(run / "last.pt").epoch == 3

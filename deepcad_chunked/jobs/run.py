@@ -25,7 +25,7 @@ from deepcad_chunked.config import (
     SimulationConfig,
     TrainConfig,
 )
-from deepcad_chunked.errors import OutputExistsError, SourceError
+from deepcad_chunked.errors import ConfigError, OutputExistsError, SourceError
 from deepcad_chunked.jobs.convert import convert, stale_sources
 from deepcad_chunked.jobs.export import export
 from deepcad_chunked.sources.registry import GLOB_CHARS, discover_sources, file_of, open_sources
@@ -35,6 +35,7 @@ from deepcad_chunked.store.location import is_url, local_folder, no_folder
 from deepcad_chunked.store.outputs import open_folder
 from deepcad_chunked.store.pins import check_disjoint
 from deepcad_chunked.store.recording import open_recording
+from deepcad_chunked.training.ranks import launched
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
         When another ``run`` works in ``outdir``, or another command writes one of its
         products.
     """
+    if launched() is not None:
+        raise ConfigError("run converts, trains and denoises once: a launcher (torchrun) "
+                          "starts several processes of `train` only (convert first, denoise "
+                          "after)")
     outdir = local_folder(outdir, "run's output folder (it holds the training run)")
     named = [sources] if isinstance(sources, (str, Path)) else list(sources)
     raw = convert_config.raw if convert_config else None

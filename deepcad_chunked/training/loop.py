@@ -466,7 +466,7 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
     plan = _plan(recordings, config)
     device = pick_device(config.device)
     if rank is not None and device.type == "cuda":
-        device = torch.device("cuda", rank.index)
+        device = torch.device("cuda", rank.device)
     state = _start(run_dir, config, plan.record, device, resume, main)
     network: torch.nn.Module = state.model
     if rank is not None and rank.size > 1:

@@ -1,4 +1,4 @@
-"""Data-parallel training: several processes on this node, one per GPU or on the CPU.
+"""Data-parallel training: several processes, one per GPU or on the CPU.
 
 :func:`fit_ranks` starts ``TrainConfig.devices`` processes that join one
 ``torch.distributed`` group — NCCL on GPUs, gloo on the CPU, every socket on the loopback
@@ -8,6 +8,9 @@ and each runs :func:`~deepcad_chunked.training.loop.fit` on its share of every b
 checkpoints (the caller holds the run directory's lock); a resumed run continues as an
 uninterrupted one would. When one process fails or is killed, the others are stopped and the
 error is one line; ``--resume`` continues from the last finished epoch.
+
+:func:`fit_launched` is one process of a run that a launcher started (``torchrun``, on one
+node or several): the launcher names the rendezvous, and stops the others when one ends.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -32,7 +36,7 @@ from deepcad_chunked import errors
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import DeepCADError, TrainingError
 from deepcad_chunked.interrupt import check as check_interrupt
-from deepcad_chunked.store.recording import open_recording
+from deepcad_chunked.store.recording import Recording, open_recording
 from deepcad_chunked.training.loop import TrainResult, fit
 from deepcad_chunked.training.ranks import MAIN_STOPPED, Rank
 
@@ -188,6 +192,93 @@ def _wait(procs: list[Any], pipes: list[Any]) -> Any:
                         "stopped: --resume continues from the last finished epoch")
 
 
+def _join(rank: Rank, config: TrainConfig, init_method: str) -> None:
+    """Take this process's GPU (or its share of the node's cores) and join the group."""
+    cuda = _on_gpus(config)
+    if cuda:
+        torch.cuda.set_device(rank.device)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // rank.on_node))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method,
+                            rank=rank.index, world_size=rank.size, timeout=COLLECTIVE_TIMEOUT)
+
+
+def fit_launched(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
+                 resume: bool, progress: bool | None, rank: Rank) -> TrainResult:
+    """Train as one process of a run that a launcher started (``torchrun``, on one node or
+    several; :func:`~deepcad_chunked.training.ranks.launched`).
+
+    The processes meet where the launcher says (``MASTER_ADDR``, ``MASTER_PORT``); each takes
+    GPU ``LOCAL_RANK`` of its node, or its share of the node's cores. ``run_dir`` must be on a
+    filesystem every node sees under the same path: rank 0 writes the checkpoints there (under
+    the run lock its caller holds) and every rank reads the newest one to resume.
+
+    Parameters
+    ----------
+    recordings : sequence of Recording
+        Opened, checked, with statistics.
+    run_dir : Path
+    config : TrainConfig
+        ``batch_size`` is shared by all processes of the run.
+    resume : bool
+    progress : bool, optional
+        Rank 0's progress bar.
+    rank : Rank
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    ConfigError
+        A batch the processes cannot share, or no GPU ``LOCAL_RANK`` on this node.
+    TrainingError
+        Another process of the run failed or was killed (the launcher stops the rest).
+    """
+    if config.batch_size % rank.size:
+        raise errors.ConfigError(f"batch size {config.batch_size} cannot be shared by the "
+                                 f"{rank.size} launched processes: make it a multiple of "
+                                 f"{rank.size}")
+    if _on_gpus(config) and torch.cuda.device_count() <= rank.device:
+        raise errors.ConfigError(f"process {rank.index} of {rank.size} was given GPU "
+                                 f"{rank.device}; this node has {torch.cuda.device_count()}")
+    if not rank.main:  # one voice: rank 0 says what the run does
+        logging.getLogger("deepcad_chunked").setLevel(logging.WARNING)
+    try:
+        _join(rank, config, "env://")
+    except RuntimeError as exc:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise TrainingError(f"training process {rank.index} of {rank.size} could not join the "
+                            f"others at {where} ({_first_line(exc)})") from exc
+    try:
+        return fit(recordings, run_dir, config=config, resume=resume,
+                   progress=progress if rank.main else False, rank=rank)
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
+        raise TrainingError(f"training process {rank.index} of {rank.size} lost the others "
+                            f"({_first_line(exc)}); --resume continues from the last finished "
+                            "epoch") from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an error, without the source location gloo puts first."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether a collective step failed because another process of the group is gone."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset"))
+
+
 class _Stopped(BaseException):
     """SIGINT or SIGTERM reached a training process."""
 
@@ -215,17 +306,8 @@ def _rank_main(rank: Rank, store: str, data: list[str], run_dir: Path, config: T
                         format="%(message)s")
     for sig in (signal.SIGINT, signal.SIGTERM):  # the parent, or a batch system, stops it
         signal.signal(sig, _stop)
-    cuda = _on_gpus(config)
-    if cuda:
-        torch.cuda.set_device(rank.index)
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // rank.size))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}",
-                                rank=rank.index, world_size=rank.size,
-                                timeout=COLLECTIVE_TIMEOUT)
+        _join(rank, config, f"file://{store}")
         try:
             recordings = [open_recording(p, axes=axes).with_statistics() for p in data]
             result = fit(recordings, run_dir, config=config, resume=resume,

@@ -10,29 +10,89 @@ the batch of ``B`` tiles, to float rounding. The processes are started by
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from deepcad_chunked.errors import TrainingError
+from deepcad_chunked.errors import ConfigError, TrainingError
 
 #: What the other ranks raise when rank 0 failed at the end of an epoch.
 MAIN_STOPPED = "the main training process stopped"
 
 
+#: What a launcher of one process per device (``torchrun``, ``srun`` with these set by a job
+#: script) tells each process: its rank among all, their number, where rank 0 waits for them.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @dataclass(frozen=True)
 class Rank:
-    """This process's place in a data-parallel run."""
+    """This process's place in a data-parallel run.
+
+    ``local`` is its index among the processes of its node (the GPU it uses) and
+    ``local_size`` their number; None where the run is on one node (``index``, ``size``).
+    """
 
     index: int
     size: int
+    local: int | None = None
+    local_size: int | None = None
 
     @property
     def main(self) -> bool:
         """Whether this process validates and writes the checkpoints."""
         return self.index == 0
+
+    @property
+    def device(self) -> int:
+        """The index of this process's GPU on its node."""
+        return self.index if self.local is None else self.local
+
+    @property
+    def on_node(self) -> int:
+        """How many processes of the run share this process's node."""
+        return self.size if self.local_size is None else self.local_size
+
+
+def launched(environ: Mapping[str, str] | None = None) -> Rank | None:
+    """This process's rank when a launcher started it as one of several (``torchrun``, or a
+    batch job setting :data:`LAUNCH_VARIABLES`, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE``).
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        The environment (default: this process's).
+
+    Returns
+    -------
+    Rank or None
+        None when the variables are not all set or the launch is of one process.
+
+    Raises
+    ------
+    ConfigError
+        Variables that are not whole numbers, or a rank outside the run.
+    """
+    env = os.environ if environ is None else environ
+    if not all(env.get(k) for k in LAUNCH_VARIABLES):
+        return None
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    try:
+        index, size, local, local_size = (int(env[k]) if env.get(k) else None for k in names)
+    except ValueError:
+        raise ConfigError("the launch variables " + ", ".join(
+            f"{k}={env.get(k, '')!r}" for k in names) + " are not whole numbers") from None
+    assert index is not None and size is not None
+    if size == 1:
+        return None
+    if not 0 <= index < size or (local is not None and local_size is not None
+                                  and not 0 <= local < local_size):
+        raise ConfigError(f"the launch variables say rank {index} of {size} (local "
+                          f"{local} of {local_size}): not a rank of the run")
+    return Rank(index, size, local, local_size)
 
 
 class RankSampler(torch.utils.data.Sampler[int]):
