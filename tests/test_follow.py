@@ -19,7 +19,9 @@ from distributed import Client
 
 from deepcad_chunked import convert, denoise
 from deepcad_chunked.acquire import acquire
+from deepcad_chunked.cluster import INFERENCE_RESOURCES
 from deepcad_chunked.config import (
+    INFERENCE_THREADS,
     ConvertConfig,
     DenoiseConfig,
     FollowConfig,
@@ -329,3 +331,38 @@ def test_simulate_acquire_writes_files_as_a_microscope_does(tmp_path: Path) -> N
     assert np.array_equal(frames, _simulated(_simulation(40)))
     assert_clean_error(run_cli("simulate", "--acquire", str(tmp_path / "d"), "--frames", "8"),
                        "already holds")
+
+
+@pytest.mark.parametrize("resources", [INFERENCE_RESOURCES, {"GPU": 1}],
+                         ids=["local inference worker", "GPU worker"])
+def test_follow_passes_hold_the_worker_slot_and_reads_and_writes_run_beside_them(
+        tmp_path: Path, loud_model: Path, resources: dict[str, int]) -> None:
+    """As denoise: a span is read, passed through the network and written in three tasks,
+    only the pass holding the worker's forward slot (or GPU), so passes never overlap while
+    the next spans are read and finished ones written."""
+    from distributed import LocalCluster, get_task_stream
+
+    source = tmp_path / "acquisition"
+    acquire(source, _simulation(256), rate=1e4, frames_per_file=64, stop=True)
+    with LocalCluster(n_workers=1, threads_per_worker=INFERENCE_THREADS,
+                      resources=resources, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as own, \
+            get_task_stream(own) as stream:
+        result = follow(source, loud_model, tmp_path / "out",
+                        config=FollowConfig(denoise=DenoiseConfig(dtype="float32"),
+                                            block_frames=16, max_block_frames=16,
+                                            idle_timeout=30), cluster=own)
+    assert result.denoised.complete and result.frames == 256
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in stream.data:
+        kind = str(task["key"]).split("-")
+        if kind[0] == "follow":
+            spans.setdefault(kind[1], []).extend(
+                (p["start"], p["stop"]) for p in task["startstops"] if p["action"] == "compute")
+    passes = sorted(spans["pass"])
+    assert len(passes) == len(spans["read"]) == len(spans["write"]) == 256 // 16
+    overlaps = [(a, b) for a, b in itertools.pairwise(passes) if a[1] > b[0] + 0.05]
+    assert not overlaps, overlaps
+    beside = [s for s in spans["read"] + spans["write"]
+              if any(s[0] < p[1] and p[0] < s[1] for p in passes)]
+    assert beside, "no read or write ran during a pass"

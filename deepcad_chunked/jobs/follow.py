@@ -34,12 +34,17 @@ import numpy as np
 import zarr
 from distributed import Client, Future
 
-from deepcad_chunked.cluster import advertises_gpus, connect, inference_workers
-from deepcad_chunked.config import FollowConfig
+from deepcad_chunked.cluster import (
+    INFERENCE_RESOURCES,
+    connect,
+    forward_resources,
+    inference_workers,
+)
+from deepcad_chunked.config import INFERENCE_THREADS, FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
 from deepcad_chunked.infer.predict import check_halo, default_halo
 from deepcad_chunked.jobs.denoise import create_denoised, forward_budget, pin_model
-from deepcad_chunked.jobs.follow_task import FollowTask, denoise_task
+from deepcad_chunked.jobs.follow_task import FollowTask, forward_span, read_span, write_span
 from deepcad_chunked.jobs.ingest import Ingest
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.deepcad_rt import RECORDING_MEAN, resolve_normalization
@@ -139,12 +144,14 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
     halo = default_halo() if config.denoise.halo is None else check_halo(config.denoise.halo)
-    env = None
-    if cluster in (None, "local"):
+    local: dict[str, Any] = {}
+    if cluster in (None, "local"):  # as denoise: a pass on every core, I/O beside it
         workers, env = inference_workers(workers)
+        local = {"worker_env": env, "threads_per_worker": INFERENCE_THREADS,
+                 "resources": INFERENCE_RESOURCES}
     rec_done = _finished(outdir, ckpt, halo, config, folder)  # before a cluster is started
     outdir.mkdir(exist_ok=True)
-    with connect(cluster, workers=workers, worker_env=env) as client:
+    with connect(cluster, workers=workers, **local) as client:
         run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
                    model_path=model_path, halo=halo, config=config, on_block=on_block)
         return run.go(rec_done)
@@ -178,7 +185,8 @@ class _Run:
     pinned: str = ""
     last_status: float = 0.0
     last_preview: float = 0.0
-    gpu: bool = False
+    #: what each network pass holds on a worker (a GPU, a forward slot, or nothing)
+    resources: dict[str, float] | None = None
     #: units denoised from the first on, without a gap
     contiguous: int = 0
 
@@ -239,9 +247,11 @@ class _Run:
     def _plan_tasks(self) -> None:
         workers, self.device, self.max_voxels = forward_budget(
             self.client, self.ckpt.features, self.config.denoise)
-        self.slots = (len(workers) if self.device == "cuda"
-                      else sum(self.client.nthreads().values()) or len(workers))
-        self.gpu = advertises_gpus(self.client)
+        self.resources = forward_resources(self.client)
+        # passes at once; with a GPU or forward slot per worker, as many spans again are read
+        # or written beside them
+        passes = sum(w["slots"] for w in workers.values()) or 1
+        self.slots = passes * (2 if self.resources else 1)
 
     def _loop(self) -> None:
         ingest, watch = self.ingest, self.ingest.watch
@@ -362,9 +372,12 @@ class _Run:
                      digest=self.ckpt.digest, mean=mean, std=std, device=d.device,
                      precision=d.precision, dtype=dtype.str, max_voxels=self.max_voxels,
                      preview=self.config.preview is not None)
-        resources = {"GPU": 1} if self.gpu else None
-        future = self.client.submit(denoise_task, task, pure=False, resources=resources,
-                                    key=f"follow-{start}-{stop}-{time.time_ns()}")
+        key = f"{start}-{stop}-{time.time_ns()}"
+        raw = self.client.submit(read_span, task, pure=False, key=f"follow-read-{key}")
+        core = self.client.submit(forward_span, task, raw, pure=False,
+                                  resources=self.resources, key=f"follow-pass-{key}")
+        future = self.client.submit(write_span, task, core, pure=False,
+                                    key=f"follow-write-{key}")
         self.running[future] = (start, stop)
 
     def _finish_tasks(self, wait: bool) -> None:

@@ -1,6 +1,9 @@
-"""One task of ``follow``: denoise frames ``start:stop`` of the recording being acquired, on
+"""The tasks of ``follow``: denoise frames ``start:stop`` of the recording being acquired, on
 a worker, from the frames that exist so far (mirrored exactly as ``denoise`` mirrors the
 finished recording), and write them and their markers into ``denoised.zarr``.
+
+Each span is three tasks — read, the network's pass, write — so that only the pass holds
+the worker's GPU (or its forward slot) and the next span is read while one runs.
 """
 
 from __future__ import annotations
@@ -43,13 +46,10 @@ class FollowTask:
     preview: bool
 
 
-def denoise_task(task: FollowTask) -> tuple[int, int, float, np.ndarray | None]:
-    """Run on a worker: denoise, check, write one task's frames, then leave their markers.
-
-    Returns ``(start, stop, time stored, (raw, denoised) of its last frame or None)``.
-    """
+def read_span(task: FollowTask) -> np.ndarray:
+    """Read the frames one task's network pass takes (its frames, their halo mirrored at the
+    ends of what exists so far). Holds no GPU or forward slot: it runs beside other passes."""
     source = open_array(f"{task.recording}/{ARRAY_PATH}", strict=False)
-    m = task.stop - task.start
     t = span_indices(task.known, task.start, task.stop, task.halo)
     lo, hi = int(t.min()), int(t.max()) + 1
     raw = np.asarray(source[lo:hi])[t - lo]
@@ -59,13 +59,30 @@ def denoise_task(task: FollowTask) -> tuple[int, int, float, np.ndarray | None]:
                           f"samples ({len(frames)} such frame(s) around it); the network needs "
                           "finite values: replace them where the files are written (e.g. with "
                           "numpy.nan_to_num) and follow again")
-    core = denoise_frames(raw, m, halo=task.halo, mean=task.mean, std=task.std,
-                          model_path=task.model, digest=task.digest, device=task.device,
-                          precision=task.precision, max_voxels=task.max_voxels)
+    return raw
+
+
+def forward_span(task: FollowTask, raw: np.ndarray) -> np.ndarray:
+    """The network's pass over what :func:`read_span` read: the task's denoised frames
+    (float32, raw units). The only part that holds the worker's GPU or forward slot."""
+    return denoise_frames(raw, task.stop - task.start, halo=task.halo, mean=task.mean,
+                          std=task.std, model_path=task.model, digest=task.digest,
+                          device=task.device, precision=task.precision,
+                          max_voxels=task.max_voxels)
+
+
+def write_span(task: FollowTask, core: np.ndarray
+               ) -> tuple[int, int, float, tuple[np.ndarray, np.ndarray] | None]:
+    """Check and write one task's denoised frames, then leave their markers.
+
+    Returns ``(start, stop, time stored, (raw, denoised) of its last frame or None)``.
+    """
     target = zarr.open_array(f"{task.denoised}/{ARRAY_PATH}", mode="r+")
     target = target.with_config({"write_empty_chunks": True})
     target[task.start:task.stop] = stored_samples(core, task.dtype, task.precision)
     for unit in range(task.start // task.unit, math.ceil(task.stop / task.unit)):
         write_atomic(resolve(f"{task.markers}/{unit:08d}.done"), b"")
-    last = (np.asarray(source[task.stop - 1]), core[-1]) if task.preview else None
-    return task.start, task.stop, time.time(), last
+    if not task.preview:
+        return task.start, task.stop, time.time(), None
+    source = open_array(f"{task.recording}/{ARRAY_PATH}", strict=False)
+    return task.start, task.stop, time.time(), (np.asarray(source[task.stop - 1]), core[-1])
