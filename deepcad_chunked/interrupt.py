@@ -71,6 +71,18 @@ def received() -> int:
     return _received[0] if _received else int(signal.SIGINT)
 
 
+def request() -> None:
+    """Ask the job running in this process to stop, as a Ctrl-C would (a GUI's Cancel): its
+    next :func:`check` raises KeyboardInterrupt in the thread that runs it."""
+    REQUESTED.set()
+
+
+def reset() -> None:
+    """Forget an earlier stop request (before the next job of a long-lived process)."""
+    REQUESTED.clear()
+    _received.clear()
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was asked for and it was swallowed somewhere."""
     if REQUESTED.is_set():

@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 from distributed import Client, LocalCluster
 
+# the napari plugin's tests draw on an offscreen Qt surface (no display needed)
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[Client]:

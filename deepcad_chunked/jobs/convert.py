@@ -28,7 +28,8 @@ from deepcad_chunked._version import __version__
 from deepcad_chunked.cluster import connect
 from deepcad_chunked.config import DEFAULT_CHUNKS, SHARD_BYTES, ConvertConfig
 from deepcad_chunked.errors import ConfigError, SourceError
-from deepcad_chunked.jobs.runner import progress_bar, run_pieces
+from deepcad_chunked.jobs.runner import run_pieces
+from deepcad_chunked.progress import progress_bar
 from deepcad_chunked.sources.reader import Part, PhysicalMetadata, SourcePlan
 from deepcad_chunked.sources.registry import open_sources
 from deepcad_chunked.store.integrity import zarr_target

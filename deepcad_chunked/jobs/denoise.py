@@ -50,10 +50,11 @@ from deepcad_chunked.infer.predict import (
     denoise_dask,
     receptive_radius,
 )
-from deepcad_chunked.jobs.runner import compute_in_batches, progress_bar
+from deepcad_chunked.jobs.runner import compute_in_batches
 from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import GRID
+from deepcad_chunked.progress import progress_bar
 from deepcad_chunked.store.attributes import read_ours
 from deepcad_chunked.store.lifecycle import StoreJob, now, open_store, writing
 from deepcad_chunked.store.location import StorePath, file_state, resolve, write_atomic

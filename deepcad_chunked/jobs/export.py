@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from deepcad_chunked.errors import SourceError, StoreError
-from deepcad_chunked.jobs.runner import progress_bar
 from deepcad_chunked.jobs.writer_process import write_in_child
+from deepcad_chunked.progress import progress_bar
 from deepcad_chunked.sources.hdf5 import split_member
 from deepcad_chunked.sources.reader import Format
 from deepcad_chunked.sources.registry import FORMATS, file_of, format_named

@@ -43,6 +43,7 @@ from deepcad_chunked.cluster import (
 from deepcad_chunked.config import INFERENCE_THREADS, FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
 from deepcad_chunked.infer.predict import check_halo, default_halo
+from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.jobs.denoise import create_denoised, forward_budget, pin_model
 from deepcad_chunked.jobs.follow_task import FollowTask, forward_span, read_span, write_span
 from deepcad_chunked.jobs.ingest import Ingest
@@ -94,7 +95,8 @@ class FollowResult:
 def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
            config: FollowConfig | None = None, cluster: str | Client | None = "local",
            workers: int | None = None,
-           on_block: Callable[[int, int, float], None] | None = None) -> FollowResult:
+           on_block: Callable[[int, int, float], None] | None = None,
+           on_status: Callable[[int, int, float], None] | None = None) -> FollowResult:
     """Denoise a recording while it is being acquired, until it ends.
 
     Parameters
@@ -114,6 +116,10 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
         Worker processes of a local cluster (default one, on every core).
     on_block : callable, optional
         Called as ``on_block(start, stop, stored_at)`` (``time.time()``) for each block stored.
+    on_status : callable, optional
+        Called as ``on_status(acquired, denoised, lag_s)`` after each block stored and at
+        each status line: frames acquired so far, frames denoised from the first on without
+        a gap, and seconds since the oldest frame not yet denoised was seen.
 
     Returns
     -------
@@ -153,7 +159,8 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
     outdir.mkdir(exist_ok=True)
     with connect(cluster, workers=workers, **local) as client:
         run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
-                   model_path=model_path, halo=halo, config=config, on_block=on_block)
+                   model_path=model_path, halo=halo, config=config, on_block=on_block,
+                   on_status=on_status)
         return run.go(rec_done)
 
 
@@ -169,6 +176,7 @@ class _Run:
     halo: int
     config: FollowConfig
     on_block: Callable[[int, int, float], None] | None
+    on_status: Callable[[int, int, float], None] | None = None
     ingest: Ingest = field(init=False)
     den_job: StoreJob | None = None
     #: when each frame not yet denoised was first seen (time.time()), from frame ``seen_base``
@@ -261,6 +269,7 @@ class _Run:
                      self.config.pattern or "TIFF files", self.config.idle_timeout, STOP_FILE)
         last_frame = time.monotonic()
         while not ingest.done:
+            check_interrupt()  # a stop asked from another thread (a GUI's Stop button)
             ended = (watch.stop_requested()
                      or time.monotonic() - last_frame > self.config.idle_timeout)
             frames = watch.poll(ended=ended)
@@ -390,6 +399,7 @@ class _Run:
                 self._stored(start, stop, stored, last)
             if not wait:
                 return
+            check_interrupt()
             if self.running:
                 time.sleep(POLL_S)
                 self._status()
@@ -405,6 +415,8 @@ class _Run:
             self.seen_base += 1
         if self.on_block is not None:
             self.on_block(start, stop, stored)
+        if self.on_status is not None:
+            self.on_status(*self._progress())
         if last is not None and time.monotonic() - self.last_preview > PREVIEW_S:
             from deepcad_chunked.report import write_live_preview
 
@@ -418,13 +430,21 @@ class _Run:
             self.contiguous += 1
         return min(self.contiguous * self.config.block_frames, self.ingest.stored)
 
+    def _progress(self) -> tuple[int, int, float]:
+        """Frames acquired, frames denoised without a gap, seconds the oldest not yet
+        denoised has waited."""
+        acquired = self.ingest.stored + self.ingest.waiting
+        done = self._contiguous_done()
+        lag_s = (time.time() - self.seen[0]) if self.seen and acquired > done else 0.0
+        return acquired, done, lag_s
+
     def _status(self, force: bool = False) -> None:
         if not force and time.monotonic() - self.last_status < STATUS_S:
             return
         self.last_status = time.monotonic()
-        acquired = self.ingest.stored + self.ingest.waiting
-        done = self._contiguous_done()
-        lag_s = (time.time() - self.seen[0]) if self.seen and acquired > done else 0.0
+        acquired, done, lag_s = self._progress()
+        if self.on_status is not None:
+            self.on_status(acquired, done, lag_s)
         files = self.ingest.watch.files
         newest = files[-1].path.name if files else "no file yet"
         log.info("acquired %d frames (%s), denoised %d: lag %d frames, %.1f s", acquired,

@@ -25,16 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from distributed import Client, Future, as_completed
-from tqdm.auto import tqdm
 
 from deepcad_chunked.interrupt import check as check_interrupt
-
-
-def progress_bar(total: int, *, desc: str, unit: str, initial: int = 0,
-                 progress: bool | None = None) -> tqdm:
-    """A job's progress bar; ``progress`` None: shown when standard error is a terminal."""
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc,
-                disable=None if progress is None else not progress, dynamic_ncols=True)
 
 
 def default_in_flight(client: Client) -> int:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from deepcad_chunked.config import TrainConfig
 from deepcad_chunked.errors import ConfigError, DeepCADError, TrainingError
@@ -35,6 +34,7 @@ from deepcad_chunked.interrupt import check as check_interrupt
 from deepcad_chunked.model.calibration import Calibration
 from deepcad_chunked.model.checkpoint import Checkpoint
 from deepcad_chunked.model.unet3d import UNet3D
+from deepcad_chunked.progress import progress_bar
 from deepcad_chunked.store.location import write_atomic
 from deepcad_chunked.store.pins import StorePin
 from deepcad_chunked.store.recording import Recording
@@ -489,8 +489,8 @@ def fit(recordings: Sequence[Recording], run_dir: Path, *, config: TrainConfig,
                         worker_init_fn=_loader_worker_init)
     log.info("training %d-feature network on %d recording(s), tiles %s, %d steps × %d epochs "
              "on %s", config.features, len(plan.stores), tile, steps, config.epochs, device)
-    bar = tqdm(total=(config.epochs - state.start_epoch) * steps, unit="step", desc="train",
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = progress_bar(config.epochs * steps, initial=state.start_epoch * steps, unit="step",
+                       desc="train", progress=progress)
     batches = iter(loader)
     state.model.train()
     try:
