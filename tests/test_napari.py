@@ -193,15 +193,15 @@ def test_the_denoise_widget_resumes_after_a_cancel_and_gives_the_command_lines_r
     widget.output.setText(str(tmp_path / "out"))
     widget.epochs.setValue(3)
     widget.train_options = {**TINY, "steps_per_epoch": 40}
-    widget.start()
+    widget.start_button.click()
     qtbot.waitUntil(lambda: widget.bars["train"].value() > 50, timeout=120_000)
-    widget.cancel()
+    widget.stop_button.click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text().startswith("cancelled"), widget.status.text()
     assert not (tmp_path / "out" / "denoised.zarr").exists()
     assert (tmp_path / "out" / "model" / "epoch_0001.pt").exists()
 
-    widget.start()  # again: resumes the training where it stopped
+    widget.start_button.click()  # again: resumes the training where it stopped
     qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
     assert widget.status.text().startswith("done"), widget.status.text()
     assert all(bar.value() == bar.maximum() for bar in widget.bars.values())
@@ -235,14 +235,14 @@ def test_the_follow_widget_follows_a_simulated_acquisition_and_stops(
     widget.folder.setText(str(acquisition))
     widget.model.setText(str(tiny_model))
     widget.output.setText(str(tmp_path / "out"))
-    widget.start()
+    widget.start_button.click()
     qtbot.waitUntil(lambda: LIVE[1] in viewer.layers, timeout=120_000)
-    widget.stop()
+    widget.stop_button.click()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.status.text().startswith("stopped"), widget.status.text()
     first = widget.shown
 
-    widget.start()  # resumes, and follows to the end of the acquisition
+    widget.start_button.click()  # resumes, and follows to the end of the acquisition
     qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
     writer.communicate(timeout=60)
     assert widget.status.text().startswith("done: 240 frames"), widget.status.text()

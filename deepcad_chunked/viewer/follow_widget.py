@@ -4,29 +4,17 @@ cleanly (following the same folder again resumes)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QLabel, QLineEdit, QWidget
 
-from deepcad_chunked import interrupt
 from deepcad_chunked.store.integrity import open_array
 from deepcad_chunked.store.omezarr import ARRAY_PATH
-from deepcad_chunked.viewer.denoise_widget import _one_line
+from deepcad_chunked.viewer.job_panel import JobPanel
 from deepcad_chunked.viewer.layers import META
-
-log = logging.getLogger(__name__)
 
 #: Names of the two live layers.
 LIVE = ("follow raw", "follow denoised")
@@ -39,13 +27,12 @@ class _Relay(QObject):
     status = Signal(int, int, float)
 
 
-class FollowWidget(QWidget):
+class FollowWidget(JobPanel):
     """napari dock widget: follow an acquisition (see the module's description)."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.worker: Any = None
+        super().__init__(napari_viewer, "Start", "Stop",
+                         "stopped: what was stored is kept; Start resumes", parent)
         self.result: Any = None
         self.shown = 0  # the newest frame on screen
         self.folder = QLineEdit()
@@ -55,61 +42,29 @@ class FollowWidget(QWidget):
         self.output = QLineEdit()
         self.output.setPlaceholderText("output folder")
         self.cluster = QLineEdit("local")
-        form = QFormLayout()
-        form.addRow("acquisition", self.folder)
-        form.addRow("model", self.model)
-        form.addRow("output", self.output)
-        form.addRow("cluster", self.cluster)
-        self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
+        for label, field in (("acquisition", self.folder), ("model", self.model),
+                             ("output", self.output), ("cluster", self.cluster)):
+            self.form.addRow(label, field)
         self.counts = QLabel("")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.counts)
-        layout.addWidget(self.status)
-        layout.addStretch()
+        self.below.addWidget(self.counts)
         self.relay = _Relay()
         self.relay.frames.connect(self._show)
         self.relay.status.connect(self._count)
-        self.start_button.clicked.connect(self.start)
-        self.stop_button.clicked.connect(self.stop)
-        self.follow_config: Any = None  # FollowConfig, set by callers that need other options
+        #: the FollowConfig of the runs (None: the defaults), for callers that need others
+        self.follow_config: Any = None
 
     def start(self) -> None:
         """Start following in a background thread."""
-        from napari.qt.threading import create_worker
-
         folder, model, output = (w.text().strip() for w in (self.folder, self.model,
                                                               self.output))
         if not folder or not model or not output:
-            self.status.setText("error: choose the acquisition folder, a model and an output "
-                                "folder")
+            self.say("error: choose the acquisition folder, a model and an output folder")
             return
-        interrupt.reset()
         self.shown = 0
-        self.status.setText("following…")
-        self.worker = create_worker(_job, folder, model, output, self.follow_config,
-                                    self.cluster.text().strip() or "local", self.relay,
-                                    _start_thread=False)
-        self.worker.returned.connect(self._finished)
-        self.worker.errored.connect(lambda exc: self.status.setText(f"error: {_one_line(exc)}"))
-        self.worker.finished.connect(self._idle)
-        self.start_button.setEnabled(False)
-        self.stop_button.setEnabled(True)
-        self.worker.start()
-
-    def stop(self) -> None:
-        """End following where it stands; what was stored stays, and Start resumes."""
-        if self.worker is not None:
-            self.status.setText("stopping…")
-            interrupt.request()
+        self.say("following…")
+        self.run_in_background(_job, folder, model, output, self.follow_config,
+                               self.cluster.text().strip() or "local", self.relay,
+                               done=self._finished)
 
     def _show(self, frame: int, raw: np.ndarray, denoised: np.ndarray) -> None:
         if frame < self.shown:
@@ -131,16 +86,8 @@ class FollowWidget(QWidget):
                             f"{acquired - denoised} frames, {lag_s:.1f} s")
 
     def _finished(self, outcome: Any) -> None:
-        if isinstance(outcome, str):
-            self.status.setText(outcome)
-            return
         self.result = outcome
-        self.status.setText(f"done: {outcome.frames} frames in {outcome.denoised.path}")
-
-    def _idle(self) -> None:
-        self.start_button.setEnabled(True)
-        self.stop_button.setEnabled(False)
-        self.worker = None
+        self.say(f"done: {outcome.frames} frames in {outcome.denoised.path}")
 
 
 def _job(folder: str, model: str, output: str, config: Any, cluster: str,
@@ -155,10 +102,5 @@ def _job(folder: str, model: str, output: str, config: Any, cluster: str,
         den = open_array(f"{out / 'denoised.zarr'}/{ARRAY_PATH}", strict=False)
         relay.frames.emit(stop - 1, np.asarray(raw[stop - 1]), np.asarray(den[stop - 1]))
 
-    try:
-        return follow(folder, model, out, config=config, cluster=cluster, on_block=on_block,
-                      on_status=relay.status.emit)
-    except KeyboardInterrupt:
-        return "stopped: what was stored is kept; Start resumes"
-    finally:
-        interrupt.reset()
+    return follow(folder, model, out, config=config, cluster=cluster, on_block=on_block,
+                  on_status=relay.status.emit)
