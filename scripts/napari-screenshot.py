@@ -35,8 +35,6 @@ def main() -> None:
     y, x = np.unravel_index(int(np.argmax(mean)), mean.shape)
     widget.radius.setValue(4)
     widget.show_disc(float(y), float(x))
-    viewer.add_points([[y, x]], name="cell", size=10, face_color="transparent",
-                      border_color="yellow", scale=raw.scale[-2:])
     viewer.layers.selection.active = raw
     viewer.reset_view()
     args.output.parent.mkdir(parents=True, exist_ok=True)
