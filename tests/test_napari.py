@@ -189,6 +189,13 @@ def test_the_denoise_widget_resumes_after_a_cancel_and_gives_the_command_lines_r
     viewer = make_napari_viewer()
     widget = DenoiseWidget(viewer)
     viewer.window.add_dock_widget(widget)
+    widget.source.setText(str(tmp_path / "missing.tif"))  # a mistake: one line, nothing made
+    widget.output.setText(str(tmp_path / "out"))
+    widget.start_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    said = widget.status.text()
+    assert said.startswith("error: ") and "missing.tif" in said and "\n" not in said, said
+    assert "Traceback" not in said and widget.start_button.isEnabled()
     widget.source.setText(str(tif))
     widget.output.setText(str(tmp_path / "out"))
     widget.epochs.setValue(3)

@@ -34,13 +34,8 @@ import numpy as np
 import zarr
 from distributed import Client, Future
 
-from deepcad_chunked.cluster import (
-    INFERENCE_RESOURCES,
-    connect,
-    forward_resources,
-    inference_workers,
-)
-from deepcad_chunked.config import INFERENCE_THREADS, FollowConfig
+from deepcad_chunked.cluster import connect, forward_resources, inference_workers
+from deepcad_chunked.config import FollowConfig
 from deepcad_chunked.errors import OutputExistsError, SourceError, StoreError
 from deepcad_chunked.infer.predict import check_halo, default_halo
 from deepcad_chunked.interrupt import check as check_interrupt
@@ -150,14 +145,14 @@ def follow(source_dir: str | Path, model: str | Path, output_dir: str | Path, *,
     ckpt = Checkpoint.load(model_path)
     ckpt.build_model()  # refuses weights that do not fit their declared network
     halo = default_halo() if config.denoise.halo is None else check_halo(config.denoise.halo)
-    local: dict[str, Any] = {}
-    if cluster in (None, "local"):  # as denoise: a pass on every core, I/O beside it
+    env = None
+    if cluster in (None, "local"):
+        # unlike denoise, no forward slot on the CPU: passes of two spans at once keep the
+        # lag lower there (benchmarks/RESULTS.md, "follow's spans in three tasks")
         workers, env = inference_workers(workers)
-        local = {"worker_env": env, "threads_per_worker": INFERENCE_THREADS,
-                 "resources": INFERENCE_RESOURCES}
     rec_done = _finished(outdir, ckpt, halo, config, folder)  # before a cluster is started
     outdir.mkdir(exist_ok=True)
-    with connect(cluster, workers=workers, **local) as client:
+    with connect(cluster, workers=workers, worker_env=env) as client:
         run = _Run(client=client, folder=folder, outdir=outdir, ckpt=ckpt,
                    model_path=model_path, halo=halo, config=config, on_block=on_block,
                    on_status=on_status)

@@ -55,15 +55,14 @@ class JobPanel(QWidget):
     def run_in_background(self, job: Callable[..., Any], *args: Any,
                           done: Callable[[Any], None]) -> None:
         """Run ``job(*args)`` in a background thread; ``done(result)`` in this one after it,
-        or the error said in one line."""
+        or what stopped it said in one line."""
         from napari.qt.threading import create_worker
 
         interrupt.reset()
         self.worker = create_worker(_stoppable, self.stopped, job, *args,
                                     _start_thread=False)
         self.worker.returned.connect(lambda result: done(result) if not isinstance(
-            result, _Stopped) else self.say(result.said))
-        self.worker.errored.connect(lambda exc: self.say(f"error: {one_line(exc)}"))
+            result, _Said) else self.say(result.said))
         self.worker.finished.connect(self._idle)
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
@@ -86,18 +85,25 @@ class JobPanel(QWidget):
         self.worker = None
 
 
-class _Stopped:
-    """What a job stopped by a request returns: what to say."""
+class _Said:
+    """What a job that stopped on a request or failed returns instead: one line to show."""
 
     def __init__(self, said: str) -> None:
         self.said = said
 
 
-def _stoppable(said: str, job: Callable[..., Any], *args: Any) -> Any:
+def _stoppable(stopped: str, job: Callable[..., Any], *args: Any) -> Any:
+    """Run the job; a stop request or an error becomes one line for the widget (never a
+    traceback in napari's notifications; an unexpected error's traceback goes to the log)."""
     try:
         return job(*args)
     except KeyboardInterrupt:  # a stop request reached the job's next check
-        return _Stopped(said)
+        return _Said(stopped)
+    except DeepCADError as exc:
+        return _Said(f"error: {one_line(exc)}")
+    except Exception as exc:
+        log.exception("the job failed")
+        return _Said(f"error: {one_line(exc)}")
     finally:
         interrupt.reset()
 
