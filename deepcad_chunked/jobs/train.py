@@ -49,6 +49,10 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
           lock: bool = True, axes: str | None = None) -> TrainResult:
     """Train the denoiser on one or more recordings, streaming tiles from their stores.
 
+    In a process that a launcher started as one of several (``torchrun``:
+    :func:`~deepcad_chunked.training.ranks.launched`), this is that process's share of a
+    data-parallel run, whose rank 0 alone holds ``run_dir`` and writes the checkpoints.
+
     Parameters
     ----------
     data : path or sequence of paths
