@@ -12,13 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Bottom first. A module is named by its dotted path; a folder's name covers its modules.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "_version", "config", "interrupt", "local_worker")),
+    ("foundation", ("errors", "_version", "config", "interrupt", "progress", "local_worker")),
     ("store", ("store",)),
     ("sources, network, simulation", ("sources", "model", "anatomy", "simulate")),
     ("kernels and cluster", ("infer", "training", "cluster", "launchers")),
     ("analysis", ("metrics", "detection", "acquire", "report", "heldout")),
     ("jobs", ("jobs",)),
     ("entry points", ("__init__", "__main__", "cli")),
+    ("viewer", ("viewer",)),
 ]
 
 
