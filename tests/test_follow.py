@@ -37,6 +37,7 @@ from deepcad_chunked.sources.growing import STOP_FILE, FolderWatch, GrowingTiff
 from deepcad_chunked.store.recording import open_recording
 from tests.conftest import assert_clean_error, finish, run_cli, start_cli, wait_until
 from tests.test_deepcad_rt import F_MAPS, _save, deepcad_rt_state
+from tests.test_denoise import slack
 
 SIZE = (32, 40)
 
@@ -361,7 +362,7 @@ def test_follow_passes_hold_the_worker_slot_and_reads_and_writes_run_beside_them
                 (p["start"], p["stop"]) for p in task["startstops"] if p["action"] == "compute")
     passes = sorted(spans["pass"])
     assert len(passes) == len(spans["read"]) == len(spans["write"]) == 256 // 16
-    overlaps = [(a, b) for a, b in itertools.pairwise(passes) if a[1] > b[0] + 0.05]
+    overlaps = [(a, b) for a, b in itertools.pairwise(passes) if a[1] - b[0] > slack(a, b)]
     assert not overlaps, overlaps
     beside = [s for s in spans["read"] + spans["write"]
               if any(s[0] < p[1] and p[0] < s[1] for p in passes)]
