@@ -28,10 +28,10 @@ from deepcad_chunked.errors import ConfigError, StoreError
 from deepcad_chunked.launchers import wait_for_a_worker
 from deepcad_chunked.store.location import resolve, write_atomic
 from deepcad_chunked.store.outputs import open_folder
-from deepcad_chunked.store.recording import Recording, open_recording
+from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.training.loop import TrainResult, check_sizes, fit
 from deepcad_chunked.training.processes import fit_launched, fit_ranks
-from deepcad_chunked.training.ranks import Rank, launched
+from deepcad_chunked.training.ranks import launched
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,18 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
     if not isinstance(folder, Path):
         raise StoreError(f"{run_dir}: the run directory must be a local folder (its "
                          "recordings may be URLs)")
-    launch = launched()
-    if launch is not None:
-        return _train_launched(recordings, folder, launch, config=config, resume=resume,
-                               progress=progress, cluster=cluster, lock=lock)
-    if lock:
+    launch = launched()  # one process of a run that torchrun started, or None
+    if launch is not None and (cluster is not None or config.devices > 1):
+        raise ConfigError(f"this process is rank {launch.index} of {launch.size} started by a "
+                          "launcher (torchrun): it takes one device, without --devices or "
+                          "--cluster")
+    if lock and (launch is None or launch.main):  # a launched run's rank 0 holds it alone
         with open_folder(folder, command="train", inputs=[r.path for r in recordings]):
             return train(paths, folder, config=config, resume=resume, progress=progress,
                          cluster=cluster, lock=False, axes=axes)
+    if launch is not None:
+        return fit_launched(recordings, folder, config=config, resume=resume,
+                            progress=progress, rank=launch)
     if cluster is not None:
         if config.devices > 1:
             raise ConfigError("--devices trains in several processes of this node; with "
@@ -122,22 +126,6 @@ def train(data: str | Path | Sequence[str | Path], run_dir: str | Path, *,
         return fit_ranks([str(p) for p in paths], folder, config=config,
                          resume=resume, progress=progress, axes=axes)
     return fit(recordings, folder, config=config, resume=resume, progress=progress)
-
-
-def _train_launched(recordings: list[Recording], folder: Path, rank: Rank, *,
-                    config: TrainConfig, resume: bool, progress: bool | None,
-                    cluster: str | Any | None, lock: bool) -> TrainResult:
-    """One process of a run started by ``torchrun``: rank 0 holds the run directory."""
-    if cluster is not None or config.devices > 1:
-        raise ConfigError(f"this process is rank {rank.index} of {rank.size} started by a "
-                          "launcher (torchrun): it takes one device, without --devices or "
-                          "--cluster")
-    if lock and rank.main:
-        with open_folder(folder, command="train", inputs=[r.path for r in recordings]):
-            return fit_launched(recordings, folder, config=config, resume=resume,
-                                progress=progress, rank=rank)
-    return fit_launched(recordings, folder, config=config, resume=resume, progress=progress,
-                        rank=rank)
 
 
 def train_on_cluster(client: Client, data: Sequence[str | Path], run_dir: str | Path, *,
