@@ -54,7 +54,8 @@ class RunResult:
     verdict: dict[str, Any] | None = None
 
 
-def _complete(store: Path) -> bool:
+def is_complete(store: Path) -> bool:
+    """Whether ``store`` is one of our stores, finished (False while absent or unfinished)."""
     ours = read_ours(store) if store.is_dir() else None
     return ours is not None and ours.complete
 
@@ -126,7 +127,7 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
             for path in (store, run_dir, denoised, exported):
                 remove_store(path, command="run --overwrite")
         with connect(cluster, workers=workers) as client:
-            if _complete(store):
+            if is_complete(store):
                 stale = stale_sources(open_recording(store), open_sources(specs, raw))
                 if stale is not None:
                     raise OutputExistsError(
@@ -139,8 +140,8 @@ def run(sources: str | Path | Sequence[str | Path], outdir: str | Path, *,
                 convert(specs, store, config=convert_config, cluster=client, progress=progress)
             result = _train(store, run_dir, train_config, progress,
                             None if _is_local(cluster) else client)
-            if _complete(denoised):
-                _check_denoised_with(denoised, result)
+            if is_complete(denoised):
+                check_denoised_with(denoised, result)
                 log.info("%s is already denoised", denoised)
             else:
                 from deepcad_chunked.jobs.denoise import denoise
@@ -173,13 +174,21 @@ def _check_patterns(named: Sequence[str | Path], product: Path) -> None:
                                     "an output folder the pattern does not match")
 
 
-def _check_denoised_with(denoised: Path, model: Path) -> None:
+def check_denoised_with(denoised: Path, model: Path | str,
+                        remedy: str = "pass --overwrite to start again") -> None:
+    """Refuse a finished denoised store made with another model than ``model``.
+
+    Raises
+    ------
+    OutputExistsError
+        Saying ``remedy``.
+    """
     from deepcad_chunked.model import Checkpoint
 
     made_with = (open_recording(denoised).stored.model or {}).get("digest")
     if made_with != Checkpoint.load(model).digest:
         raise OutputExistsError(f"{denoised} was denoised with another model than {model}; "
-                                "pass --overwrite to start again")
+                                f"{remedy}")
 
 
 def _train(store: Path, run_dir: Path, config: TrainConfig | None,

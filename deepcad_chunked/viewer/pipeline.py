@@ -11,15 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from deepcad_chunked.config import DenoiseConfig, TrainConfig
-from deepcad_chunked.errors import OutputExistsError
 from deepcad_chunked.jobs.convert import convert
 from deepcad_chunked.jobs.denoise import denoise
-from deepcad_chunked.jobs.run import RunResult, run
+from deepcad_chunked.jobs.run import RunResult, check_denoised_with, is_complete, run
 from deepcad_chunked.jobs.train import train
 from deepcad_chunked.jobs.verdict import verdict
-from deepcad_chunked.model import Checkpoint
 from deepcad_chunked.store.location import local_folder, resolve
-from deepcad_chunked.store.recording import open_recording
 from deepcad_chunked.viewer.layers import is_store
 
 
@@ -62,16 +59,13 @@ def denoise_anything(source: str | Path, outdir: str | Path, *, model: str | Pat
         store: Path | str = str(source)
     else:
         store = folder / "recording.zarr"
-        if not (store.exists() and open_recording(store).complete):
+        if not is_complete(store):  # absent, or cut short: convert resumes it
             convert(source, store, cluster=cluster)
     if model is None:
         model = train([store], folder / "model", config=train_config, resume=True).best
     denoised = folder / "denoised.zarr"
-    if denoised.exists() and open_recording(denoised).complete:
-        made_with = (open_recording(denoised).stored.model or {}).get("digest")
-        if made_with != Checkpoint.load(model).digest:
-            raise OutputExistsError(f"{denoised} was denoised with another model than {model}; "
-                                    "choose another output folder")
+    if is_complete(denoised):
+        check_denoised_with(denoised, model, remedy="choose another output folder")
     else:
         denoise(store, model, denoised, config=denoise_config, cluster=cluster)
     device = train_config.device if train_config else "auto"
